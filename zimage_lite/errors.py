@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints their message as one line and exits with code 2."""
+
+
+class ZImageError(Exception):
+    """Base class: bad input, not a bug. The message must stand on its own as one line."""
+
+
+class CheckpointError(ZImageError):
+    """A checkpoint is missing, truncated, of the wrong model, or has missing/unexpected/misshapen tensors."""
+
+
+class ConfigError(ZImageError):
+    """A configuration value is invalid (from config.json, inferred shapes or the user)."""
+
+
+class UsageError(ZImageError):
+    """A request that cannot be served: bad size, unknown quant type, output exists, no CUDA, ..."""
