@@ -102,7 +102,7 @@ class DiTConfig(_FromJson):
 
     @classmethod
     def from_shapes(cls, shapes: Shapes, head_dim: int = 128) -> DiTConfig:
-        """Infer from diffusers-named tensor shapes (single files carry no config.json).
+        """Infer from our (original-named) tensor shapes: single files carry no config.json.
 
         n_heads is not recoverable from shapes: the real model has head_dim 128, which we assume
         unless `head_dim` says otherwise; axes_dims keep the real model's proportions [1/4, 3/8, 3/8].
@@ -112,7 +112,7 @@ class DiTConfig(_FromJson):
             n_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("layers."))
             refiners = [int(k.split(".")[1]) for k in shapes if k.startswith("noise_refiner.")]
             cap_feat_dim = shapes["cap_embedder.1.weight"][1]
-            in_channels = shapes["all_x_embedder.2-1.weight"][1] // 4
+            in_channels = shapes["x_embedder.weight"][1] // 4
         except (KeyError, ValueError, IndexError) as exc:
             raise ConfigError(f"cannot infer transformer config from tensor shapes: missing {exc}") from None
         q = head_dim // 8
@@ -147,7 +147,9 @@ class Qwen3Config(_FromJson):
     def __post_init__(self) -> None:
         m = "text encoder"
         _require(self.num_hidden_layers >= 2, m, "need at least 2 layers (output is hidden_states[-2])")
-        _require(self.num_attention_heads % self.num_key_value_heads == 0, m, "q heads not a multiple of kv heads")
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0, m, "q heads not a multiple of kv heads"
+        )
         _require(self.head_dim % 2 == 0 and self.hidden_size > 0 and self.vocab_size > 0, m, "bad sizes")
 
     @property
@@ -183,7 +185,9 @@ class VAEConfig(_FromJson):
     def __post_init__(self) -> None:
         m = "VAE"
         _require(len(self.block_out_channels) >= 1, m, "block_out_channels is empty")
-        _require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), m, "channels % groups != 0")
+        _require(
+            all(c % self.norm_num_groups == 0 for c in self.block_out_channels), m, "channels % groups != 0"
+        )
         _require(not self.use_quant_conv and not self.use_post_quant_conv, m, "quant convs are not supported")
 
     @property
@@ -202,4 +206,6 @@ class SchedulerConfig(_FromJson):
 
     def __post_init__(self) -> None:
         _require(not self.use_dynamic_shifting, "scheduler", "dynamic shifting is not used by Z-Image-Turbo")
-        _require(self.shift > 0 and self.num_train_timesteps > 0, "scheduler", "shift and timesteps must be > 0")
+        _require(
+            self.shift > 0 and self.num_train_timesteps > 0, "scheduler", "shift and timesteps must be > 0"
+        )

@@ -16,7 +16,9 @@ def _names(keys: Iterable[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], what: str) -> None:
+def check_keys(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], what: str
+) -> None:
     """Raise one error naming missing, unexpected and misshapen tensors."""
     missing = expected.keys() - found.keys()
     unexpected = found.keys() - expected.keys()
@@ -31,7 +33,9 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tupl
         if tuple(found[k]) != tuple(expected[k])
     ]
     if wrong:
-        problems.append(f"wrong shapes: {'; '.join(wrong[:4])}" + (f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else ""))
+        problems.append(
+            f"wrong shapes: {'; '.join(wrong[:4])}" + (f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else "")
+        )
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
 

@@ -1,0 +1,202 @@
+"""Random-weight Z-Image checkpoints of the real architecture, written in the diffusers folder layout.
+
+`tiny` is for tests and the demo (seconds on a CPU); `full` has the real shapes (6B transformer, Qwen3-4B
+encoder) for GPU benchmarks without a download. Every parameter gets a random, non-degenerate value
+(norm weights around 1, biases and pad tokens nonzero, adaLN gates nonzero) so no bug hides behind a
+zero-initialised layer. The tokenizer is a small byte-level BPE with the Qwen special tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from zimage_lite.config import DiTConfig, Qwen3Config, SchedulerConfig, VAEConfig
+from zimage_lite.weights.load import build_meta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    dit: DiTConfig
+    text: Qwen3Config
+    vae: VAEConfig
+    vocab_size: int
+
+
+def _tiny() -> SyntheticSpec:
+    text = Qwen3Config(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+    )  # fmt: skip
+    dit = DiTConfig(
+        dim=64,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=(8, 12, 12),
+    )
+    vae = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+    return SyntheticSpec(dit, text, vae, vocab_size=512)
+
+
+def _full() -> SyntheticSpec:
+    return SyntheticSpec(DiTConfig(), Qwen3Config(), VAEConfig(), vocab_size=151936)
+
+
+SIZES: dict[str, Callable[[], SyntheticSpec]] = {"tiny": _tiny, "full": _full}
+
+
+def random_tensor(
+    name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
+    """A plausible random value for a parameter, chosen by its role (name) and shape."""
+    leaf = name.rsplit(".", 1)[-1]
+    if len(shape) == 1 and ("norm" in name or leaf == "weight"):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=gen)  # norm scales around 1
+    elif leaf == "bias" or "pad_token" in name:
+        t = 0.05 * torch.randn(shape, generator=gen)
+    else:
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+        t = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+    return t.to(dtype)
+
+
+def _random_state(
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    gen = torch.Generator("cpu").manual_seed(seed)
+    for name in sorted(shapes):
+        yield name, random_tensor(name, shapes[name], gen, dtype)
+
+
+def _meta_shapes(factory: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in build_meta(factory).state_dict().items()}
+
+
+def _write_sharded(
+    folder: Path, tensors: Iterator[tuple[str, torch.Tensor]], stem: str, shard_bytes: int
+) -> None:
+    """Write safetensors shards of at most ~shard_bytes plus an index json (the diffusers layout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors:
+        if shards[-1] and size + t.numel() * t.element_size() > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.numel() * t.element_size()
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname))
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())}
+    }
+    index["weight_map"] = weight_map
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def _write_json(path: Path, values: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2))
+
+
+def write_transformer(folder: Path, cfg: DiTConfig, seed: int, dtype: torch.dtype, shard_bytes: int) -> None:
+    from zimage_lite.models.dit import ZImageDiT
+    from zimage_lite.weights.names_dit import dit_to_diffusers
+
+    shapes = _meta_shapes(lambda: ZImageDiT(cfg))
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in _random_state(shapes, seed, dtype):
+            yield from dit_to_diffusers({name: t}).items()
+
+    _write_sharded(folder, tensors(), "diffusion_pytorch_model", shard_bytes)
+    values = {
+        k: v for k, v in cfg.to_dict().items() if k not in ("adaln_embed_dim", "t_mid_dim", "seq_multiple")
+    }
+    _write_json(folder / "config.json", {"_class_name": "ZImageTransformer2DModel", **values})
+
+
+def write_text_encoder(
+    folder: Path, cfg: Qwen3Config, seed: int, dtype: torch.dtype, shard_bytes: int
+) -> None:
+    from zimage_lite.models.qwen3 import Qwen3Encoder
+
+    # A real checkpoint has every layer and the final norm, although we never use the last two.
+    full = dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1)
+    shapes = _meta_shapes(lambda: Qwen3Encoder(full))
+    shapes["norm.weight"] = (cfg.hidden_size,)
+    _write_sharded(folder, _random_state(shapes, seed, dtype), "model", shard_bytes)
+    values = cfg.to_dict()
+    values.update(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", attention_bias=False,
+        tie_word_embeddings=True, torch_dtype=str(dtype).removeprefix("torch."),
+    )  # fmt: skip
+    _write_json(folder / "config.json", values)
+
+
+def write_vae(folder: Path, cfg: VAEConfig, seed: int, dtype: torch.dtype) -> None:
+    from zimage_lite.models.vae import VAE
+
+    shapes = _meta_shapes(lambda: VAE(cfg))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(dict(_random_state(shapes, seed, dtype)), str(folder / "diffusion_pytorch_model.safetensors"))
+    n = len(cfg.block_out_channels)
+    values = cfg.to_dict()
+    values.update(
+        _class_name="AutoencoderKL", act_fn="silu", sample_size=1024, force_upcast=True,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+    )  # fmt: skip
+    _write_json(folder / "config.json", values)
+
+
+def write_synthetic_model(
+    out: str | Path,
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    shard_bytes: int = 2 << 30,
+) -> Path:
+    """Write a complete diffusers-layout Z-Image folder with random weights; returns its path."""
+    from zimage_lite.synthetic_tokenizer import write_synthetic_tokenizer
+
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic size {size!r}; choose from {', '.join(SIZES)}")
+    spec = SIZES[size]()
+    out = Path(out)
+    log.info("writing synthetic %s model to %s", size, out)
+    write_transformer(out / "transformer", spec.dit, seed + 1, dtype, shard_bytes)
+    write_text_encoder(
+        out / "text_encoder", spec.text, seed + 2, torch.bfloat16 if size == "full" else dtype, shard_bytes
+    )
+    write_vae(out / "vae", spec.vae, seed + 3, dtype)
+    write_synthetic_tokenizer(out / "tokenizer", vocab_size=spec.vocab_size)
+    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **SchedulerConfig().to_dict()}
+    _write_json(out / "scheduler" / "scheduler_config.json", sched)
+    _write_json(out / "model_index.json", MODEL_INDEX)
+    return out
+
+
+MODEL_INDEX = {
+    "_class_name": "ZImagePipeline",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3Model"],
+    "tokenizer": ["transformers", "Qwen2Tokenizer"],
+    "transformer": ["diffusers", "ZImageTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
