@@ -14,8 +14,10 @@ import torch
 
 from zimage_lite.config import SchedulerConfig
 
+TURBO = SchedulerConfig()  # frozen, so a safe shared default
 
-def turbo_sigmas(steps: int, cfg: SchedulerConfig = SchedulerConfig()) -> torch.Tensor:
+
+def turbo_sigmas(steps: int, cfg: SchedulerConfig = TURBO) -> torch.Tensor:
     """(steps + 1,) float32 sigmas from 1 down to 0."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -24,7 +26,7 @@ def turbo_sigmas(steps: int, cfg: SchedulerConfig = SchedulerConfig()) -> torch.
     return torch.cat([torch.from_numpy(shifted.astype(np.float32)), torch.zeros(1)])
 
 
-def model_time(sigma: torch.Tensor, cfg: SchedulerConfig = SchedulerConfig()) -> torch.Tensor:
+def model_time(sigma: torch.Tensor, cfg: SchedulerConfig = TURBO) -> torch.Tensor:
     """The transformer's time input for a sigma: (T - T*sigma) / T with T = num_train_timesteps."""
     t = sigma * cfg.num_train_timesteps
     return (cfg.num_train_timesteps - t) / cfg.num_train_timesteps
@@ -48,7 +50,7 @@ def euler_sample(
     denoise: Denoiser,
     latents: torch.Tensor,
     steps: int,
-    cfg: SchedulerConfig = SchedulerConfig(),
+    cfg: SchedulerConfig = TURBO,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Run the Euler loop. `denoise(latents_f32, t (B,)) -> model output`; returns float32 latents."""
