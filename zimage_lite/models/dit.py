@@ -138,7 +138,7 @@ class ZImageDiT(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         p = cfg.patch_size
         self.x_embedder = nn.Linear(p * p * cfg.in_channels, cfg.dim)
         self.t_embedder = TimestepEmbedder(cfg.adaln_dim, cfg.t_mid_dim)
@@ -159,8 +159,8 @@ class ZImageDiT(nn.Module):
     def forward(self, latents: torch.Tensor, t: torch.Tensor, captions: list[torch.Tensor]) -> torch.Tensor:
         from zimage_lite.models.dit_sequence import build_sequences, unpatchify
 
-        seq = build_sequences(self.cfg, latents, captions)
-        adaln = self.t_embedder(t * self.cfg.t_scale).to(self.dtype)
+        seq = build_sequences(self.config, latents, captions)
+        adaln = self.t_embedder(t * self.config.t_scale).to(self.dtype)
 
         x = self.x_embedder(seq.image_patches.to(self.dtype))
         x = torch.where(seq.image_pad[..., None], self.x_pad_token, x)
@@ -176,4 +176,4 @@ class ZImageDiT(nn.Module):
         for block in self.layers:
             h = block(h, seq.joint_freqs, seq.joint_mask, adaln)
         out = self.final_layer(h, adaln)
-        return unpatchify(out[:, : seq.image_len], latents.shape, self.cfg.patch_size)
+        return unpatchify(out[:, : seq.image_len], latents.shape, self.config.patch_size)

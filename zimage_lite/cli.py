@@ -1,0 +1,168 @@
+"""`zimage-lite` command line: generate | convert | inspect | bench | synthetic.
+
+Only this module prints. A user error (ZImageError) ends with one line on stderr and exit code 2; outputs
+are written under a temporary name and renamed when complete, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from zimage_lite.errors import UsageError, ZImageError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) and rename the result onto `path` only when it completed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def check_output(path: Path, force: bool = True) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{parent}: output folder does not exist")
+    if path.exists() and not force:
+        raise UsageError(f"{path}: already exists (use --force to overwrite)")
+
+
+def _png_info(meta: dict[str, str]):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in meta.items():
+        info.add_itxt(k, v)  # iTXt: UTF-8, so Chinese prompts survive
+    return info
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from zimage_lite.pipeline import Pipeline, check_size
+
+    out = Path(args.output)
+    check_size(args.width, args.height)
+    outs = output_paths(out, args.batch)
+    for p in outs:
+        check_output(p)
+    if args.stats:
+        check_output(Path(args.stats))
+    start = time.perf_counter()
+    pipe = Pipeline.load(
+        args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
+        device=args.device, dtype=args.dtype,
+    )  # fmt: skip
+    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr, disable=args.quiet)
+    images = pipe.generate(
+        args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height, batch=args.batch,
+        on_step=lambda i, n: bar.update(1),
+    )  # fmt: skip
+    bar.close()
+    meta = {
+        "prompt": args.prompt, "seed": str(args.seed), "steps": str(args.steps),
+        "size": f"{args.width}x{args.height}", "dtype": str(pipe.dtype).removeprefix("torch."),
+        "software": "zimage-lite", **{f"model.{k}": v for k, v in pipe.paths.describe().items()},
+    }  # fmt: skip
+    for i, (img, path) in enumerate(zip(images, outs)):
+        info = _png_info({**meta, "batch_index": str(i)})
+        atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
+        print(f"wrote {path}")
+    if args.stats:
+        stats = {
+            **pipe.last_stats.to_dict(), "load_s": pipe.load_seconds, "total_s": time.perf_counter() - start,
+            "device": str(pipe.device), "dtype": meta["dtype"], "width": args.width, "height": args.height,
+            "steps": args.steps, "batch": args.batch,
+        }  # fmt: skip
+        atomic_write(Path(args.stats), lambda tmp: tmp.write_text(json.dumps(stats, indent=2)))
+        print(f"wrote {args.stats}")
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    import torch
+
+    from zimage_lite.synthetic import write_synthetic_model
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out}: already exists (use --force to overwrite)")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    write_synthetic_model(out, size=args.size, seed=args.seed, dtype=dtype)
+    print(f"wrote synthetic {args.size} model to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="zimage-lite", description="Z-Image-Turbo on 4-8 GB GPUs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="make images from a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--model", help="diffusers-layout folder, converted folder, or Hugging Face repo id")
+    g.add_argument("--transformer", help="transformer file or folder (overrides the model's)")
+    g.add_argument("--text-encoder", help="text encoder file or folder (overrides the model's)")
+    g.add_argument("--vae", help="VAE file or folder (overrides the model's)")
+    g.add_argument("--steps", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--height", type=int, default=1024)
+    g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    g.add_argument("-o", "--output", default="out.png")
+    g.add_argument("--stats", help="write timings and memory as JSON here")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("synthetic", help="write a random-weight model of the real architecture (tests, demo)")
+    s.add_argument("output")
+    s.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_synthetic)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except ZImageError as exc:
+        print(f"zimage-lite: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("zimage-lite: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

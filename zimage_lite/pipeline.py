@@ -1,0 +1,200 @@
+"""Prompt -> text encoder -> denoise -> VAE -> images: the public `Pipeline`.
+
+Phases run one after another on the device (text encoder, transformer, VAE); each phase's timing and the
+per-step timings land in `pipe.last_stats` as plain JSON-able values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from zimage_lite.errors import UsageError, ZImageError
+from zimage_lite.sampling import euler_sample, initial_noise
+from zimage_lite.weights.components import ModelPaths, resolve_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested, but this torch has no usable CUDA device")
+    if dev.type not in ("cuda", "cpu"):
+        raise UsageError(f"unsupported device {device!r}: use cuda or cpu")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on the CPU; on CUDA bf16 from sm 8.0, fp16 on sm 7.x, fp32 below (no fast fp16 on Pascal)."""
+    if device.type != "cuda":
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16 if major == 7 else torch.float32
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v < 16 or v % 16:
+            raise UsageError(f"{name} must be a positive multiple of 16 (got {v})")
+
+
+@dataclass
+class Stats:
+    """Timings in seconds; bytes as integers."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+    steps: list[float] = field(default_factory=list)
+    peak_device_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"phases_s": self.phases, "steps_s": self.steps, "peak_device_bytes": self.peak_device_bytes}
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+class Pipeline:
+    """Z-Image-Turbo text-to-image. Build with `Pipeline.load(...)`, call `generate(...)`."""
+
+    def __init__(
+        self, paths: ModelPaths, tokenizer, text_encoder, transformer, vae, device: torch.device, dtype
+    ):
+        self.paths = paths
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.transformer = transformer
+        self.vae = vae
+        self.device = device
+        self.dtype = dtype
+        self.last_stats = Stats()
+        self.load_seconds = 0.0
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        transformer: str | Path | None = None,
+        text_encoder: str | Path | None = None,
+        vae: str | Path | None = None,
+        tokenizer: str | Path | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Pipeline:
+        from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
+
+        start = time.perf_counter()
+        dev = resolve_device(device)
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise UsageError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        dtype = dtype or default_dtype(dev)
+        if dev.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev)[0] < 8:
+            raise UsageError("this GPU (sm < 8.0) has no bfloat16 support: use --dtype float16 or float32")
+        paths = resolve_model(model, transformer, text_encoder, vae, tokenizer)
+        pipe = cls(
+            paths,
+            tokenizer=load_tokenizer(paths.tokenizer),
+            text_encoder=load_text_encoder(paths.text_encoder, dtype, dev).eval(),
+            transformer=load_transformer(paths.transformer, dtype, dev).eval(),
+            vae=load_vae(paths.vae, dtype, dev).eval(),
+            device=dev,
+            dtype=dtype,
+        )
+        pipe.load_seconds = time.perf_counter() - start
+        return pipe
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        """One (L_i, hidden) tensor per prompt: real tokens only (causal attention needs no padding)."""
+        ids = self.tokenizer.encode(prompts)
+        out = []
+        for row in ids:
+            x = torch.tensor([row], dtype=torch.long, device=self.device)
+            out.append(self.text_encoder(x)[0])
+        return out
+
+    @torch.no_grad()
+    def generate_latents(
+        self,
+        prompt: str | list[str],
+        *,
+        seed: int = 0,
+        steps: int = 8,
+        width: int = 1024,
+        height: int = 1024,
+        batch: int = 1,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Final float32 latents (B*batch, C, H/8, W/8) before VAE decoding."""
+        check_size(width, height)
+        if steps < 1 or batch < 1:
+            raise UsageError("steps and batch must be >= 1")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        stats = self.last_stats = Stats()
+        timer = _Timer(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        t0 = timer.now()
+        captions = [c for c in self.encode_prompts(prompts) for _ in range(batch)]
+        t1 = timer.now()
+        stats.phases["text_encoder"] = t1 - t0
+
+        scale = self.vae.config.scale_factor
+        noise = initial_noise(len(captions), self.transformer.config.in_channels, height, width, seed, scale)
+        last = [t1]
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.transformer(x, t, captions)
+
+        def step_done(i: int, x: torch.Tensor) -> None:
+            if not torch.isfinite(x).all():
+                hint = (
+                    " (float16 overflow: try --dtype float32 or bfloat16)"
+                    if self.dtype == torch.float16
+                    else ""
+                )
+                raise ZImageError(f"NaN/Inf in the latents after step {i + 1}{hint}")
+            now = timer.now()
+            stats.steps.append(now - last[0])
+            last[0] = now
+            if on_step is not None:
+                on_step(i, steps)
+
+        latents = euler_sample(denoise, noise.to(self.device), steps, on_step=step_done)
+        stats.phases["denoise"] = timer.now() - t1
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        timer = _Timer(self.device)
+        t0 = timer.now()
+        pixels = self.vae.decode_to_uint8(latents.to(self.device)).cpu().numpy()  # (B, H, W, 3) uint8
+        self.last_stats.phases["vae"] = timer.now() - t0
+        if self.device.type == "cuda":
+            self.last_stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
+        return [Image.fromarray(p) for p in pixels]
+
+    def generate(self, prompt: str | list[str], **kwargs) -> list[Image.Image]:
+        """Images for `prompt` (a string or a list; `batch` images each). kwargs as `generate_latents`."""
+        return self.decode(self.generate_latents(prompt, **kwargs))
