@@ -6,12 +6,14 @@ linears ~ N(0, 1/fan_in) so every layer changes the residual stream, norms 1 + 0
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from zimage_lite.errors import CheckpointError
-from zimage_lite.models.qwen3 import Qwen3Encoder, load_text_encoder
+from zimage_lite.models.qwen3 import Qwen3Encoder, infer_qwen3_config, load_text_encoder
 from zimage_lite.synthetic_tokenizer import write_synthetic_tokenizer
 from zimage_lite.text import PromptTokenizer
 from zimage_lite.weights.names_qwen3 import gguf_to_hf_name, hf_to_gguf_name, strip_model_prefix
@@ -261,3 +263,41 @@ def test_fully_padded_row_gives_no_nan():
         alone = enc(ids[:1])
     assert torch.isfinite(out).all()
     assert rel_err(out[0], alone[0]) <= 1e-6
+
+
+def test_real_config_builds_35_layers_with_checkpoint_shapes():
+    from zimage_lite.config import Qwen3Config
+    from zimage_lite.weights.load import build_meta
+
+    ref = Path(__file__).resolve().parents[2] / "shared" / "reference-configs" / "text_encoder.json"
+    if not ref.is_file():
+        pytest.skip("reference configs not present")
+    cfg = Qwen3Config.from_json(ref)
+    enc = build_meta(lambda: Qwen3Encoder(cfg))
+    shapes = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+    assert len(enc.layers) == 35 and "layers.35.mlp.up_proj.weight" not in shapes
+    assert shapes["embed_tokens.weight"] == (151936, 2560)
+    assert shapes["layers.34.self_attn.q_proj.weight"] == (4096, 2560)
+    assert shapes["layers.34.self_attn.k_proj.weight"] == (1024, 2560)
+    assert shapes["layers.34.self_attn.q_norm.weight"] == (128,)
+    assert shapes["layers.34.mlp.down_proj.weight"] == (2560, 9728)
+    # Shape inference on a full 36-layer file (it still has the last layer) gives the same config.
+    full = dict(
+        shapes, **{k.replace("layers.34.", "layers.35."): v for k, v in shapes.items() if "layers.34." in k}
+    )
+    assert infer_qwen3_config(full) == cfg
+
+
+@pytest.mark.gpu
+def test_bfloat16_on_cuda_matches_transformers(hf, checkpoints, token_ids):
+    ids = torch.tensor([token_ids[0]])
+    ref32 = reference_hidden(hf, ids)
+    hf16 = transformers.Qwen3ForCausalLM(hf.config).eval()
+    hf16.load_state_dict(hf.state_dict())
+    hf16 = hf16.to("cuda", torch.bfloat16)
+    ref16 = reference_hidden(hf16, ids.cuda()).cpu()
+    enc = load_text_encoder(checkpoints["causal_lm"], torch.bfloat16, "cuda")
+    with torch.no_grad():
+        ours = enc(ids.cuda()).cpu()
+    assert rel_err(ours, ref16) <= 3e-2
+    assert rel_err(ours, ref32) <= 1.25 * rel_err(ref16, ref32) + 2e-3
