@@ -154,6 +154,6 @@ def test_missing_and_unexpected_tensors_are_named():
 def test_config_inferred_from_shapes_matches():
     cfg = CFGS["two_refiners"]
     shapes = {k: tuple(v.shape) for k, v in build_meta(lambda: ZImageDiT(cfg)).state_dict().items()}
-    inferred = DiTConfig.from_shapes(shapes, head_dim=32)
+    inferred = DiTConfig.from_shapes(shapes)
     assert inferred.dim == 96 and inferred.n_layers == 3 and inferred.n_refiner_layers == 2
     assert inferred.cap_feat_dim == 48 and inferred.in_channels == 4 and inferred.n_heads == 3

@@ -101,13 +101,13 @@ class DiTConfig(_FromJson):
         return min(self.dim, self.adaln_embed_dim)
 
     @classmethod
-    def from_shapes(cls, shapes: Shapes, head_dim: int = 128) -> DiTConfig:
+    def from_shapes(cls, shapes: Shapes) -> DiTConfig:
         """Infer from our (original-named) tensor shapes: single files carry no config.json.
 
-        n_heads is not recoverable from shapes: the real model has head_dim 128, which we assume
-        unless `head_dim` says otherwise; axes_dims keep the real model's proportions [1/4, 3/8, 3/8].
+        head_dim comes from the q-norm weight; axes_dims keep the real model's proportions [1/4, 3/8, 3/8].
         """
         try:
+            head_dim = shapes["layers.0.attention.q_norm.weight"][0]
             dim = shapes["x_pad_token"][-1]
             n_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("layers."))
             refiners = [int(k.split(".")[1]) for k in shapes if k.startswith("noise_refiner.")]

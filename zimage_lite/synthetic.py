@@ -47,7 +47,8 @@ def _tiny() -> SyntheticSpec:
         cap_feat_dim=32,
         axes_dims=(8, 12, 12),
     )
-    vae = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+    # norm groups stay 32 (as FLUX) so a config-less single file infers the same VAE
+    vae = VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
     return SyntheticSpec(dit, text, vae, vocab_size=512)
 
 
