@@ -1,0 +1,41 @@
+# zimage-lite developer entry points.
+#   make demo   create/reuse a virtualenv, install, generate an image with the built-in tiny synthetic model
+#   make test   install what is missing and run the whole test suite
+#
+# TORCH_SPEC picks the torch wheel. The default pins the CPU build that CI machines have on disk.
+# On a CUDA machine use the normal wheel:  make demo TORCH_SPEC=torch
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.zimage-lite-installed
+DEMO_DIR ?= out/demo
+DEMO_PROMPT ?= a lighthouse on a cliff at dusk, oil painting
+
+.PHONY: install test demo lint clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check zimage_lite tests benchmarks
+	$(BIN)/ruff format --check zimage_lite tests benchmarks
+
+demo: $(STAMP)
+	test -d $(DEMO_DIR)/tiny-model || $(BIN)/zimage-lite synthetic $(DEMO_DIR)/tiny-model --size tiny
+	$(BIN)/zimage-lite generate "$(DEMO_PROMPT)" --model $(DEMO_DIR)/tiny-model --device cpu \
+		--width 256 --height 256 --seed 42 -o $(DEMO_DIR)/demo.png --stats $(DEMO_DIR)/stats.json
+	@echo "image:   $(DEMO_DIR)/demo.png  (random weights: expect colourful noise, not a lighthouse)"
+	@echo "timings: $(DEMO_DIR)/stats.json"
+
+clean-demo:
+	rm -rf $(DEMO_DIR)
