@@ -1,0 +1,254 @@
+"""Block formats against references nobody here wrote: ggml's own quantizer bytes (test vectors),
+gguf-py's quantize/dequantize, and ggml's published RMSE; FP8 against its rounding bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import gguf.quants
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zimage_lite.errors import UsageError
+from zimage_lite.quant.formats import QUANT_TYPES, dequantize, is_quantized, quantize, row_bytes
+from zimage_lite.quant.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
+
+VECTORS = Path("/work/shared/testvectors/ggml_quants.npz")
+MATRICES = ["gauss", "student_t3", "outliers", "zero_rows_and_blocks", "positive_only"]
+WRITABLE = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+ALL_TYPES = list(QUANT_TYPES)
+
+# ggml's reference relative RMSE, from the test vectors' README (its quantizer, gguf-py dequantizer)
+GGML_RMSE = {
+    "gauss": {"Q4_0": 0.0865, "Q8_0": 0.0054, "Q4_K": 0.0719, "Q5_K": 0.0363, "Q6_K": 0.0178},
+    "student_t3": {"Q4_0": 0.1269, "Q8_0": 0.0084, "Q4_K": 0.0918, "Q5_K": 0.0468, "Q6_K": 0.0256},
+    "outliers": {"Q4_0": 0.0984, "Q8_0": 0.0113, "Q4_K": 0.0798, "Q5_K": 0.0476, "Q6_K": 0.0322},
+}
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    if not VECTORS.exists():
+        pytest.skip(f"{VECTORS} not found")
+    return np.load(VECTORS)
+
+
+def assert_bits_equal(ours: np.ndarray, ref: np.ndarray) -> None:
+    """float32 arrays identical bit for bit (NaNs must be NaN in both; their payloads are not compared)."""
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype == np.float32
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(np.isnan(ours), nan)
+    np.testing.assert_array_equal(ours.view(np.int32)[~nan], ref.view(np.int32)[~nan])
+
+
+def rel_rmse(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return float(((w - w_hat).double().pow(2).mean() / w.double().pow(2).mean()).sqrt())
+
+
+# ---------------------------------------------------------------- byte equality with ggml
+
+
+@pytest.mark.parametrize("qtype", WRITABLE)
+@pytest.mark.parametrize("matrix", MATRICES)
+def test_quantize_matches_ggml_bytes(vectors, matrix, qtype):
+    ours = quantize(torch.from_numpy(vectors[f"{matrix}/input"]), qtype).numpy()
+    ref = vectors[f"{matrix}/{qtype}"]
+    assert ours.shape == ref.shape
+    bad_blocks = (
+        ours.reshape(-1, QUANT_TYPES[qtype].type_size) != ref.reshape(-1, QUANT_TYPES[qtype].type_size)
+    ).any(1)
+    assert not bad_blocks.any(), f"{bad_blocks.sum()} of {bad_blocks.size} blocks differ"
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+@pytest.mark.parametrize("matrix", MATRICES)
+def test_dequantize_matches_gguf_py_on_ggml_bytes(vectors, matrix, qtype):
+    raw = vectors[f"{matrix}/{qtype}"]
+    ref = gguf.quants.dequantize(raw, QUANT_TYPES[qtype].ggml_type)
+    ours = dequantize(torch.from_numpy(raw), qtype, ref.shape).numpy()
+    assert_bits_equal(ours, ref)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_dequantize_matches_gguf_py_on_random_bytes(qtype):
+    """Any bytes are a valid block (fp16 scales may be NaN/Inf/subnormal): all must decode alike."""
+    q = QUANT_TYPES[qtype]
+    raw = np.random.default_rng(1).integers(0, 256, size=(3, 8 * q.type_size), dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 in gguf-py is expected here
+        ref = gguf.quants.dequantize(raw, q.ggml_type)
+    assert not np.isfinite(ref).all()  # the special cases are really exercised
+    ours = dequantize(torch.from_numpy(raw), qtype, ref.shape).numpy()
+    assert_bits_equal(ours, ref)
+
+
+# ---------------------------------------------------------------- legacy quantizers vs gguf-py
+
+
+def _matrix(kind: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "gauss":
+        return (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    if kind == "integers":  # exact ties: x*id lands on k + 0.5, several values share the max |x|
+        return rng.integers(-16, 17, size=(rows, cols)).astype(np.float32)
+    if kind == "sparse":  # zero blocks and lone values
+        x = rng.standard_normal((rows, cols)).astype(np.float32)
+        return np.where(rng.random((rows, cols)) < 0.9, np.float32(0), x)
+    return (rng.standard_t(3, size=(rows, cols)) * 1e-3).astype(np.float32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    qtype=st.sampled_from(["Q8_0", "Q4_0"]),
+    rows=st.integers(1, 4),
+    blocks=st.integers(1, 5),
+    kind=st.sampled_from(["gauss", "integers", "sparse", "student"]),
+    seed=st.integers(0, 2**16),
+)
+def test_legacy_quantize_matches_gguf_py(qtype, rows, blocks, kind, seed):
+    x = _matrix(kind, rows, blocks * 32, seed)
+    ref = gguf.quants.quantize(x, QUANT_TYPES[qtype].ggml_type)
+    ours = quantize(torch.from_numpy(x), qtype).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+
+@settings(max_examples=6, deadline=None)
+@given(qtype=st.sampled_from(["Q4_K", "Q5_K", "Q6_K"]), rows=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_k_quantize_round_trips_through_gguf_py(qtype, rows, seed):
+    """No reference K quantizer in gguf-py: check our bytes decode (by gguf-py) close to the input."""
+    x = _matrix("gauss", rows, 512, seed)
+    raw = quantize(torch.from_numpy(x), qtype).numpy()
+    back = gguf.quants.dequantize(raw, QUANT_TYPES[qtype].ggml_type)
+    assert (
+        rel_rmse(torch.from_numpy(x), torch.from_numpy(back))
+        < {"Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.025}[qtype]
+    )
+
+
+# ---------------------------------------------------------------- error vs ggml and vs a naive baseline
+
+
+def absmax_baseline(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Symmetric round-to-nearest with a float32 absmax scale per `group` values: the naive quantizer."""
+    g = w.reshape(-1, group)
+    levels = 2 ** (bits - 1) - 1
+    scale = g.abs().amax(-1, keepdim=True).clamp(min=1e-30) / levels
+    return (torch.round(g / scale) * scale).reshape(w.shape)
+
+
+K_BASELINE = {"Q4_K": (4, 32), "Q5_K": (5, 32), "Q6_K": (6, 16)}  # bits, sub-block size
+
+
+@pytest.mark.parametrize("matrix", ["gauss", "student_t3", "outliers"])
+@pytest.mark.parametrize("qtype", WRITABLE)
+def test_relative_rmse_matches_ggml_and_beats_absmax(vectors, matrix, qtype):
+    w = torch.from_numpy(vectors[f"{matrix}/input"])
+    ours = rel_rmse(w, dequantize(quantize(w, qtype), qtype, tuple(w.shape)))
+    assert abs(ours - GGML_RMSE[matrix][qtype]) <= 0.01 * GGML_RMSE[matrix][qtype] + 5e-5
+    if qtype in K_BASELINE:
+        assert ours < rel_rmse(w, absmax_baseline(w, *K_BASELINE[qtype]))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_types_beat_absmax_on_fresh_gaussian_and_student_t(qtype):
+    gen = torch.Generator().manual_seed(3)
+    gauss = torch.randn(8, 1024, generator=gen) * 0.02
+    student = torch.distributions.StudentT(3.0).sample((8, 1024)) * 0.02
+    for w in (gauss, student):
+        ours = rel_rmse(w, dequantize(quantize(w, qtype), qtype, tuple(w.shape)))
+        assert ours < rel_rmse(w, absmax_baseline(w, *K_BASELINE[qtype]))
+
+
+# ---------------------------------------------------------------- API
+
+
+def test_quantize_layout_dtypes_and_errors():
+    w = torch.randn(2, 3, 512, dtype=torch.bfloat16)
+    for qtype in WRITABLE:
+        raw = quantize(w, qtype)
+        q = QUANT_TYPES[qtype]
+        assert raw.dtype == torch.uint8 and raw.shape == (2, 3, 512 // q.block_size * q.type_size)
+        assert raw.shape[-1] == row_bytes(qtype, 512)
+        # same bytes as from the float32 copy: the input is computed in float32
+        assert torch.equal(raw, quantize(w.float(), qtype))
+        out = dequantize(raw.reshape(-1), qtype, (6, 512), dtype=torch.float16)
+        assert out.shape == (6, 512) and out.dtype == torch.float16
+        assert gguf.GGML_QUANT_SIZES[q.ggml_type] == (q.block_size, q.type_size)
+    with pytest.raises(UsageError):
+        quantize(torch.randn(4, 100), "Q4_K")
+    with pytest.raises(UsageError):
+        quantize(torch.randn(4, 256), "Q3_K")  # read-only
+    with pytest.raises(UsageError):
+        quantize(torch.randn(4, 256), "Q7_K")
+    with pytest.raises(UsageError):
+        dequantize(torch.zeros(10, dtype=torch.uint8), "Q8_0", (32,))
+    assert is_quantized("Q4_K") and is_quantized("Q2_K") and not is_quantized("BF16")
+    assert row_bytes("BF16", 10) == 20 and row_bytes("F32", 3) == 12
+
+
+def test_dequantize_plain_float_bytes():
+    w = torch.randn(3, 5)
+    raw = w.to(torch.bfloat16).view(torch.uint8)
+    assert torch.equal(dequantize(raw, "BF16", (3, 5)), w.to(torch.bfloat16).float())
+    assert torch.equal(dequantize(w.view(torch.uint8), "F32", (15,)), w.reshape(-1))
+
+
+def test_quantize_spans_several_chunks_like_one():
+    """Chunking is invisible: a tensor bigger than one chunk gives the bytes of its rows done alone."""
+    w = torch.randn(1, 70_000 // 256 * 256) * 0.02
+    whole = quantize(w, "Q6_K")
+    parts = torch.cat([quantize(p, "Q6_K") for p in w.split(256, dim=-1)], dim=-1)
+    assert torch.equal(whole, parts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", WRITABLE)
+def test_gpu_bytes_equal_cpu_bytes(vectors, qtype):
+    x = torch.from_numpy(vectors["student_t3/input"])
+    cpu = quantize(x, qtype)
+    gpu = quantize(x.cuda(), qtype)
+    assert torch.equal(gpu.cpu(), cpu)
+    assert torch.equal(dequantize(gpu, qtype, tuple(x.shape)).cpu(), dequantize(cpu, qtype, tuple(x.shape)))
+
+
+# ---------------------------------------------------------------- FP8
+
+
+def _fp8_bound(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Half an e4m3 ulp: 2^-4 relative for normals, scale * 2^-10 absolute in the subnormal range."""
+    return torch.maximum(w.abs() * 2.0**-4, scale * 2.0**-10) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fp8_round_trip_within_half_ulp(per_channel):
+    w = torch.distributions.StudentT(3.0).sample((64, 96)) * 0.02
+    q, scale = quantize_fp8(w.to(torch.bfloat16).float(), per_channel=per_channel)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and scale.dtype == torch.float32
+    assert scale.shape == ((64, 1) if per_channel else ())
+    w = w.to(torch.bfloat16).float()
+    back = dequantize_fp8(q, scale)
+    assert ((back - w).abs() <= _fp8_bound(w, scale)).all()
+    # the largest magnitude maps to +-448 (per row for per-channel)
+    assert torch.isclose(q.float().abs().amax(), torch.tensor(FP8_MAX))
+    if per_channel:
+        assert torch.equal(dequantize_fp8(q, scale.reshape(-1)), back)  # (out,) scales read too
+    else:
+        assert torch.equal(dequantize_fp8(q, scale.reshape(1)), back)  # (1,) scales read too
+    assert dequantize_fp8(q, scale, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_fp8_zero_guard_and_bad_input():
+    q, scale = quantize_fp8(torch.zeros(4, 8))
+    assert scale.item() == 1.0 and not q.float().any()
+    w = torch.randn(3, 8)
+    w[1] = 0
+    q, scale = quantize_fp8(w, per_channel=True)
+    assert torch.isfinite(scale).all() and scale[1].item() == 1.0
+    assert not q[1].float().any() and torch.isfinite(dequantize_fp8(q, scale)).all()
+    with pytest.raises(UsageError):
+        quantize_fp8(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(UsageError):
+        dequantize_fp8(q, torch.ones(5))

@@ -1,0 +1,146 @@
+"""The GGUF block formats zimage-lite reads and writes, and one entry point to (de)quantize any of them.
+
+`quantize` returns the exact GGUF byte layout (rows of blocks), byte-identical to ggml's reference
+quantizers; `dequantize` is bit-identical to gguf-py's `gguf.quants.dequantize` (float32), then cast.
+Both run on whatever device the input lives on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gguf
+import torch
+
+from zimage_lite.errors import UsageError
+from zimage_lite.quant import kquants, legacy
+
+BlockFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Blocks handled per call: bounds the temporaries of the K-quant searches (~20 x this x 256 floats)
+# and keeps them cache-sized on the CPU.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """One block format. `quantize` maps float32 blocks (n, block_size) to bytes (n, type_size),
+    `dequantize` the reverse; `quantize` is None for formats we only read."""
+
+    name: str
+    ggml_type: gguf.GGMLQuantizationType | None
+    block_size: int
+    type_size: int
+    quantize: BlockFn | None
+    dequantize: BlockFn
+
+
+def _entry(name: str, quantize: BlockFn | None, dequantize: BlockFn) -> QuantType:
+    ggml_type = gguf.GGMLQuantizationType[name]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    return QuantType(name, ggml_type, block_size, type_size, quantize, dequantize)
+
+
+QUANT_TYPES: dict[str, QuantType] = {
+    q.name: q
+    for q in [
+        _entry("Q8_0", legacy.quantize_q8_0, legacy.dequantize_q8_0),
+        _entry("Q4_0", legacy.quantize_q4_0, legacy.dequantize_q4_0),
+        _entry("Q4_K", kquants.quantize_q4_k, kquants.dequantize_q4_k),
+        _entry("Q5_K", kquants.quantize_q5_k, kquants.dequantize_q5_k),
+        _entry("Q6_K", kquants.quantize_q6_k, kquants.dequantize_q6_k),
+        # read-only: community GGUF files use them
+        _entry("Q4_1", None, legacy.dequantize_q4_1),
+        _entry("Q5_0", None, legacy.dequantize_q5_0),
+        _entry("Q5_1", None, legacy.dequantize_q5_1),
+        _entry("Q2_K", None, kquants.dequantize_q2_k),
+        _entry("Q3_K", None, kquants.dequantize_q3_k),
+    ]
+}
+
+# Unquantized storage types: raw bytes are the little-endian values themselves.
+FLOAT_TYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def is_quantized(qtype: str) -> bool:
+    return qtype in QUANT_TYPES
+
+
+def _lookup(qtype: str) -> QuantType:
+    try:
+        return QUANT_TYPES[qtype]
+    except KeyError:
+        known = ", ".join([*QUANT_TYPES, *FLOAT_TYPES])
+        raise UsageError(f"unknown tensor type {qtype!r} (known: {known})") from None
+
+
+def row_bytes(qtype: str, n_cols: int) -> int:
+    """Bytes of one row of n_cols elements stored as qtype."""
+    if qtype in FLOAT_TYPES:
+        return n_cols * FLOAT_TYPES[qtype].itemsize
+    q = _lookup(qtype)
+    if n_cols % q.block_size:
+        raise UsageError(
+            f"a row of {n_cols} elements is not a whole number of {qtype} blocks ({q.block_size})"
+        )
+    return n_cols // q.block_size * q.type_size
+
+
+def _by_chunks(fn: BlockFn, blocks: torch.Tensor, out_width: int, block_elems: int) -> torch.Tensor:
+    out = torch.empty(blocks.shape[0], out_width, dtype=torch.uint8, device=blocks.device)
+    step = max(1, _CHUNK_ELEMENTS // block_elems)
+    for start in range(0, blocks.shape[0], step):
+        out[start : start + step] = fn(blocks[start : start + step])
+    return out
+
+
+def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """w (..., n) float of any dtype, n a multiple of the block size -> uint8 (..., n/block * type_size).
+
+    Computed in float32 on w's device; the bytes are what ggml's reference quantizer writes."""
+    q = _lookup(qtype)
+    if q.quantize is None:
+        raise UsageError(
+            f"{qtype} is a read-only format here (choose one of {', '.join(quantizable_types())})"
+        )
+    if w.ndim == 0 or w.shape[-1] % q.block_size:
+        raise UsageError(
+            f"cannot store shape {tuple(w.shape)} as {qtype}: rows must be multiples of {q.block_size}"
+        )
+    blocks = w.detach().to(torch.float32).reshape(-1, q.block_size)
+    raw = _by_chunks(q.quantize, blocks, q.type_size, q.block_size)
+    return raw.reshape(*w.shape[:-1], w.shape[-1] // q.block_size * q.type_size)
+
+
+def dequantize(
+    raw: torch.Tensor, qtype: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """raw uint8 holding prod(shape) elements of qtype (any leading layout) -> tensor of `shape`.
+
+    The float32 values equal gguf-py's `quants.dequantize` bit for bit; `dtype` is applied last.
+    Plain F32/F16/BF16 bytes are accepted too."""
+    shape = tuple(int(s) for s in shape)
+    n_elems = math.prod(shape)
+    flat = raw.reshape(-1)
+    if flat.dtype != torch.uint8:
+        raise UsageError(f"dequantize expects uint8 bytes, got {raw.dtype}")
+    if qtype in FLOAT_TYPES:
+        values = flat.view(FLOAT_TYPES[qtype])
+        if values.numel() != n_elems:
+            raise UsageError(f"{flat.numel()} bytes of {qtype} do not hold shape {shape}")
+        return values.reshape(shape).to(dtype)
+    q = _lookup(qtype)
+    if n_elems % q.block_size or flat.numel() != n_elems // q.block_size * q.type_size:
+        raise UsageError(f"{flat.numel()} bytes of {qtype} do not hold shape {shape}")
+    blocks = flat.reshape(-1, q.type_size)
+    out = torch.empty(blocks.shape[0], q.block_size, dtype=torch.float32, device=raw.device)
+    step = max(1, (_CHUNK_ELEMENTS * 16) // q.block_size)
+    for start in range(0, blocks.shape[0], step):
+        out[start : start + step] = q.dequantize(blocks[start : start + step])
+    return out.reshape(shape).to(dtype)
+
+
+def quantizable_types() -> list[str]:
+    return [name for name, q in QUANT_TYPES.items() if q.quantize is not None]
