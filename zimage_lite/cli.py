@@ -76,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
-        device=args.device, dtype=args.dtype,
+        tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
     )  # fmt: skip
     bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr, disable=args.quiet)
     images = pipe.generate(
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transformer", help="transformer file or folder (overrides the model's)")
     g.add_argument("--text-encoder", help="text encoder file or folder (overrides the model's)")
     g.add_argument("--vae", help="VAE file or folder (overrides the model's)")
+    g.add_argument("--tokenizer", help="tokenizer.json or its folder (not needed with a GGUF text encoder)")
     g.add_argument("--steps", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--width", type=int, default=1024)

@@ -80,6 +80,10 @@ def resolve_model(
         if missing:
             raise CheckpointError(f"no --model folder given, so --{missing[0].replace('_', '-')} is required")
         te = Path(text_encoder)  # type: ignore[arg-type]
+        if tokenizer is None and te.suffix != ".gguf":
+            raise CheckpointError(
+                "no --model folder given, so --tokenizer is required (unless the text encoder is a GGUF)"
+            )
         paths = ModelPaths(Path(transformer), te, Path(tokenizer) if tokenizer else te, Path(vae))  # type: ignore[arg-type]
     else:
         model = str(model)
