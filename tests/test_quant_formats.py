@@ -184,6 +184,8 @@ def test_quantize_layout_dtypes_and_errors():
     with pytest.raises(UsageError):
         quantize(torch.randn(4, 256), "Q7_K")
     with pytest.raises(UsageError):
+        quantize(torch.full((1, 256), float("inf")), "Q4_K")
+    with pytest.raises(UsageError):
         dequantize(torch.zeros(10, dtype=torch.uint8), "Q8_0", (32,))
     assert is_quantized("Q4_K") and is_quantized("Q2_K") and not is_quantized("BF16")
     assert row_bytes("BF16", 10) == 20 and row_bytes("F32", 3) == 12
@@ -202,6 +204,22 @@ def test_quantize_spans_several_chunks_like_one():
     whole = quantize(w, "Q6_K")
     parts = torch.cat([quantize(p, "Q6_K") for p in w.split(256, dim=-1)], dim=-1)
     assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_loop_summation_path_gives_ggml_bytes(vectors, monkeypatch, qtype):
+    """The per-element add loop (used on GPUs and for few lanes) must give the same bytes as numpy's."""
+    from zimage_lite.quant import kquants
+
+    def loop_sum(terms, dim=0):
+        acc = terms.select(dim, 0).clone()
+        for i in range(1, terms.shape[dim]):
+            acc += terms.select(dim, i)
+        return acc
+
+    monkeypatch.setattr(kquants, "_seq_sum", loop_sum)
+    x = torch.from_numpy(vectors["outliers/input"][:4])
+    np.testing.assert_array_equal(quantize(x, qtype).numpy(), vectors[f"outliers/{qtype}"][:4])
 
 
 @pytest.mark.gpu

@@ -110,6 +110,8 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
             f"cannot store shape {tuple(w.shape)} as {qtype}: rows must be multiples of {q.block_size}"
         )
     blocks = w.detach().to(torch.float32).reshape(-1, q.block_size)
+    if not torch.isfinite(blocks).all():  # ggml asserts on these; its bytes would be meaningless
+        raise UsageError(f"cannot quantize a tensor holding NaN or infinity to {qtype}")
     raw = _by_chunks(q.quantize, blocks, q.type_size, q.block_size)
     return raw.reshape(*w.shape[:-1], w.shape[-1] // q.block_size * q.type_size)
 
