@@ -1,0 +1,294 @@
+"""Triton dequantization of GGUF blocks (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) and FP8-e4m3fn weights.
+
+Every decoder below works on one *element* at a time given the byte offset of its block and its
+index inside the block, so the same code serves the plain dequant kernel (tiles of whole blocks) and
+the fused dequant-matmul kernel (tiles of rows x K, see matmul_triton.py). Raw weights are uint8
+(rows, row_bytes); fp16 fields are read as two little-endian bytes and bitcast, because a block's
+fp16 field sits at an odd-aligned or unaligned offset that no typed load could address.
+
+Numerics: everything is computed in float32 with the same operation order as gguf-py's numpy
+reference (`zimage_lite.quant.formats.dequantize` reproduces it bit for bit), and cast only at the
+store: Triton's CPU interpreter mishandles bf16 arithmetic (DESIGN §4). The plain dequant kernel is
+launched with `enable_fp_fusion=False` so a GPU does not contract `a*b - c` into an FMA, which would
+round differently from the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# qtype -> (code used inside the kernels, elements per block, bytes per block); ggml-common.h sizes.
+LAYOUTS: dict[str, tuple[int, int, int]] = {
+    "Q8_0": (0, 32, 34),
+    "Q4_0": (1, 32, 18),
+    "Q4_K": (2, 256, 144),
+    "Q5_K": (3, 256, 176),
+    "Q6_K": (4, 256, 210),
+}
+FP8_CODE = 5
+
+# Elements one program of the dequant kernel writes (a whole number of blocks).
+_ELEMS_PER_PROGRAM = 2048
+
+
+@triton.jit
+def _load_u8(raw, off, mask):
+    return tl.load(raw + off, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _load_f16(raw, off, mask):
+    """Little-endian fp16 at byte offset `off`, as float32 (exact)."""
+    lo = tl.load(raw + off, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(raw + off + 1, mask=mask, other=0).to(tl.uint16)
+    return ((hi << 8) | lo).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_i8(raw, off, mask):
+    return tl.load(raw + off, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def decode_q8_0(raw, base, j, mask):
+    """block_q8_0 { ggml_half d; int8_t qs[32]; }: w = qs[j] * d.
+
+    Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q8_0", shape)."""
+    d = _load_f16(raw, base, mask)
+    return _load_i8(raw, base + 2 + j, mask) * d
+
+
+@triton.jit
+def decode_q4_0(raw, base, j, mask):
+    """block_q4_0 { ggml_half d; uint8_t qs[16]; }: elements 0..15 are the low nibbles of qs,
+    16..31 the high nibbles; w = d * (q - 8).
+
+    Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q4_0", shape)."""
+    d = _load_f16(raw, base, mask)
+    byte = _load_u8(raw, base + 2 + (j % 16), mask)
+    q = (byte >> ((j // 16) * 4)) & 0xF
+    return d * (q - 8).to(tl.float32)
+
+
+@triton.jit
+def _scale_min_k4(raw, scales_off, s, mask):
+    """ggml's get_scale_min_k4: 6-bit scale and min of sub-block s (0..7) from the 12 packed bytes.
+
+    s < 4: sc = scales[s] & 63, m = scales[s+4] & 63
+    s >= 4: sc = (scales[s+4] & 0xF) | ((scales[s-4] >> 6) << 4), m = (scales[s+4] >> 4) | ((scales[s] >> 6) << 4)
+    """
+    low = s < 4
+    b_s = _load_u8(raw, scales_off + s, mask)
+    b_s4 = _load_u8(raw, scales_off + s + 4, mask)
+    b_sm4 = _load_u8(raw, scales_off + tl.where(low, s, s - 4), mask)
+    sc = tl.where(low, b_s & 63, (b_s4 & 0xF) | ((b_sm4 >> 6) << 4))
+    m = tl.where(low, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4))
+    return sc.to(tl.float32), m.to(tl.float32)
+
+
+@triton.jit
+def _k4_low_bits(raw, qs_off, j, mask):
+    """4-bit quants of Q4_K/Q5_K: sub-block s = j // 32 lives in byte chunk s // 2 (32 bytes),
+    low nibble for even s, high nibble for odd s."""
+    s = j // 32
+    byte = _load_u8(raw, qs_off + (s // 2) * 32 + (j % 32), mask)
+    return (byte >> ((s % 2) * 4)) & 0xF
+
+
+@triton.jit
+def decode_q4_k(raw, base, j, mask):
+    """block_q4_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qs[128]; } (144 bytes):
+    w = (d * sc) * q - dmin * m for sub-block (sc, m) = get_scale_min_k4(j // 32).
+
+    Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q4_K", shape)."""
+    d = _load_f16(raw, base, mask)
+    dmin = _load_f16(raw, base + 2, mask)
+    sc, m = _scale_min_k4(raw, base + 4, j // 32, mask)
+    q = _k4_low_bits(raw, base + 16, j, mask).to(tl.float32)
+    return (d * sc) * q - dmin * m
+
+
+@triton.jit
+def decode_q5_k(raw, base, j, mask):
+    """block_q5_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; }
+    (176 bytes): as Q4_K with a 5th bit, bit (j // 32) of qh[j % 32].
+
+    Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q5_K", shape)."""
+    d = _load_f16(raw, base, mask)
+    dmin = _load_f16(raw, base + 2, mask)
+    s = j // 32
+    sc, m = _scale_min_k4(raw, base + 4, s, mask)
+    high = (_load_u8(raw, base + 16 + (j % 32), mask) >> s) & 1
+    q = (_k4_low_bits(raw, base + 48, j, mask) | (high << 4)).to(tl.float32)
+    return (d * sc) * q - dmin * m
+
+
+@triton.jit
+def decode_q6_k(raw, base, j, mask):
+    """block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; ggml_half d; } (210 bytes).
+
+    Each 128-element half h = j // 128 uses ql[64h .. 64h+63] and qh[32h .. 32h+31]; with e = j % 128:
+    low 4 bits = ql[64h + e % 64] >> (4 * (e // 64)), high 2 bits = qh[32h + e % 32] >> (2 * (e // 32));
+    w = (d * scales[j // 16]) * (q - 32).
+
+    Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q6_K", shape)."""
+    h = j // 128
+    e = j % 128
+    low = (_load_u8(raw, base + h * 64 + (e % 64), mask) >> ((e // 64) * 4)) & 0xF
+    high = (_load_u8(raw, base + 128 + h * 32 + (e % 32), mask) >> ((e // 32) * 2)) & 3
+    q = ((low | (high << 4)) - 32).to(tl.float32)
+    d = _load_f16(raw, base + 208, mask)
+    sc = _load_i8(raw, base + 192 + j // 16, mask)
+    return (d * sc) * q
+
+
+@triton.jit
+def decode_fp8_e4m3fn(raw, off, mask, NATIVE: tl.constexpr):
+    """float8_e4m3fn byte -> float32 (exact): sign, 4 exponent bits (bias 7), 3 mantissa bits;
+    exponent 0 is subnormal (m * 2^-9), S.1111.111 is NaN, no infinities.
+
+    Bit manipulation works on every GPU and in the interpreter; NATIVE uses the hardware conversion
+    (sm >= 89). Torch reference: `q.to(torch.float32)`, as in zimage_lite.quant.fp8.dequantize_fp8."""
+    byte = tl.load(raw + off, mask=mask, other=0)
+    if NATIVE:
+        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    b = byte.to(tl.uint32)
+    sign = b >> 7
+    exp = (b >> 3) & 0xF
+    man = b & 0x7
+    normal = ((sign << 31) | ((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
+    subnormal = man.to(tl.float32) * 0.001953125 * (1.0 - 2.0 * sign.to(tl.float32))
+    value = tl.where(exp == 0, subnormal, normal)
+    return tl.where((exp == 15) & (man == 7), float("nan"), value)
+
+
+@triton.jit
+def decode_block_element(QTYPE: tl.constexpr, raw, base, j, mask):
+    """Dispatch on the LAYOUTS code; base = byte offset of the block, j = index inside it."""
+    if QTYPE == 0:
+        w = decode_q8_0(raw, base, j, mask)
+    elif QTYPE == 1:
+        w = decode_q4_0(raw, base, j, mask)
+    elif QTYPE == 2:
+        w = decode_q4_k(raw, base, j, mask)
+    elif QTYPE == 3:
+        w = decode_q5_k(raw, base, j, mask)
+    else:
+        w = decode_q6_k(raw, base, j, mask)
+    return w
+
+
+@triton.jit
+def _dequant_blocks_kernel(
+    raw, out, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr, NB: tl.constexpr
+):
+    """NB consecutive blocks per program: raw bytes (n_blocks * TS) -> out (n_blocks * QK).
+
+    Rows of a (rows, row_bytes) weight are whole blocks, so the flat block order is the row-major
+    element order and the kernel never needs to know the row length."""
+    blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # (NB,)
+    j = tl.arange(0, QK)  # (QK,)
+    mask = (blk < n_blocks)[:, None] & (j < QK)[None, :]  # (NB, QK)
+    w = decode_block_element(QTYPE, raw, (blk * TS)[:, None], j[None, :], mask)
+    tl.store(out + blk[:, None] * QK + j[None, :], w.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_fp8_kernel(
+    raw, scale, out, n_elems, n_cols, SCALE_PER_ROW: tl.constexpr, NATIVE: tl.constexpr, BLOCK: tl.constexpr
+):
+    """FP8 (rows, n_cols) -> out: w = q * scale, scale a scalar or one float32 per row.
+
+    Torch reference: zimage_lite.quant.fp8.dequantize_fp8(q, scale, dtype)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elems
+    q = decode_fp8_e4m3fn(raw, offs, mask, NATIVE)
+    if SCALE_PER_ROW:
+        s = tl.load(scale + offs // n_cols, mask=mask, other=0.0)
+    else:
+        s = tl.load(scale)
+    tl.store(out + offs, (q * s).to(out.dtype.element_ty), mask=mask)
+
+
+def _check_out(
+    out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if (
+        tuple(out.shape) != tuple(shape)
+        or out.dtype != dtype
+        or not out.is_contiguous()
+        or out.device != device
+    ):
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})"
+        )
+    return out
+
+
+def dequantize_blocks(
+    raw: torch.Tensor,
+    qtype: str,
+    shape: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 (rows, row_bytes) of a GGUF block type -> `dtype` tensor of `shape` (rows, cols).
+
+    Bit-identical (float32) to zimage_lite.quant.formats.dequantize; other dtypes are that cast."""
+    code, qk, ts = LAYOUTS[qtype]
+    rows, cols = shape
+    if cols % qk:
+        raise ValueError(f"{qtype} rows must be a multiple of {qk} elements, got {cols}")
+    n_blocks = rows * cols // qk
+    if raw.dtype != torch.uint8 or raw.numel() != n_blocks * ts:
+        raise ValueError(
+            f"{qtype} {tuple(shape)} needs {n_blocks * ts} uint8 bytes, got {raw.dtype} {tuple(raw.shape)}"
+        )
+    raw = raw.contiguous()
+    out = _check_out(out, (rows, cols), dtype, raw.device)
+    nb = _ELEMS_PER_PROGRAM // qk
+    grid = (triton.cdiv(n_blocks, nb),)
+    _dequant_blocks_kernel[grid](raw, out, n_blocks, QTYPE=code, QK=qk, TS=ts, NB=nb, enable_fp_fusion=False)
+    return out
+
+
+def native_fp8_ok(device: torch.device) -> bool:
+    """Hardware e4m3 conversion exists from sm 8.9 (Ada, Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def dequantize_fp8(
+    q: torch.Tensor,
+    scale: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float8_e4m3fn (or its uint8 bytes) (rows, cols) * scale -> `dtype` (rows, cols).
+
+    `scale`: None (1.0), one element, or one per row ((rows,) or (rows, 1)), float32."""
+    rows, cols = q.shape
+    raw = q.contiguous().view(torch.uint8)
+    if scale is None:
+        scale = torch.ones((), dtype=torch.float32, device=q.device)
+    scale = scale.to(device=q.device, dtype=torch.float32).contiguous()
+    if scale.numel() not in (1, rows):
+        raise ValueError(f"FP8 scale must have 1 or {rows} elements, got shape {tuple(scale.shape)}")
+    out = _check_out(out, (rows, cols), dtype, q.device)
+    block = 1024
+    grid = (triton.cdiv(rows * cols, block),)
+    _dequant_fp8_kernel[grid](
+        raw,
+        scale,
+        out,
+        rows * cols,
+        cols,
+        SCALE_PER_ROW=scale.numel() != 1,
+        NATIVE=native_fp8_ok(q.device),
+        BLOCK=block,
+    )
+    return out
