@@ -86,6 +86,7 @@ def test_dequant_fp32_bit_identical(qtype, shape):
     assert torch.equal(got, ours)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # d up to 1000: some fp16 outputs are inf
 @pytest.mark.parametrize("qtype", list(LAYOUTS))
 def test_dequant_fp16_and_bf16_outputs(qtype):
     shape = (4, 512)
@@ -212,3 +213,12 @@ def test_works_without_triton():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.gpu
+def test_fp8_native_decode_on_gpu():
+    q = all_fp8_bytes(4).cuda()
+    scale = torch.rand(4, 1, device="cuda")
+    ref = q.float() * scale
+    assert_equal_with_nans(dequantize_fp8(q, scale, native=False), ref)
+    assert_equal_with_nans(dequantize_fp8(q, scale, native=True), ref)  # bit decode where no hardware

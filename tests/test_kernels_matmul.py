@@ -152,12 +152,15 @@ def test_fp16_w2_overflow_guard_triton():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", FUSED_QTYPES)
-def test_fused_bf16_on_gpu(qtype):
-    raw, scale, w = make_weight(qtype, 3840, 3840)
-    x = torch.randn(16, 3840, dtype=torch.bfloat16, device="cuda")
-    y = fused_matmul(x, raw.cuda(), qtype, 3840, None, None if scale is None else scale.cuda())
+@pytest.mark.parametrize("m", [1, 16, 100])  # fused, fused, dequant + cuBLAS
+def test_bf16_paths_on_gpu(qtype, m):
+    """bf16 operands: each product is off by <= 2 * 2^-8 relative, plus bf16 rounding of y."""
+    n, k = 200, 3840
+    raw, scale, w = make_weight(qtype, n, k)
+    weight = dispatch.QuantWeight(raw.cuda(), qtype, (n, k), None if scale is None else scale.cuda())
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    assert dispatch.select_path(m, qtype, x.device) == ("fused" if m <= 64 else "dequant")
+    y = dispatch.quant_matmul(x, weight).float().cpu()
     ref = x.float().cpu() @ w.T
     bound = x.float().abs().cpu() @ w.abs().T
-    assert (
-        (y.float().cpu() - ref).abs() / bound
-    ).max() <= 1e-2  # bf16 operands: 2 * 2^-8 plus output rounding
+    assert ((y - ref).abs() - 2**-8 * ref.abs()).div(bound).max() <= 1e-2

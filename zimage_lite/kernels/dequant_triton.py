@@ -257,8 +257,12 @@ def dequantize_blocks(
     return out
 
 
-def native_fp8_ok(device: torch.device) -> bool:
-    """Hardware e4m3 conversion exists from sm 8.9 (Ada, Hopper)."""
+def native_fp8_ok(device: torch.device, native: bool | None = None) -> bool:
+    """Use the hardware e4m3 conversion (sm >= 8.9, Ada/Hopper)? Opt-in (`native=True`): the bit decode
+    is proven bit-exact in the interpreter and costs a few integer ops in a bandwidth-bound kernel, while
+    the native path has only a GPU test."""
+    if not native:
+        return False
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
@@ -267,10 +271,12 @@ def dequantize_fp8(
     scale: torch.Tensor | None,
     dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
+    native: bool | None = None,
 ) -> torch.Tensor:
     """float8_e4m3fn (or its uint8 bytes) (rows, cols) * scale -> `dtype` (rows, cols).
 
-    `scale`: None (1.0), one element, or one per row ((rows,) or (rows, 1)), float32."""
+    `scale`: None (1.0), one element, or one per row ((rows,) or (rows, 1)), float32.
+    `native`: decode with the hardware conversion where it exists (see native_fp8_ok)."""
     rows, cols = q.shape
     raw = q.contiguous().view(torch.uint8)
     if scale is None:
@@ -288,7 +294,7 @@ def dequantize_fp8(
         rows * cols,
         cols,
         SCALE_PER_ROW=scale.numel() != 1,
-        NATIVE=native_fp8_ok(q.device),
+        NATIVE=native_fp8_ok(q.device, native),
         BLOCK=block,
     )
     return out

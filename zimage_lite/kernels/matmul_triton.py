@@ -114,12 +114,14 @@ def fused_matmul(
     out: torch.Tensor | None = None,
     block_n: int = 64,
     block_k: int = 64,
+    native_fp8: bool | None = None,
 ) -> torch.Tensor:
     """y (M, n_out) = x (M, K) @ W^T + bias, W given as raw blocks (n_out, row_bytes) of `qtype`
     or float8_e4m3fn (n_out, K) with `scale` (None, scalar or one per row).
 
     dot_dtype: operand dtype of tl.dot (default: x's dtype if fp16/bf16, else float32).
-    out_dtype: dtype of y (default x's dtype). Accumulation is float32 in every case."""
+    out_dtype: dtype of y (default x's dtype). Accumulation is float32 in every case.
+    native_fp8: decode FP8 with the hardware conversion on sm >= 8.9 (opt-in, see native_fp8_ok)."""
     if x.ndim != 2:
         raise ValueError(f"fused_matmul expects x of shape (M, K), got {tuple(x.shape)}")
     if qtype not in FUSED_QTYPES:
@@ -169,7 +171,7 @@ def fused_matmul(
         TS=ts,
         HAS_BIAS=bias is not None,
         SCALE_PER_ROW=scale.numel() != 1,
-        NATIVE_FP8=native_fp8_ok(x.device),
+        NATIVE_FP8=native_fp8_ok(x.device, native_fp8),
         DOT_DTYPE=_TL_DTYPES[dot_dtype],
         BLOCK_M=block_m,
         BLOCK_N=block_n,

@@ -3,12 +3,14 @@
 State-dict layout (what GGUF / ComfyUI FP8 files hold, so strict loading works unchanged):
 - GGUF block types: `weight` uint8 (out_features, row_bytes), the raw blocks of each row;
 - "FP8_E4M3": `weight` float8_e4m3fn (out_features, in_features) and `weight_scale` float32 () with
-  W = weight * weight_scale (ComfyUI's per-tensor convention; per_row_scale=True makes it (out, 1) as quant.fp8 writes it);
+  W = weight * weight_scale (ComfyUI's per-tensor convention; per_row_scale=True makes it (out, 1),
+  the per-channel shape zimage_lite.quant.fp8 writes);
 - `bias` (out_features,) in the compute dtype.
 All three are nn.Parameters with requires_grad=False, so `load_state_dict(..., assign=True)` onto a
 meta-built module replaces them, and `.parameters()` lists everything a streamer has to move.
-`module.to(dtype)` / `.half()` move the quantized weight and the scale between devices but never
-change their dtypes (see `_apply`); only `bias` follows.
+`.to(...)`, `.half()`, `.cuda()` may move the quantized weight and the scale to another device but never
+change their dtypes (see `_apply`); only `bias` is cast. `compute_dtype` is a plain attribute: set it
+(or build with `dtype=`) to choose the activation dtype; a cast bias is cast back at use.
 
 fp16 overflow: Z-Image activations exceed the fp16 range. Triton paths accumulate in float32; on the
 cuBLAS/torch paths `input_scale` (default 1.0) multiplies the fp16 input before the GEMM and is undone
