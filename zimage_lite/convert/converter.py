@@ -1,0 +1,227 @@
+"""`convert(src, out, quant)`: a model folder, a component folder or one file -> GGUF / FP8 / BF16 outputs.
+
+- a diffusers folder (or a converted one, with a manifest) -> an output folder: `transformer.gguf`
+  (`transformer.safetensors` for fp8), `text_encoder.gguf` (qwen3 + tokenizer), `vae/` (BF16, with its
+  config.json), a copy of `tokenizer/` and `scheduler/`, and the manifest `zimage-lite.json`;
+- a component folder or a single .safetensors/.gguf file -> one output file of the same component.
+Everything is written under a temporary name and renamed when complete (see atomic.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zimage_lite.convert.atomic import atomic_path, refuse_existing
+from zimage_lite.convert.plan import (
+    ComponentPlan,
+    plan_text_encoder,
+    plan_transformer,
+    plan_vae,
+    text_encoder_tokenizer_fields,
+)
+from zimage_lite.convert.stream import DENSE, run_jobs
+from zimage_lite.errors import CheckpointError, UsageError
+from zimage_lite.weights.checkpoint import detect, open_checkpoint
+from zimage_lite.weights.components import MANIFEST, resolve_model
+
+log = logging.getLogger(__name__)
+
+QUANTS = ("bf16", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "fp8")
+MANIFEST_FORMAT = 1
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    quant: str
+    components: dict[str, Path] = field(default_factory=dict)  # component -> written path
+    tensors: int = 0
+    in_bytes: int = 0
+    out_bytes: int = 0
+    seconds: float = 0.0
+    types: dict[str, int] = field(default_factory=dict)  # storage type -> tensor count
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.in_bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+def known_quants() -> list[str]:
+    from zimage_lite.quant.policy import PRESETS
+
+    return list(dict.fromkeys([*QUANTS, *PRESETS]))
+
+
+def _check_quant(quant: str) -> str:
+    q = quant.lower()
+    if q not in known_quants():
+        raise UsageError(f"unknown quantization {quant!r} (choose one of {', '.join(known_quants())})")
+    return q
+
+
+def write_plan(plan: ComponentPlan, path: Path, threads: int | None, progress: bool) -> int:
+    """Write one component file at `path` (already a temporary name); returns bytes written."""
+    if plan.container == "gguf":
+        from zimage_lite.weights.gguf_io import GGUFStreamWriter
+
+        writer = GGUFStreamWriter(path, plan.architecture, plan.metadata)
+        for o in plan.outputs:
+            writer.add(o.name, o.shape, o.storage)
+    else:
+        import torch
+
+        from zimage_lite.weights.fp8_io import SafetensorsStreamWriter
+
+        dtypes = {**DENSE, "FP8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8}
+        writer = SafetensorsStreamWriter(path, {k: str(v) for k, v in plan.metadata.items()})
+        for o in plan.outputs:
+            writer.add(o.name, o.shape, dtypes[o.storage])
+    try:
+        writer.begin()
+        run_jobs(plan.jobs, writer.write, threads, progress, desc=plan.component)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return path.stat().st_size
+
+
+def _plan_for(component: str, source, src: Path, quant: str, tokenizer_dir: Path | None) -> ComponentPlan:
+    if component == "transformer":
+        return plan_transformer(source, src, quant)
+    if component == "text_encoder":
+        fields = text_encoder_tokenizer_fields(source, src, tokenizer_dir)
+        return plan_text_encoder(source, src, quant, fields)
+    return plan_vae(source, src)
+
+
+def _suffix(plan: ComponentPlan) -> str:
+    return ".gguf" if plan.container == "gguf" else ".safetensors"
+
+
+def _account(result: ConvertResult, plan: ComponentPlan, out_bytes: int) -> None:
+    result.tensors += len(plan.outputs)
+    result.in_bytes += sum(j.in_bytes for j in plan.jobs)
+    result.out_bytes += out_bytes
+    for o in plan.outputs:
+        result.types[o.storage] = result.types.get(o.storage, 0) + 1
+
+
+def _sibling_tokenizer(src: Path) -> Path | None:
+    folder = src if src.is_dir() else src.parent
+    for candidate in (folder / "tokenizer", folder.parent / "tokenizer", folder):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
+
+
+def _convert_one(
+    src: Path, out: Path, quant: str, force: bool, progress: bool, threads: int | None, tokenizer: Path | None
+) -> ConvertResult:
+    detected = detect(src)
+    source = open_checkpoint(src)
+    plan = _plan_for(detected.component, source, src, quant, tokenizer or _sibling_tokenizer(src))
+    if not out.suffix:
+        out = out.with_suffix(_suffix(plan))
+    elif out.suffix.lower() != _suffix(plan):
+        raise UsageError(
+            f"{out}: a {detected.component.replace('_', ' ')} converted to {quant} is a {_suffix(plan)} file"
+        )
+    result = ConvertResult(out, quant)
+    with atomic_path(out, force) as tmp:
+        _account(result, plan, write_plan(plan, tmp, threads, progress))
+    result.components[detected.component] = out
+    return result
+
+
+def _convert_model(
+    src: Path, out: Path, quant: str, force: bool, progress: bool, threads: int | None
+) -> ConvertResult:
+    paths = resolve_model(src)
+    result = ConvertResult(out, quant)
+    # plan (and so validate) every component before writing anything
+    plans: dict[str, ComponentPlan] = {}
+    for component in ("transformer", "text_encoder", "vae"):
+        path = getattr(paths, component)
+        found = detect(path).component
+        if found != component:
+            raise CheckpointError(
+                f"{path}: expected a {component.replace('_', ' ')}, found a {found.replace('_', ' ')}"
+            )
+        tok_dir = paths.tokenizer if paths.tokenizer.is_dir() else None
+        plans[component] = _plan_for(component, open_checkpoint(path), path, quant, tok_dir)
+    with atomic_path(out, force, folder=True) as tmp:
+        manifest: dict[str, str] = {}
+        for component, plan in plans.items():
+            if component == "vae":
+                (tmp / "vae").mkdir()
+                name = "vae/diffusion_pytorch_model.safetensors"
+                if plan.config_json is not None:
+                    (tmp / "vae" / "config.json").write_text(json.dumps(plan.config_json, indent=2))
+                manifest["vae"] = "vae" if plan.config_json is not None else name
+            else:
+                name = component + _suffix(plan)
+                manifest[component] = name
+            _account(result, plan, write_plan(plan, tmp / name, threads, progress))
+        for extra in ("tokenizer", "scheduler"):
+            folder = paths.tokenizer if extra == "tokenizer" else src / "scheduler"
+            if folder.is_dir():
+                shutil.copytree(folder, tmp / extra)
+                if extra == "tokenizer":
+                    manifest["tokenizer"] = "tokenizer"
+        (tmp / MANIFEST).write_text(
+            json.dumps({"format": MANIFEST_FORMAT, "quant": quant, "components": manifest}, indent=2)
+        )
+    result.components = {k: out / v for k, v in manifest.items()}
+    return result
+
+
+def convert(
+    src: Path,
+    out: Path,
+    quant: str,
+    force: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+    tokenizer: Path | None = None,
+) -> ConvertResult:
+    """Convert a model folder, a component folder or a single file; see the module docstring.
+
+    `threads`: encoder threads (default: all cores). `tokenizer`: a tokenizer folder to embed in a text
+    encoder GGUF when converting a lone text encoder (default: a `tokenizer/` folder next to it)."""
+    from zimage_lite.weights.checkpoint import is_model_folder
+
+    start = time.perf_counter()
+    quant = _check_quant(quant)
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or folder")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise UsageError(f"{out}: the output must not be the input or inside it")
+    refuse_existing(out, force)
+    if is_model_folder(src):
+        result = _convert_model(src, out, quant, force, progress, threads)
+    else:
+        result = _convert_one(src, out, quant, force, progress, threads, tokenizer)
+    result.seconds = time.perf_counter() - start
+    log.info(
+        "converted %s -> %s (%s): %d tensors, %.2f GB -> %.2f GB in %.1f s",
+        src,
+        result.out,
+        quant,
+        result.tensors,
+        result.in_bytes / 1e9,
+        result.out_bytes / 1e9,
+        result.seconds,
+    )
+    return result
+
+
+def type_counts(result: ConvertResult) -> Counter:
+    return Counter(result.types)

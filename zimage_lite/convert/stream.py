@@ -1,0 +1,149 @@
+"""Streaming conversion: tensors are loaded, checked, encoded and written one at a time.
+
+A `Job` makes the output tensor(s) of one logical weight. `run_jobs` encodes jobs in a small thread pool
+(torch's kernels release the GIL) with at most `threads + 1` jobs in flight, and hands the results to the
+writer strictly in job order, so memory stays at a few tensors whatever the model size and the file is
+written front to back. A tqdm bar counts input bytes (with rate and ETA).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from zimage_lite.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# storage type -> torch dtype, for outputs that are plain values
+DENSE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the output file: name, torch-order shape, storage ("F32", "Q4_K", "FP8_E4M3", "U8"...)."""
+
+    name: str
+    shape: tuple[int, ...]
+    storage: str
+
+
+@dataclass
+class Job:
+    """Make `outputs` from one logical weight: `load()` returns it dense (shape `shape`), `release()` lets
+    the source drop its pages afterwards."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+    load: Callable[[], torch.Tensor]
+    in_bytes: int
+    outputs: list[OutTensor] = field(default_factory=list)
+    release: Callable[[], None] | None = None
+    origin: str = ""  # where the weight comes from, for error messages
+
+
+def encode(job: Job) -> dict[str, torch.Tensor]:
+    """Load, validate (shape, finite values) and encode one job -> {output name: tensor}."""
+    from zimage_lite.quant.formats import QUANT_TYPES, quantize
+
+    try:
+        w = job.load()
+        if tuple(w.shape) != tuple(job.shape):
+            raise CheckpointError(
+                f"{job.origin}tensor {job.name} has shape {tuple(w.shape)}, expected {job.shape}"
+            )
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise CheckpointError(f"{job.origin}tensor {job.name} holds NaN or infinite values")
+        if job.qtype in DENSE:
+            out = {job.name: w.to(DENSE[job.qtype]).contiguous()}
+        elif job.qtype in QUANT_TYPES:
+            out = {job.name: quantize(w, job.qtype)}
+        elif job.qtype == "FP8_E4M3":
+            from zimage_lite.quant.fp8 import quantize_fp8
+            from zimage_lite.weights.fp8_io import comfy_quant_marker
+
+            q, scale = quantize_fp8(w)
+            layer = job.name.removesuffix(".weight")
+            out = {
+                job.name: q,
+                layer + ".weight_scale": scale.reshape(()),
+                layer + ".comfy_quant": comfy_quant_marker(),
+            }
+        else:
+            raise CheckpointError(f"cannot store tensor {job.name} as {job.qtype}")
+    finally:
+        if job.release is not None:
+            job.release()
+    return out
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """One intra-op thread per worker while the pool runs: the pool is the parallelism, and nested
+    OpenMP teams would oversubscribe the cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True)
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    write: Callable[[str, torch.Tensor], None],
+    threads: int | None = None,
+    progress: bool = True,
+    desc: str = "convert",
+) -> None:
+    """Encode every job and `write(name, tensor)` each output, in job order."""
+    threads = max(1, threads or os.cpu_count() or 1)
+    bar = _progress(sum(j.in_bytes for j in jobs), desc, progress)
+    pending: deque[tuple[Job, Future]] = deque()
+
+    def drain_one() -> None:
+        job, fut = pending.popleft()
+        for name, tensor in fut.result().items():
+            write(name, tensor)
+        if bar is not None:
+            bar.update(job.in_bytes)
+
+    try:
+        if threads == 1:
+            for job in jobs:
+                for name, tensor in encode(job).items():
+                    write(name, tensor)
+                if bar is not None:
+                    bar.update(job.in_bytes)
+            return
+        with _torch_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="zimage-convert") as pool:
+            try:
+                for job in jobs:
+                    if len(pending) > threads:
+                        drain_one()
+                    pending.append((job, pool.submit(encode, job)))
+                while pending:
+                    drain_one()
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                raise
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,212 @@
+"""Open any checkpoint by its content, and tell what it holds.
+
+`open_checkpoint(path)` -> a source with the same read interface whatever the format:
+`keys()`, `shape(k)` (torch order), `qtype(k)` ("F32", "BF16", "Q4_K", "FP8_E4M3", ...), `get(k)` (dense
+float), `get_quant(k)` (QuantWeight, quantized tensors only), `metadata`, `architecture`, `tokenizer()`.
+Dispatch is on the bytes, not the file name: "GGUF" magic -> GGUFSource, a valid safetensors header ->
+SafetensorsCheckpoint (plain or FP8).
+
+`detect(path)` -> Detected(format, component, architecture, ...): a Z-Image transformer, a Qwen3 text
+encoder, a FLUX VAE, or a whole model folder; anything else (Flux, SDXL, SD3, another LLM, an SD VAE) is
+a CheckpointError that says what it looks like.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from zimage_lite.errors import CheckpointError
+from zimage_lite.weights.components import MANIFEST
+from zimage_lite.weights.fp8_io import SafetensorsCheckpoint
+from zimage_lite.weights.gguf_io import GGUFSource, is_gguf_file, qwen3_config_from_gguf
+from zimage_lite.weights.safetensors_io import SafetensorsSource, read_header
+
+__all__ = ["Detected", "detect", "open_checkpoint", "qwen3_config_from_gguf", "classify_keys"]
+
+COMFY_PREFIX = "model.diffusion_model."
+_VAE_PREFIXES = ("first_stage_model.", "vae.")
+# GGUF architectures of other image models (ComfyUI-GGUF IMG_ARCH_LIST) -> how we name them
+_FOREIGN_GGUF_ARCHES = {
+    "flux": "a FLUX transformer",
+    "sd1": "a Stable Diffusion 1.x UNet",
+    "sdxl": "an SDXL UNet",
+    "sd3": "an SD3 MMDiT",
+    "aura": "an AuraFlow transformer",
+    "hidream": "a HiDream transformer",
+    "cosmos": "a Cosmos transformer",
+    "ltxv": "an LTX-Video transformer",
+    "hyvid": "a HunyuanVideo transformer",
+    "wan": "a Wan video transformer",
+    "qwen_image": "a Qwen-Image transformer",
+}
+
+
+@dataclass(frozen=True)
+class Detected:
+    path: Path
+    format: (
+        str  # "gguf", "safetensors", "safetensors-fp8", "diffusers" (model folder), "zimage-lite" (converted)
+    )
+    component: str  # "transformer", "text_encoder", "vae" or "model" (a whole model folder)
+    architecture: str | None = None  # GGUF general.architecture
+    key_style: str | None = None  # "comfyui", "diffusers", "transformers", "llama.cpp", "original"
+    prefix: str | None = None  # a stripped key prefix, e.g. "model.diffusion_model."
+    fp8_variant: str | None = None  # "comfy_quant", "scaled_fp8", "quant_metadata", "plain"
+    n_tensors: int = 0
+
+
+def is_model_folder(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / MANIFEST).is_file()
+        or (path / "model_index.json").is_file()
+        or (path / "transformer").is_dir()
+    )
+
+
+def open_checkpoint(path: str | Path):
+    """A GGUF file, a safetensors file, or a component folder of safetensors shards."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if is_model_folder(path):
+            raise CheckpointError(
+                f"{path}: a whole model folder; open one component (transformer/, text_encoder/, vae/)"
+            )
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs and not any(path.glob("*.safetensors")):
+            if len(ggufs) > 1:
+                raise CheckpointError(f"{path}: several GGUF files, name the one to use")
+            return GGUFSource(ggufs[0])
+        return SafetensorsCheckpoint.open(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if is_gguf_file(path):
+        return GGUFSource(path)
+    try:
+        read_header(path)
+    except CheckpointError:
+        kind = "GGUF" if path.suffix.lower() == ".gguf" else "GGUF or safetensors"
+        raise CheckpointError(f"{path}: not a {kind} file (unrecognised content)") from None
+    return SafetensorsCheckpoint(SafetensorsSource([path]))
+
+
+def _strip(keys: list[str], prefix: str) -> tuple[list[str], str | None]:
+    if any(k.startswith(prefix) for k in keys):
+        return [k[len(prefix) :] for k in keys if k.startswith(prefix)], prefix
+    return keys, None
+
+
+def _foreign(keys: set[str]) -> str | None:
+    """What a non-Z-Image checkpoint looks like, from tell-tale key names (ComfyUI's model detection)."""
+
+    def has(*fragments: str) -> bool:
+        return any(any(f in k for f in fragments) for k in keys)
+
+    if has("double_blocks.", "single_blocks.", "single_transformer_blocks."):
+        return "a FLUX transformer"
+    if has("joint_blocks.") or has("transformer_blocks.0.attn.add_q_proj"):
+        return "an SD3 MMDiT"
+    if has("input_blocks.", "down_blocks.0.resnets.") and has("label_emb.", "add_embedding.", "conditioner."):
+        return "an SDXL UNet"
+    if has("input_blocks.", "down_blocks.0.attentions."):
+        return "a Stable Diffusion 1.x/2.x UNet"
+    return None
+
+
+def classify_keys(
+    keys: list[str], shape, architecture: str | None = None
+) -> tuple[str, str | None, str | None]:
+    """(component, key_style, prefix) for a tensor name list; `shape(key)` gives a stored shape.
+
+    Raises CheckpointError naming what the checkpoint looks like when it is not a Z-Image component."""
+    if architecture in _FOREIGN_GGUF_ARCHES:
+        raise CheckpointError(
+            f"this is {_FOREIGN_GGUF_ARCHES[architecture]} (GGUF architecture {architecture!r}), not a Z-Image component"
+        )
+    stripped, prefix = _strip(keys, COMFY_PREFIX)
+    names = set(stripped)
+    if {"x_pad_token", "cap_pad_token"} & names or {"cap_embedder.1.weight"} <= names:
+        cap = shape((prefix or "") + "cap_embedder.1.weight") if "cap_embedder.1.weight" in names else None
+        if cap is not None and len(cap) == 2 and cap[1] == 2304:
+            raise CheckpointError(
+                "this is a Lumina-Image-2.0 transformer (caption width 2304, Gemma), not Z-Image"
+            )
+        style = "diffusers" if any(".attention.to_q." in k for k in names) else "comfyui"
+        return "transformer", style, prefix
+    if "token_embd.weight" in names or any(k.startswith("blk.") for k in names):
+        if architecture not in (None, "qwen3"):
+            raise CheckpointError(f"this is a {architecture!r} language model GGUF, not a Qwen3 text encoder")
+        if "blk.0.attn_q_norm.weight" not in names:
+            raise CheckpointError(
+                "this is a llama.cpp language model without q/k norms (Qwen2/Llama?), not Qwen3"
+            )
+        return "text_encoder", "llama.cpp", None
+    bare, llm_prefix = _strip(keys, "model.")
+    if "embed_tokens.weight" in bare or any(k.startswith("layers.0.self_attn.") for k in bare):
+        if "layers.0.self_attn.q_norm.weight" not in bare:
+            raise CheckpointError(
+                "this is a language model without q/k norms (Qwen2/Llama?), not a Qwen3 text encoder"
+            )
+        return "text_encoder", "transformers", llm_prefix
+    foreign = _foreign(names)
+    if foreign:
+        raise CheckpointError(f"this is {foreign}, not a Z-Image component")
+    for vae_prefix in ("", *_VAE_PREFIXES):
+        conv_in = vae_prefix + "decoder.conv_in.weight"
+        if conv_in in names:
+            latent = shape(conv_in)[1]
+            if latent != 16:
+                raise CheckpointError(
+                    f"this is a {latent}-channel VAE (SD/SDXL), not the 16-channel FLUX VAE"
+                )
+            style = "original" if any(".up.0." in k or ".mid.block_1." in k for k in names) else "diffusers"
+            return "vae", style, vae_prefix or None
+    sample = ", ".join(sorted(names)[:3])
+    raise CheckpointError(
+        f"does not look like a Z-Image transformer, Qwen3 text encoder or FLUX VAE (tensors: {sample}, ...)"
+    )
+
+
+def _source_shape(source):
+    def shape(key: str) -> tuple[int, ...]:
+        if isinstance(source, GGUFSource):
+            return source.shape(key)
+        return source._st.shape(key)  # stored names, prefixes included
+
+    return shape
+
+
+def detect(path: str | Path) -> Detected:
+    """What `path` holds; a CheckpointError for unreadable files and for other models."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return Detected(path, "zimage-lite", "model")
+    if is_model_folder(path):
+        return Detected(path, "diffusers", "model")
+    source = open_checkpoint(path)
+    try:
+        if isinstance(source, GGUFSource):
+            keys = [source.stored_name(k) for k in source.keys()]
+            component, style, prefix = classify_keys(
+                keys, lambda k: _gguf_shape(source, k), source.architecture
+            )
+            return Detected(path, "gguf", component, source.architecture, style, prefix, None, len(keys))
+        keys = source.keys()
+        component, style, prefix = classify_keys(keys, _source_shape(source))
+        fmt = "safetensors-fp8" if source.fp8_variant else "safetensors"
+        return Detected(path, fmt, component, None, style, prefix, source.fp8_variant, len(keys))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _gguf_shape(source: GGUFSource, stored: str) -> tuple[int, ...]:
+    name = stored[len(COMFY_PREFIX) :] if source.has_prefix and stored.startswith(COMFY_PREFIX) else stored
+    return source.shape(name)
+
+
+def read_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / MANIFEST}: unreadable manifest ({exc})") from None
