@@ -35,7 +35,9 @@ def test_psnr_matches_skimage(seed, noise):
     assert psnr(a, b) == pytest.approx(peak_signal_noise_ratio(b, a, data_range=255), rel=1e-12)
 
 
-@pytest.mark.parametrize("seed,noise,shape", [(0, 2.0, (48, 40, 3)), (1, 20.0, (33, 64, 3)), (2, 80.0, (16, 16, 3))])
+@pytest.mark.parametrize(
+    "seed,noise,shape", [(0, 2.0, (48, 40, 3)), (1, 20.0, (33, 64, 3)), (2, 80.0, (16, 16, 3))]
+)
 def test_ssim_matches_skimage(seed, noise, shape):
     a, b = _pair(seed, shape=shape, noise=noise)
     ours, theirs = ssim(a, b), _skimage_ssim(a, b)

@@ -31,8 +31,12 @@ PROMPTS: tuple[BenchPrompt, ...] = (
         "vendor in a blue apron handing skewers to a child in a yellow raincoat, shallow depth of field, "
         "35mm film photograph, soft grain, cinematic colour grading",
     ),
-    BenchPrompt("zh-mountain", "chinese", "水墨画风格的山水，远处是云雾缭绕的群山，近处有一叶小舟和垂钓的老人"),
-    BenchPrompt("mixed-cafe", "mixed", "a cozy café interior, 窗外下着小雨, warm light, 木质桌子上放着一杯拿铁"),
+    BenchPrompt(
+        "zh-mountain", "chinese", "水墨画风格的山水，远处是云雾缭绕的群山，近处有一叶小舟和垂钓的老人"
+    ),
+    BenchPrompt(
+        "mixed-cafe", "mixed", "a cozy café interior, 窗外下着小雨, warm light, 木质桌子上放着一杯拿铁"
+    ),
     BenchPrompt(
         "text-sign",
         "text",

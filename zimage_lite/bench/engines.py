@@ -1,0 +1,117 @@
+"""What the harness times: one loaded pipeline that turns (prompt, seed) into latents, an image and a Sample.
+
+`OursEngine` wraps zimage-lite's `Pipeline`; the diffusers baselines (baselines.py) offer the same small
+interface, so the measuring loop in runner.py is one piece of code for every row.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class Sample:
+    """One measured generation. Seconds; bytes as integers, None where the engine cannot tell."""
+
+    seconds: float
+    steps_s: list[float]
+    phases_s: dict[str, float] = field(default_factory=dict)
+    peak_device_bytes: int | None = None
+    h2d_bytes: int | None = None
+
+
+@dataclass
+class Generation:
+    latents: np.ndarray  # float32 (1, C, H/8, W/8)
+    image: Image.Image
+    sample: Sample
+
+
+def weight_bytes(path: Path | None) -> int | None:
+    """Bytes of weight files at `path` (a file, or the weight files in a folder tree)."""
+    if path is None or not path.exists():
+        return None
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def component_bytes(paths) -> dict[str, int | None]:
+    """{"transformer_bytes", "text_encoder_bytes", "vae_bytes", "total_bytes"} for a ModelPaths."""
+    sizes = {
+        f"{k}_bytes": weight_bytes(getattr(paths, k, None)) for k in ("transformer", "text_encoder", "vae")
+    }
+    known = [v for v in sizes.values() if v is not None]
+    sizes["total_bytes"] = sum(known) if known else None
+    return sizes
+
+
+def free_device_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _stat(stats: dict, pipe, *names: str) -> int | None:
+    """A counter the runtime may or may not report (streaming runtimes add them): stats dict, then pipe."""
+    for name in names:
+        value = stats.get(name, getattr(pipe, name, None))
+        if isinstance(value, (int, float)):
+            return int(value)
+    return None
+
+
+class OursEngine:
+    """zimage-lite's Pipeline on one source folder (the reference or a converted cache folder)."""
+
+    kind = "zimage-lite"
+
+    def __init__(self, source: Path, device: str | None, dtype: str | None, vram: str | None):
+        from zimage_lite.pipeline import Pipeline
+
+        kwargs = {}
+        self.vram = {"requested": vram, "applied": False, "note": None}
+        if vram is not None:
+            if "vram" in inspect.signature(Pipeline.load).parameters:
+                kwargs["vram"] = vram
+                self.vram["applied"] = True
+            else:
+                self.vram["note"] = "unsupported: this Pipeline.load takes no vram="
+        self.pipe = Pipeline.load(source, device=device, dtype=dtype, **kwargs)
+        self.load_seconds = self.pipe.load_seconds
+        self.compute_dtype = str(self.pipe.dtype).removeprefix("torch.")
+        self.device = str(self.pipe.device)
+        self.files = component_bytes(self.pipe.paths)
+
+    def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
+        start = time.perf_counter()
+        latents = self.pipe.generate_latents(prompt, seed=seed, steps=steps, width=width, height=height)
+        image = self.pipe.decode(latents)[0]
+        seconds = time.perf_counter() - start  # decode ends with a device->host copy: synchronised
+        stats = self.pipe.last_stats.to_dict()
+        sample = Sample(
+            seconds=seconds,
+            steps_s=list(stats["steps_s"]),
+            phases_s=dict(stats["phases_s"]),
+            peak_device_bytes=stats.get("peak_device_bytes"),
+            h2d_bytes=_stat(stats, self.pipe, "h2d_bytes", "host_to_device_bytes"),
+        )
+        return Generation(latents.float().cpu().numpy(), image, sample)
+
+    def pinned_host_bytes(self) -> int | None:
+        return _stat(self.pipe.last_stats.to_dict(), self.pipe, "pinned_host_bytes")
+
+    def close(self) -> None:
+        del self.pipe
+        free_device_memory()

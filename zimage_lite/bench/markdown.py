@@ -1,0 +1,112 @@
+"""report.md: one table a person reads first, then the conditions that make its numbers comparable."""
+
+from __future__ import annotations
+
+import math
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def fmt_psnr(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return "∞" if math.isinf(x) else f"{x:.2f}"
+
+
+def fmt_num(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _row_line(r: dict) -> str:
+    t, m, q = r["timing"], r["memory"], r["quality"]
+    phases = t["phases_s_median"]
+    cells = [
+        f"**{r['name']}**" if r["kind"] == "zimage-lite" else r["name"],
+        r["compute_dtype"] or "–",
+        fmt_bytes((r["files"] or {}).get("total_bytes")),
+        fmt_s(t["s_per_step_median"]),
+        fmt_s(t["s_per_image_median"]),
+        " / ".join(fmt_s(phases.get(k)) for k in ("text_encoder", "denoise", "vae")),
+        fmt_bytes(m["peak_vram_bytes"]),
+        fmt_bytes(m["pinned_host_bytes"]),
+        fmt_bytes(m["h2d_bytes_per_image"]),
+        fmt_psnr(q["psnr_db_mean"]),
+        fmt_num(q["ssim_mean"], ".4f"),
+        fmt_num(q["latent_rel_error_mean"], ".2e"),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = (
+    "| row | compute | files | s/step | s/image | text enc / denoise / VAE (s) | peak VRAM | pinned host "
+    "| H2D / image | PSNR (dB) | SSIM | latent rel. err |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def _environment(env: dict, s: dict, created: str) -> list[str]:
+    gpu = env["gpu"]
+    gpu_text = (
+        f"{gpu['name']} (sm {gpu['capability']}, {fmt_bytes(gpu['memory_bytes'])}, driver {gpu['driver'] or '?'})"
+        if gpu
+        else "none (CPU run)"
+    )
+    items = [
+        ("date (UTC)", created),
+        ("GPU", gpu_text),
+        ("CPU", f"{env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads)"),
+        ("torch / CUDA / triton", f"{env['torch']} / {env['torch_cuda'] or '–'} / {env['triton'] or '–'}"),
+        ("diffusers", env["diffusers"] or "not installed"),
+        ("zimage-lite", env["zimage_lite"] or "?"),
+        ("python / platform", f"{env['python']} / {env['platform']}"),
+        ("VRAM cap", s["vram"] or "none"),
+    ]
+    return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in items)]
+
+
+def render_markdown(report: dict) -> str:
+    s, env, rows = report["settings"], report["environment"], report["rows"]
+    model = s["model"] or f"synthetic {s['synthetic']} model (random weights)"
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines = [
+        f"# zimage-lite bench: {model}",
+        "",
+        f"{s['width']}x{s['height']}, {s['steps']} steps, {len(s['prompts'])} prompts x {len(s['seeds'])} "
+        f"seed(s) {s['seeds']}, {s['repeats']} timed repeat(s) after {s['warmup']} warm-up generation(s) "
+        f"per row. Reference: the **{s['reference_precision']}** row (the source weights).",
+        "",
+        HEADER,
+        *(_row_line(r) for r in ok),
+        "",
+        "Times are medians over every timed generation of the row (warm-up excluded); s/step pools the "
+        "denoising steps. PSNR / SSIM compare each 8-bit RGB image with the reference image of the same "
+        "prompt and seed (SSIM: Gaussian window, sigma 1.5), averaged over images; latent rel. err is "
+        "||x - ref|| / ||ref|| of the final latents. Compute is the dtype the matmuls ran in (on a CPU the "
+        "reference computes in float32). – = not measured by this engine.",
+    ]
+    not_ok = [r for r in rows if r["status"] != "ok"]
+    if not_ok:
+        lines += ["", "Rows not measured:", ""]
+        lines += [f"- {r['name']}: {r['status']}: {r['reason']}" for r in not_ok]
+    notes = [r for r in ok if r.get("deterministic") is False]
+    if notes:
+        lines += ["", "Not bit-reproducible (warm-up vs first timed latents differ): "]
+        lines[-1] += ", ".join(r["name"] for r in notes)
+    lines += ["", "![images per row](grid.png)", "", "![quality vs time](plot.png)", "", "## Environment", ""]
+    lines += _environment(env, s, report["created_utc"])
+    lines += ["", "## Prompts", ""]
+    lines += [f"- `{p['id']}` ({p['kind']}): {p['text']}" for p in s["prompts"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,259 @@
+"""The harness: every precision (and optional diffusers baselines) on a fixed prompt set x seeds.
+
+For each row: load, warm up (excluded from timings), then `repeats` timed generations of every
+(prompt, seed). The reference row runs first; every other row's images and final latents are compared
+with the reference's of the same prompt and seed. Rows that fail are recorded (status "failed", with the
+reason) and the run goes on; a failing reference ends the run.
+
+Entry points: `add_bench_arguments(parser)` + `run_bench_from_args(args)` for the CLI, `run_bench(cfg)`
+for Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zimage_lite.bench import sources
+from zimage_lite.bench.engines import Generation, OursEngine, Sample
+from zimage_lite.bench.metrics import latent_relative_error, psnr, ssim
+from zimage_lite.bench.prompts import BenchPrompt, bench_prompts
+from zimage_lite.errors import UsageError, ZImageError
+
+log = logging.getLogger(__name__)
+
+TINY_SIZE = 128  # default width/height for --synthetic tiny (seconds per image on a CPU)
+THUMB = 192  # grid tile size in pixels
+
+
+@dataclass
+class BenchConfig:
+    out: Path
+    model: Path | None = None
+    synthetic: str | None = None  # "tiny" | "full"
+    precisions: list[str] = field(default_factory=lambda: [sources.REFERENCE])
+    prompts: list[BenchPrompt] = field(default_factory=bench_prompts)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 8
+    width: int = 1024
+    height: int = 1024
+    repeats: int = 1
+    warmup: int = 1
+    vram: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    cache: Path = field(default_factory=sources.default_cache_dir)
+    baselines: list[str] = field(default_factory=list)
+    save_images: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RowResult:
+    """What one row measured; report.build_row turns it into the JSON row."""
+
+    name: str
+    kind: str
+    precision: str
+    status: str = "ok"  # ok | skipped | failed
+    reason: str | None = None
+    engine: object | None = None  # filled while running; not reported
+    samples: list[Sample] = field(default_factory=list)
+    quality: list[dict] = field(default_factory=list)
+    thumbs: list = field(default_factory=list)  # PIL thumbnails in (prompt, seed) order, for the grid
+    info: dict = field(default_factory=dict)  # load_s, compute_dtype, files, vram, convert, deterministic...
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `zimage-lite bench` options (see docs/bench-report-schema.md for what they produce)."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="the reference: a diffusers-layout model folder (BF16 or FP32 weights)")
+    src.add_argument(
+        "--synthetic", choices=["tiny", "full"], help="random weights: tiny (CPU, CI) or full size (GPU)"
+    )
+    parser.add_argument("--precisions", help="comma list, e.g. bf16,q8_0,q4_k (default: all available)")
+    parser.add_argument("--prompts", type=int, help="use the first N prompts of the fixed set (default all)")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--width", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny)")
+    parser.add_argument("--height", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed generations per prompt and seed")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed generations per row first")
+    parser.add_argument("--vram", help="VRAM cap passed to the runtime, e.g. 6GB")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
+    parser.add_argument("--out", default="bench-out", help="report folder (default bench-out)")
+    parser.add_argument("--cache", help=f"converted-model cache (default {sources.default_cache_dir()})")
+    parser.add_argument("--baselines", default="", help="'diffusers': add diffusers rows when installed")
+    parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be a comma list of integers (got {text!r})") from None
+    if not values:
+        raise UsageError(f"{what} is empty")
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    default_size = TINY_SIZE if args.synthetic == "tiny" else 1024
+    for name in ("steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        raise UsageError("--warmup must be >= 0")
+    baselines = [b.strip() for b in (args.baselines or "").split(",") if b.strip()]
+    if any(b != "diffusers" for b in baselines):
+        raise UsageError(f"unknown baseline in {args.baselines!r}: the only one is 'diffusers'")
+    model = Path(args.model) if args.model else None
+    if model is not None and not model.is_dir():
+        raise UsageError(f"{model}: not a model folder")
+    return BenchConfig(
+        out=Path(args.out), model=model, synthetic=args.synthetic,
+        precisions=sources.parse_precisions(args.precisions), prompts=bench_prompts(args.prompts),
+        seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
+        height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
+        device=args.device, dtype=args.dtype, cache=Path(args.cache) if args.cache else sources.default_cache_dir(),
+        baselines=baselines, save_images=not args.no_images, progress=not args.quiet,
+    )  # fmt: skip
+
+
+def run_bench_from_args(args: argparse.Namespace) -> int:
+    """Run the bench for parsed CLI args; prints where the report is. 0, or 1 when a row failed."""
+    report = run_bench(config_from_args(args))
+    out = Path(args.out)
+    print(f"wrote {out / 'report.md'} (+ report.json, grid.png, plot.png)")
+    failed = [r["name"] for r in report["rows"] if r["status"] == "failed"]
+    if failed:
+        print(f"zimage-lite: bench rows failed: {', '.join(failed)} (reasons in report.md)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run every row, write report.json / report.md / grid.png / plot.png under cfg.out; return the report."""
+    from zimage_lite.bench import report
+    from zimage_lite.pipeline import check_size
+
+    check_size(cfg.width, cfg.height)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    reference = cfg.model or sources.synthetic_model(cfg.synthetic or "tiny", cfg.cache)
+    rows = _planned_rows(cfg)
+    refs: dict[tuple[str, int], Generation] = {}
+    with _progress_bar(cfg, rows) as bar:
+        for row in rows:
+            if row.status == "skipped":
+                continue
+            bar.set_description(row.name)
+            try:
+                _run_row(cfg, reference, row, refs, bar)
+            except (ZImageError, RuntimeError, OSError, ValueError, ImportError) as exc:
+                if row.name == sources.REFERENCE:
+                    raise
+                row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+                log.warning("row %s failed: %s", row.name, row.reason)
+            finally:
+                if row.engine is not None:
+                    row.engine.close()
+                    row.engine = None
+    return report.write_report(cfg, reference, rows)
+
+
+def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
+    rows = [RowResult(p, "zimage-lite", p) for p in cfg.precisions]
+    if "diffusers" in cfg.baselines:
+        from zimage_lite.bench.baselines import planned_baselines
+
+        rows += planned_baselines(cfg)
+    return rows
+
+
+def _progress_bar(cfg: BenchConfig, rows: list[RowResult]):
+    from tqdm import tqdm
+
+    per_row = cfg.warmup + len(cfg.prompts) * len(cfg.seeds) * cfg.repeats
+    total = per_row * sum(r.status != "skipped" for r in rows)
+    return tqdm(total=total, unit="image", file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
+    if row.kind != "zimage-lite":
+        from zimage_lite.bench.baselines import open_baseline
+
+        return open_baseline(cfg, reference, row)
+    folder, convert_info = sources.precision_source(reference, row.precision, cfg.cache, cfg.progress)
+    row.info["source"] = str(folder)
+    row.info["convert"] = convert_info
+    return OursEngine(folder, cfg.device, cfg.dtype, cfg.vram)
+
+
+def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar) -> None:
+    engine = row.engine = _open_engine(cfg, reference, row)
+    row.info.update(
+        load_s=engine.load_seconds, compute_dtype=engine.compute_dtype, device=engine.device,
+        files=engine.files, vram_cap=engine.vram,
+    )  # fmt: skip
+    size = dict(steps=cfg.steps, width=cfg.width, height=cfg.height)
+    first = cfg.prompts[0].text, cfg.seeds[0]
+    warm = None
+    for _ in range(cfg.warmup):
+        warm = engine.generate(*first, **size)
+        bar.update(1)
+    measured = []
+    for prompt in cfg.prompts:
+        for seed in cfg.seeds:
+            gens = []
+            for _ in range(cfg.repeats):
+                gens.append(engine.generate(prompt.text, seed, **size))
+                row.samples.append(gens[-1].sample)
+                bar.update(1)
+            _record_image(cfg, row, prompt, seed, gens, refs)
+            measured.append(gens[0])
+    # the warm-up used the first prompt and seed: bit-identical latents = a deterministic engine
+    row.info["deterministic"] = None if warm is None else bool((warm.latents == measured[0].latents).all())
+    row.info["pinned_host_bytes"] = engine.pinned_host_bytes()
+
+
+def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gens: list[Generation], refs) -> None:
+    gen = gens[0]
+    if row.name == sources.REFERENCE:
+        refs[(prompt.id, seed)] = gen
+    ref = refs[(prompt.id, seed)]
+    repeat_err = max(latent_relative_error(g.latents, gen.latents) for g in gens)
+    entry = {
+        "prompt_id": prompt.id,
+        "seed": seed,
+        "psnr_db": psnr(gen.image, ref.image),
+        "ssim": ssim(gen.image, ref.image),
+        "latent_rel_error": latent_relative_error(gen.latents, ref.latents),
+        "repeat_latent_rel_error": repeat_err,
+        "image": None,
+    }
+    if cfg.save_images:
+        rel = Path("images") / row.name / f"{prompt.id}-s{seed}.png"
+        (cfg.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        gen.image.save(cfg.out / rel)
+        entry["image"] = rel.as_posix()
+    row.quality.append(entry)
+    row.thumbs.append(thumbnail(gen.image))
+
+
+def thumbnail(image, size: int = THUMB):
+    """Fit in size x size; small images are enlarged (nearest: pixels stay pixels) so the grid is legible."""
+    from PIL import Image
+
+    scale = size / max(image.size)
+    new = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    return image.resize(new, resample)
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None

@@ -1,0 +1,112 @@
+"""Where each precision's weights come from: the reference folder, or a converted folder in the cache.
+
+Converted folders are cached under a key made of the source's resolved path, its newest file mtime and
+total size, and the quantization, so a changed source converts again and nothing else does. Synthetic
+models are cached by size and seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from zimage_lite.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "bf16"  # the reference precision: the source folder itself, never converted
+QUANT_ORDER = ("fp8", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0")  # report order, best quality first
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zimage-lite" / "bench"
+
+
+def converter():
+    """`zimage_lite.convert.convert`, or None while this install has no converter."""
+    try:
+        from zimage_lite.convert import convert
+    except ImportError:
+        return None
+    return convert
+
+
+def available_precisions() -> list[str]:
+    """The reference, then every quantization the converter offers (GGUF/FP8 types, then mixed presets)."""
+    if converter() is None:
+        return [REFERENCE]
+    from zimage_lite.quant.policy import PRESETS
+
+    quants = [q for q in QUANT_ORDER if q in PRESETS]
+    return [REFERENCE, *quants, *(p for p in PRESETS if p not in quants and p != REFERENCE)]
+
+
+def parse_precisions(text: str | None) -> list[str]:
+    """Validated precision list with the reference first (added when missing: quality needs it)."""
+    available = available_precisions()
+    if text is None:
+        return available
+    wanted = [p.strip().lower() for p in text.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in available]
+    if unknown:
+        hint = "" if converter() else " (no converter installed: only the reference)"
+        raise UsageError(f"unknown precision {', '.join(unknown)}: available {', '.join(available)}{hint}")
+    if REFERENCE not in wanted:
+        log.info("adding the %s reference: every quality figure is measured against it", REFERENCE)
+    return [REFERENCE, *dict.fromkeys(p for p in wanted if p != REFERENCE)]
+
+
+def source_fingerprint(src: Path) -> str:
+    """Resolved path + newest mtime + total size of the files under src (a folder's own mtime lags)."""
+    files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
+    newest = max((p.stat().st_mtime_ns for p in files), default=0)
+    size = sum(p.stat().st_size for p in files)
+    return f"{src.resolve()}|{newest}|{size}"
+
+
+def converted_path(src: Path, quant: str, cache: Path) -> Path:
+    key = hashlib.sha256(f"{source_fingerprint(src)}|{quant}".encode()).hexdigest()[:12]
+    return cache / f"{src.resolve().name}-{quant}-{key}"
+
+
+def precision_source(src: Path, precision: str, cache: Path, progress: bool) -> tuple[Path, dict]:
+    """(folder to load, {"cached": bool, "convert_s": float | None}) for one precision."""
+    if precision == REFERENCE:
+        return src, {"cached": None, "convert_s": None}
+    from zimage_lite.weights.components import MANIFEST
+
+    out = converted_path(src, precision, cache)
+    if (out / MANIFEST).is_file():
+        return out, {"cached": True, "convert_s": None}
+    convert = converter()
+    if convert is None:
+        raise UsageError(f"precision {precision} needs the converter (zimage_lite.convert)")
+    cache.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    convert(src, out, precision, force=True, progress=progress)
+    return out, {"cached": False, "convert_s": time.perf_counter() - start}
+
+
+def synthetic_model(size: str, cache: Path, seed: int = 0) -> Path:
+    """A cached random-weight model (tiny: float32; full: bfloat16, the real checkpoint's dtype)."""
+    import torch
+
+    from zimage_lite.synthetic import write_synthetic_model
+
+    out = cache / f"synthetic-{size}-seed{seed}"
+    if (out / "model_index.json").is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    dtype = torch.float32 if size == "tiny" else torch.bfloat16
+    log.info("writing the synthetic %s model to %s", size, out)
+    write_synthetic_model(part, size, seed=seed, dtype=dtype)
+    shutil.rmtree(out, ignore_errors=True)
+    part.rename(out)  # complete folders only: an interrupted write leaves a .part that we redo
+    return out
