@@ -78,6 +78,16 @@ def test_fused_small(qtype, dot_dtype, mnk):
     check(y, x, w, bias, dot_dtype, fp8=qtype == FP8)
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("k", [96, 288])
+def test_fused_k_not_a_multiple_of_the_tile(qtype, k):
+    """K a whole number of 32-blocks but not of the 64-wide K tile: the last tile is half masked."""
+    raw, _, w = make_weight(qtype, 20, k)
+    x = torch.randn(3, k)
+    y = fused_matmul(x, raw, qtype, 20, out=torch.full((3, 20), float("nan")))
+    check(y, x, w, None, torch.float32)
+
+
 REAL_K = {"Q8_0": 2560, "Q4_0": 3840, "Q4_K": 9728, "Q5_K": 10240, "Q6_K": 2560, FP8: 10240}
 
 

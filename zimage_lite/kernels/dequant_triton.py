@@ -1,8 +1,9 @@
 """Triton dequantization of GGUF blocks (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) and FP8-e4m3fn weights.
 
-Every decoder below works on one *element* at a time given the byte offset of its block and its
-index inside the block, so the same code serves the plain dequant kernel (tiles of whole blocks) and
-the fused dequant-matmul kernel (tiles of rows x K, see matmul_triton.py). Raw weights are uint8
+Every decoder below maps (byte offset of a block, sub-block index s, index i inside the sub-block) to
+the float32 weight, on broadcastable tensors: scales are loaded at the shape of the block/sub-block
+tensors and only the quant bytes per element. The same code serves the plain dequant kernel (tiles of
+whole blocks) and the fused dequant-matmul kernel (tiles of K x N, see matmul_triton.py). Raw weights are uint8
 (rows, row_bytes); fp16 fields are read as two little-endian bytes and bitcast, because a block's
 fp16 field sits at an odd-aligned or unaligned offset that no typed load could address.
 
@@ -28,6 +29,8 @@ LAYOUTS: dict[str, tuple[int, int, int]] = {
     "Q6_K": (4, 256, 210),
 }
 FP8_CODE = 5
+# Elements sharing one scale (the decoders' sub-block): 32, or 16 for Q6_K.
+SUB_BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
 
 # Elements one program of the dequant kernel writes (a whole number of blocks).
 _ELEMS_PER_PROGRAM = 2048
@@ -52,23 +55,23 @@ def _load_i8(raw, off, mask):
 
 
 @triton.jit
-def decode_q8_0(raw, base, j, mask):
-    """block_q8_0 { ggml_half d; int8_t qs[32]; }: w = qs[j] * d.
+def decode_q8_0(raw, base, s, i, mask):
+    """block_q8_0 { ggml_half d; int8_t qs[32]; }: w = qs[j] * d (one sub-block: s = 0, j = i).
 
     Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q8_0", shape)."""
     d = _load_f16(raw, base, mask)
-    return _load_i8(raw, base + 2 + j, mask) * d
+    return _load_i8(raw, base + 2 + s * 32 + i, mask) * d
 
 
 @triton.jit
-def decode_q4_0(raw, base, j, mask):
+def decode_q4_0(raw, base, s, i, mask):
     """block_q4_0 { ggml_half d; uint8_t qs[16]; }: elements 0..15 are the low nibbles of qs,
-    16..31 the high nibbles; w = d * (q - 8).
+    16..31 the high nibbles; w = d * (q - 8) (one sub-block: s = 0, j = i).
 
     Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q4_0", shape)."""
     d = _load_f16(raw, base, mask)
-    byte = _load_u8(raw, base + 2 + (j % 16), mask)
-    q = (byte >> ((j // 16) * 4)) & 0xF
+    byte = _load_u8(raw, base + 2 + s * 16 + (i % 16), mask)
+    q = (byte >> ((i // 16) * 4)) & 0xF
     return d * (q - 8).to(tl.float32)
 
 
@@ -89,58 +92,58 @@ def _scale_min_k4(raw, scales_off, s, mask):
 
 
 @triton.jit
-def _k4_low_bits(raw, qs_off, j, mask):
-    """4-bit quants of Q4_K/Q5_K: sub-block s = j // 32 lives in byte chunk s // 2 (32 bytes),
-    low nibble for even s, high nibble for odd s."""
-    s = j // 32
-    byte = _load_u8(raw, qs_off + (s // 2) * 32 + (j % 32), mask)
+def _k4_low_bits(raw, qs_off, s, i, mask):
+    """4-bit quants of Q4_K/Q5_K: sub-block s lives in the 32-byte chunk s // 2, low nibbles for even
+    s, high nibbles for odd s."""
+    byte = _load_u8(raw, qs_off + (s // 2) * 32 + i, mask)
     return (byte >> ((s % 2) * 4)) & 0xF
 
 
 @triton.jit
-def decode_q4_k(raw, base, j, mask):
-    """block_q4_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qs[128]; } (144 bytes):
-    w = (d * sc) * q - dmin * m for sub-block (sc, m) = get_scale_min_k4(j // 32).
+def decode_q4_k(raw, base, s, i, mask):
+    """block_q4_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qs[128]; } (144 bytes),
+    8 sub-blocks of 32 (j = 32 s + i): w = (d * sc) * q - dmin * m, (sc, m) = get_scale_min_k4(s).
 
     Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q4_K", shape)."""
     d = _load_f16(raw, base, mask)
     dmin = _load_f16(raw, base + 2, mask)
-    sc, m = _scale_min_k4(raw, base + 4, j // 32, mask)
-    q = _k4_low_bits(raw, base + 16, j, mask).to(tl.float32)
+    sc, m = _scale_min_k4(raw, base + 4, s, mask)
+    q = _k4_low_bits(raw, base + 16, s, i, mask).to(tl.float32)
     return (d * sc) * q - dmin * m
 
 
 @triton.jit
-def decode_q5_k(raw, base, j, mask):
+def decode_q5_k(raw, base, s, i, mask):
     """block_q5_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; }
-    (176 bytes): as Q4_K with a 5th bit, bit (j // 32) of qh[j % 32].
+    (176 bytes): as Q4_K with a 5th bit, bit s of qh[i].
 
     Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q5_K", shape)."""
     d = _load_f16(raw, base, mask)
     dmin = _load_f16(raw, base + 2, mask)
-    s = j // 32
     sc, m = _scale_min_k4(raw, base + 4, s, mask)
-    high = (_load_u8(raw, base + 16 + (j % 32), mask) >> s) & 1
-    q = (_k4_low_bits(raw, base + 48, j, mask) | (high << 4)).to(tl.float32)
+    high = (_load_u8(raw, base + 16 + i, mask) >> s) & 1
+    q = (_k4_low_bits(raw, base + 48, s, i, mask) | (high << 4)).to(tl.float32)
     return (d * sc) * q - dmin * m
 
 
 @triton.jit
-def decode_q6_k(raw, base, j, mask):
-    """block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; ggml_half d; } (210 bytes).
+def decode_q6_k(raw, base, s, i, mask):
+    """block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; ggml_half d; } (210 bytes),
+    16 sub-blocks of 16 (j = 16 s + i), one int8 scale each.
 
-    Each 128-element half h = j // 128 uses ql[64h .. 64h+63] and qh[32h .. 32h+31]; with e = j % 128:
-    low 4 bits = ql[64h + e % 64] >> (4 * (e // 64)), high 2 bits = qh[32h + e % 32] >> (2 * (e // 32));
-    w = (d * scales[j // 16]) * (q - 32).
+    Each 128-element half h = j // 128 uses ql[64h ..] and qh[32h ..]; with e = j % 128 the low 4 bits
+    are ql[64h + e % 64] >> (4 * (e // 64)) and the high 2 bits qh[32h + e % 32] >> (2 * (e // 32)).
+    In sub-block terms (t = s % 8): e % 64 = 16 (t % 4) + i, e // 64 = t // 4, e % 32 = 16 (t % 2) + i,
+    e // 32 = t // 2. w = (d * scales[s]) * (q - 32).
 
     Torch reference: zimage_lite.quant.formats.dequantize(raw, "Q6_K", shape)."""
-    h = j // 128
-    e = j % 128
-    low = (_load_u8(raw, base + h * 64 + (e % 64), mask) >> ((e // 64) * 4)) & 0xF
-    high = (_load_u8(raw, base + 128 + h * 32 + (e % 32), mask) >> ((e // 32) * 2)) & 3
+    h = s // 8
+    t = s % 8
+    low = (_load_u8(raw, base + h * 64 + (t % 4) * 16 + i, mask) >> ((t // 4) * 4)) & 0xF
+    high = (_load_u8(raw, base + 128 + h * 32 + (t % 2) * 16 + i, mask) >> ((t // 2) * 2)) & 3
     q = ((low | (high << 4)) - 32).to(tl.float32)
     d = _load_f16(raw, base + 208, mask)
-    sc = _load_i8(raw, base + 192 + j // 16, mask)
+    sc = _load_i8(raw, base + 192 + s, mask)
     return (d * sc) * q
 
 
@@ -165,34 +168,44 @@ def decode_fp8_e4m3fn(raw, off, mask, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def decode_block_element(QTYPE: tl.constexpr, raw, base, j, mask):
-    """Dispatch on the LAYOUTS code; base = byte offset of the block, j = index inside it."""
+def decode_block_element(QTYPE: tl.constexpr, raw, base, s, i, mask):
+    """Dispatch on the LAYOUTS code. Element j = s * SUB + i of the block at byte offset `base`, SUB
+    from SUB_BLOCK. Give base/mask the block's shape and s the sub-block's, and every scale is loaded
+    once per block or sub-block, not once per element; only the quant bytes are per element."""
     if QTYPE == 0:
-        w = decode_q8_0(raw, base, j, mask)
+        w = decode_q8_0(raw, base, s, i, mask)
     elif QTYPE == 1:
-        w = decode_q4_0(raw, base, j, mask)
+        w = decode_q4_0(raw, base, s, i, mask)
     elif QTYPE == 2:
-        w = decode_q4_k(raw, base, j, mask)
+        w = decode_q4_k(raw, base, s, i, mask)
     elif QTYPE == 3:
-        w = decode_q5_k(raw, base, j, mask)
+        w = decode_q5_k(raw, base, s, i, mask)
     else:
-        w = decode_q6_k(raw, base, j, mask)
+        w = decode_q6_k(raw, base, s, i, mask)
     return w
 
 
 @triton.jit
 def _dequant_blocks_kernel(
-    raw, out, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr, NB: tl.constexpr
+    raw,
+    out,
+    n_blocks,
+    QTYPE: tl.constexpr,
+    QK: tl.constexpr,
+    TS: tl.constexpr,
+    SUB: tl.constexpr,
+    NB: tl.constexpr,
 ):
     """NB consecutive blocks per program: raw bytes (n_blocks * TS) -> out (n_blocks * QK).
 
     Rows of a (rows, row_bytes) weight are whole blocks, so the flat block order is the row-major
-    element order and the kernel never needs to know the row length."""
-    blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # (NB,)
-    j = tl.arange(0, QK)  # (QK,)
-    mask = (blk < n_blocks)[:, None] & (j < QK)[None, :]  # (NB, QK)
-    w = decode_block_element(QTYPE, raw, (blk * TS)[:, None], j[None, :], mask)
-    tl.store(out + blk[:, None] * QK + j[None, :], w.to(out.dtype.element_ty), mask=mask)
+    element order and the kernel never needs to know the row length. Tile (NB, QK // SUB, SUB)."""
+    blk = (tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB))[:, None, None]  # (NB, 1, 1)
+    s = tl.arange(0, QK // SUB)[None, :, None]  # (1, S, 1)
+    i = tl.arange(0, SUB)[None, None, :]  # (1, 1, SUB)
+    mask = blk < n_blocks
+    w = decode_block_element(QTYPE, raw, blk * TS, s, i, mask)  # (NB, S, SUB)
+    tl.store(out + blk * QK + s * SUB + i, w.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -253,7 +266,10 @@ def dequantize_blocks(
     out = _check_out(out, (rows, cols), dtype, raw.device)
     nb = _ELEMS_PER_PROGRAM // qk
     grid = (triton.cdiv(n_blocks, nb),)
-    _dequant_blocks_kernel[grid](raw, out, n_blocks, QTYPE=code, QK=qk, TS=ts, NB=nb, enable_fp_fusion=False)
+    sub = SUB_BLOCK[qtype]
+    _dequant_blocks_kernel[grid](
+        raw, out, n_blocks, QTYPE=code, QK=qk, TS=ts, SUB=sub, NB=nb, enable_fp_fusion=False
+    )
     return out
 
 

@@ -25,6 +25,7 @@ import triton.language as tl
 from zimage_lite.kernels.dequant_triton import (
     FP8_CODE,
     LAYOUTS,
+    SUB_BLOCK,
     decode_block_element,
     decode_fp8_e4m3fn,
     native_fp8_ok,
@@ -49,6 +50,7 @@ def _fused_kernel(
     QTYPE: tl.constexpr,
     QK: tl.constexpr,
     TS: tl.constexpr,
+    SUB: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SCALE_PER_ROW: tl.constexpr,
     NATIVE_FP8: tl.constexpr,
@@ -71,13 +73,21 @@ def _fused_kernel(
         k = k0 + rk
         k_ok = k < K
         a = tl.load(x + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & n_ok[None, :]  # (BK, BN): W^T tile
         if QTYPE == 5:
+            w_mask = k_ok[:, None] & n_ok[None, :]  # (BK, BN): W^T tile
             w = decode_fp8_e4m3fn(raw, row_off + k[:, None], w_mask, NATIVE_FP8)
         else:
-            base = row_off + (k // QK)[:, None] * TS
-            w = decode_block_element(QTYPE, raw, base, (k % QK)[:, None], w_mask)
-        w = tl.where(w_mask, w, 0.0)
+            # The W^T tile as (BK // SUB, SUB, BN): sub-blocks x elements x rows of W, so the scales
+            # are read once per (sub-block, row); K is a whole number of blocks, so masking whole
+            # sub-blocks is exact.
+            sb = k0 // SUB + tl.arange(0, BLOCK_K // SUB)[:, None, None]  # (BK/SUB, 1, 1) sub-block index
+            sub_mask = (sb * SUB < K) & n_ok[None, None, :]  # (BK/SUB, 1, BN)
+            base = row_off[:, None, :] + (sb // (QK // SUB)) * TS  # (BK/SUB, 1, BN) block byte offset
+            i = tl.arange(0, SUB)[None, :, None]  # (1, SUB, 1)
+            w = decode_block_element(QTYPE, raw, base, sb % (QK // SUB), i, sub_mask)
+            w = tl.reshape(tl.where(sub_mask, w, 0.0), (BLOCK_K, BLOCK_N))
+        if QTYPE == 5:
+            w = tl.where(w_mask, w, 0.0)
         if DOT_DTYPE == tl.float32:
             acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:
@@ -128,11 +138,12 @@ def fused_matmul(
         raise ValueError(f"no fused kernel for {qtype} (have {', '.join(FUSED_QTYPES)})")
     m, k = x.shape
     if qtype == "FP8_E4M3":
-        code, qk, ts = FP8_CODE, 1, 1
+        code, qk, ts, sub = FP8_CODE, 1, 1, 1
         if tuple(raw.shape) != (n_out, k):
             raise ValueError(f"FP8 weight must be ({n_out}, {k}), got {tuple(raw.shape)}")
     else:
         code, qk, ts = LAYOUTS[qtype]
+        sub = SUB_BLOCK[qtype]
         assert k % qk == 0, f"fused {qtype} matmul: K={k} must be a multiple of the block size {qk}"
         if raw.dtype != torch.uint8 or tuple(raw.shape) != (n_out, k // qk * ts):
             raise ValueError(
@@ -169,6 +180,7 @@ def fused_matmul(
         QTYPE=code,
         QK=qk,
         TS=ts,
+        SUB=sub,
         HAS_BIAS=bias is not None,
         SCALE_PER_ROW=scale.numel() != 1,
         NATIVE_FP8=native_fp8_ok(x.device, native_fp8),
