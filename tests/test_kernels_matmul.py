@@ -131,6 +131,7 @@ def test_quant_matmul_paths_agree():
         assert y_triton.shape == (*shape[:-1], 48)
         assert torch.equal(y_torch, torch.nn.functional.linear(x, w, bias))
         check(y_triton.reshape(-1, 48), x.reshape(-1, 512), w, bias, torch.float32)
+    assert dispatch.quant_matmul(torch.randn(0, 512), weight, backend="triton").shape == (0, 48)
 
 
 @pytest.mark.filterwarnings("ignore:overflow")

@@ -174,6 +174,8 @@ def quant_matmul(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     out_dtype = out_dtype or x.dtype
+    if x2.shape[0] == 0:  # an empty grid is an error in Triton
+        return x.new_empty((*lead, n_out), dtype=out_dtype)
     path = select_path(x2.shape[0], weight.qtype, x.device, backend)
     if path == "fused":
         from zimage_lite.kernels.matmul_triton import fused_matmul
