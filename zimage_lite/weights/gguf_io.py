@@ -238,6 +238,11 @@ class GGUFSource:
             pass
 
 
+def _f32(value: float) -> float:
+    """A float32 field as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
 def qwen3_config_from_gguf(metadata: Any) -> Qwen3Config:
     """A Qwen3Config from llama.cpp `qwen3.*` keys (`metadata`: a dict or a GGUFSource).
 
@@ -274,8 +279,8 @@ def qwen3_config_from_gguf(metadata: Any) -> Qwen3Config:
         num_attention_heads=heads,
         num_key_value_heads=int(get("qwen3.attention.head_count_kv") or heads),
         head_dim=int(get("qwen3.attention.key_length") or hidden // heads),
-        rms_norm_eps=float(get("qwen3.attention.layer_norm_rms_epsilon") or 1e-6),
-        rope_theta=float(get("qwen3.rope.freq_base") or 1_000_000.0),
+        rms_norm_eps=_f32(get("qwen3.attention.layer_norm_rms_epsilon") or 1e-6),
+        rope_theta=_f32(get("qwen3.rope.freq_base") or 1_000_000.0),
         max_position_embeddings=int(get("qwen3.context_length") or 40960),
     )
 

@@ -1,0 +1,163 @@
+"""`zimage-lite inspect FILE|DIR`: what a checkpoint holds, without reading any tensor data.
+
+`inspect_path(path)` returns a JSON-able dict: format, detected component (or why it is not one),
+architecture key, tensor count and bytes per storage type, bytes per transformer block, metadata (long
+lists summarised). `format_report(report)` renders it as text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from zimage_lite.errors import CheckpointError
+from zimage_lite.weights.checkpoint import classify_keys, is_model_folder, open_checkpoint, read_manifest
+from zimage_lite.weights.components import COMPONENTS, MANIFEST, resolve_model
+from zimage_lite.weights.gguf_io import GGUFSource, is_gguf_file
+
+_BLOCK = re.compile(
+    r"^(?:model\.diffusion_model\.)?(layers|noise_refiner|context_refiner|blk|model\.layers)\.(\d+)\."
+)
+_MAX_LIST = 8
+
+
+def _summarise(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > _MAX_LIST:
+        return f"[{len(value)} items: {', '.join(map(repr, value[:3]))}, ...]"
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + f"... ({len(value)} chars)"
+    return value
+
+
+def _open(path: Path):
+    if path.is_file() and is_gguf_file(path):
+        return GGUFSource(path, check_types=False)  # show files with types we cannot decode, too
+    return open_checkpoint(path)
+
+
+def _stored_keys(source) -> list[str]:
+    if isinstance(source, GGUFSource):
+        return [source.stored_name(k) for k in source.keys()]
+    return source.keys()
+
+
+def _shape_of(source):
+    if isinstance(source, GGUFSource):
+        by_stored = {source.stored_name(k): k for k in source.keys()}
+        return lambda k: source.shape(by_stored.get(k, k))
+    return lambda k: source._st.shape(k)
+
+
+def _blocks(source) -> dict[str, dict[str, int]]:
+    """Bytes per block group: {"layers": {"count": n, "bytes_per_block": b, "max_bytes": m}, ...}."""
+    per: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for key in source.keys():
+        m = _BLOCK.match(key)
+        if m:
+            per[m.group(1)][int(m.group(2))] += source.nbytes(key)
+    return {
+        group: {
+            "count": len(sizes),
+            "bytes_per_block": sum(sizes.values()) // len(sizes),
+            "max_bytes": max(sizes.values()),
+        }
+        for group, sizes in per.items()
+    }
+
+
+def _file_report(path: Path) -> dict[str, Any]:
+    source = _open(path)
+    keys = source.keys()
+    types: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+    for key in keys:
+        entry = types[source.qtype(key)]
+        entry["tensors"] += 1
+        entry["bytes"] += source.nbytes(key)
+    is_gguf = isinstance(source, GGUFSource)
+    report: dict[str, Any] = {
+        "path": str(path),
+        "format": "gguf" if is_gguf else ("safetensors-fp8" if source.fp8_variant else "safetensors"),
+        "architecture": source.architecture,
+        "fp8_variant": None if is_gguf else source.fp8_variant,
+        "tensors": len(keys),
+        "bytes": sum(t["bytes"] for t in types.values()),
+        "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])),
+        "blocks": _blocks(source),
+    }
+    try:
+        component, style, prefix = classify_keys(_stored_keys(source), _shape_of(source), source.architecture)
+        report.update(component=component, key_style=style, prefix=prefix)
+    except CheckpointError as exc:
+        report.update(component=None, problem=str(exc))
+    if is_gguf:
+        report["has_tokenizer"] = source.field("tokenizer.ggml.tokens") is not None
+    report["metadata"] = {k: _summarise(v) for k, v in source.metadata.items()}
+    return report
+
+
+def inspect_path(path: str | Path) -> dict[str, Any]:
+    """Report for a checkpoint file, a component folder, or a whole model folder (one entry per component)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if not is_model_folder(path):
+        return _file_report(path)
+    fmt = "zimage-lite" if (path / MANIFEST).is_file() else "diffusers"
+    paths = resolve_model(path)
+    report: dict[str, Any] = {"path": str(path), "format": fmt, "component": "model", "components": {}}
+    if fmt == "zimage-lite":
+        manifest = read_manifest(path)
+        report["quant"] = manifest.get("quant")
+    for name in COMPONENTS:
+        p = getattr(paths, name)
+        if name == "tokenizer":
+            report["components"][name] = {"path": str(p)}
+            continue
+        report["components"][name] = _file_report(p)
+    report["bytes"] = sum(c.get("bytes", 0) for c in report["components"].values())
+    return report
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _file_lines(r: dict[str, Any], indent: str = "") -> list[str]:
+    detected = r.get("component") or f"not a Z-Image component ({r.get('problem')})"
+    lines = [
+        f"{indent}{r['path']}",
+        f"{indent}  format:       {r['format']}" + (f" ({r['fp8_variant']})" if r.get("fp8_variant") else ""),
+        f"{indent}  detected:     {detected}"
+        + (f", {r['key_style']} names" if r.get("key_style") else "")
+        + (f", prefix {r['prefix']!r}" if r.get("prefix") else ""),
+        f"{indent}  architecture: {r.get('architecture') or '-'}",
+        f"{indent}  tensors:      {r['tensors']} ({_gb(r['bytes'])})",
+    ]
+    for qtype, t in r["types"].items():
+        lines.append(f"{indent}    {qtype:<9} {t['tensors']:>5} tensors  {_gb(t['bytes'])}")
+    for group, b in r.get("blocks", {}).items():
+        lines.append(
+            f"{indent}  {group}: {b['count']} blocks, {_gb(b['bytes_per_block'])} per block (max {_gb(b['max_bytes'])})"
+        )
+    if r.get("has_tokenizer"):
+        lines.append(f"{indent}  tokenizer:    embedded (tokenizer.ggml.*)")
+    if r.get("metadata"):
+        lines.append(f"{indent}  metadata:")
+        lines += [f"{indent}    {k} = {v}" for k, v in r["metadata"].items()]
+    return lines
+
+
+def format_report(report: dict[str, Any]) -> str:
+    if report.get("component") != "model":
+        return "\n".join(_file_lines(report))
+    lines = [
+        f"{report['path']}: {report['format']} model folder"
+        + (f" ({report['quant']})" if report.get("quant") else "")
+    ]
+    lines.append(f"  total: {_gb(report['bytes'])}")
+    for name, sub in report["components"].items():
+        lines.append(f"  [{name}]")
+        lines += _file_lines(sub, "    ") if "format" in sub else [f"    {sub['path']}"]
+    return "\n".join(lines)
