@@ -1,0 +1,356 @@
+"""VRAM planner: which blocks stay resident on the device, which stream through a ring of slots.
+
+Everything a phase puts on the device is accounted here, in one place:
+
+    context + fixed weights + resident blocks + ring_slots * slot_bytes + activations + dequant scratch
+
+- context: the CUDA context (0 on the CPU, 0 under an `auto` budget that measured free memory after it).
+- fixed weights: parameters outside the streamable blocks (embedders, final layer, pad tokens).
+- blocks: bytes of each block's tensors packed into one flat buffer (`packed_layout`, ALIGN-aligned
+  views), exactly what the streamer allocates.
+- ring: `prefetch_depth + 1` slots, each as large as the largest streamed block: one slot is computed
+  from while `prefetch_depth` others are being filled.
+- activations: `dit_activation_bytes` / `qwen3_activation_bytes` below (the formulas, with their terms).
+- dequant scratch: the largest quantized linear dequantized to the compute dtype (`dequant_scratch_bytes`).
+
+`plan_blocks` is a pure function of integers (property-tested): it keeps as many blocks resident as
+fit, streams the rest, and refuses an impossible budget with the exact minimum it would need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from zimage_lite.config import DiTConfig, Qwen3Config
+from zimage_lite.errors import UsageError
+from zimage_lite.runtime.budget import format_bytes
+
+ALIGN = 256  # byte alignment of every tensor view in a packed buffer (cuBLAS / vector loads like 256)
+ATTENTION_KINDS = ("efficient", "math")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def packed_layout(sizes: Sequence[int], align: int = ALIGN) -> tuple[list[int], int]:
+    """Offsets of tensors of `sizes` bytes packed in order, each start aligned; and the total size."""
+    offsets, end = [], 0
+    for n in sizes:
+        offsets.append(end)
+        end = _round_up(end + n, align)
+    return offsets, end
+
+
+def block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(owner module, attribute name, tensor) for every parameter and buffer of `block`, each tensor
+    once (tied tensors are listed at their first owner only)."""
+    seen: set[int] = set()
+    out = []
+    for module in block.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append((module, name, t))
+    return out
+
+
+def block_bytes(block: nn.Module) -> int:
+    """Device bytes of `block` packed into one buffer (works on meta-device modules)."""
+    return packed_layout([t.nbytes for _, _, t in block_tensors(block)])[1]
+
+
+def tensors_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A placement of blocks (indices into the block list, in execution order) inside a budget."""
+
+    budget_bytes: int
+    block_bytes: tuple[int, ...]
+    resident: tuple[int, ...]
+    streamed: tuple[int, ...]
+    ring_slots: int
+    slot_bytes: int
+    accounted: Mapping[str, int] = field(default_factory=dict)
+    minimum_bytes: int = 0
+    what: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.accounted.values())
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.accounted.items() if v)
+        return (
+            f"{self.what}: {len(self.resident)} blocks resident, {len(self.streamed)} streamed through "
+            f"{self.ring_slots} slots of {format_bytes(self.slot_bytes)}; {format_bytes(self.total_bytes)} "
+            f"of {format_bytes(self.budget_bytes)} ({parts})"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "budget_bytes": self.budget_bytes,
+            "minimum_bytes": self.minimum_bytes,
+            "resident_blocks": list(self.resident),
+            "streamed_blocks": list(self.streamed),
+            "ring_slots": self.ring_slots,
+            "slot_bytes": self.slot_bytes,
+            "accounted_bytes": dict(self.accounted),
+        }
+
+
+def _spread_rank(n: int) -> list[int]:
+    """rank[i] of position i such that the first k positions by rank are spread evenly over 0..n-1
+    (bit-reversed order): resident blocks between streamed ones give the copies more time to hide."""
+    bits = max(1, math.ceil(math.log2(max(n, 2))))
+    rev = [int(f"{i:0{bits}b}"[::-1], 2) for i in range(n)]
+    order = sorted(range(n), key=lambda i: rev[i])
+    rank = [0] * n
+    for r, i in enumerate(order):
+        rank[i] = r
+    return rank
+
+
+def _candidates(sizes: Sequence[int], slots: int) -> list[tuple[list[int], list[int], int]]:
+    """Every placement worth considering, as (resident sorted by preference, streamable, slot bytes).
+
+    For a slot size s, blocks larger than s must be resident; those of size <= s may stream, and the
+    resident ones among them are taken smallest first. Streaming needs more blocks than slots (with
+    fewer, the slots would simply hold them: all-resident costs no more)."""
+    rank = _spread_rank(len(sizes))
+    out = []
+    for s in sorted(set(sizes)):
+        must = [i for i, b in enumerate(sizes) if b > s]
+        optional = sorted((i for i, b in enumerate(sizes) if b <= s), key=lambda i: (sizes[i], rank[i]))
+        if len(optional) > slots:
+            out.append((must, optional, s))
+    return out
+
+
+def plan_blocks(
+    sizes: Sequence[int],
+    budget_bytes: int,
+    *,
+    fixed_bytes: int = 0,
+    activation_bytes: int = 0,
+    scratch_bytes: int = 0,
+    context_bytes: int = 0,
+    prefetch_depth: int = 1,
+    what: str = "model",
+) -> Plan:
+    """Keep as many blocks resident as fit in `budget_bytes`, stream the rest (module docstring).
+
+    Raises UsageError naming the minimum budget when nothing fits. The minimum is exact: a budget of
+    `plan.minimum_bytes` plans, one byte less does not."""
+    if prefetch_depth < 1:
+        raise UsageError(f"prefetch depth must be >= 1 (got {prefetch_depth})")
+    sizes = [int(b) for b in sizes]
+    slots = prefetch_depth + 1
+    base = {"context": context_bytes, "fixed_weights": fixed_bytes,
+            "activations": activation_bytes, "dequant_scratch": scratch_bytes}  # fmt: skip
+    overhead = sum(base.values())
+    candidates = _candidates(sizes, slots)
+    weights = lambda resident, s: sum(sizes[i] for i in resident) + slots * s
+    # the cheapest placement: everything resident, or for some slot size only the larger blocks
+    cheapest = min([(sum(sizes), len(sizes), 0)] + [(weights(m, s), len(m), s) for m, _, s in candidates])
+    minimum = overhead + cheapest[0]
+    if overhead + sum(sizes) <= budget_bytes:  # everything resident
+        best = (list(range(len(sizes))), [], 0)
+    else:
+        options = []
+        for must, optional, s in candidates:
+            free = budget_bytes - overhead - weights(must, s)
+            if free < 0:
+                continue
+            k = 0  # resident blocks taken from `optional`, smallest first; at least slots+1 stream
+            while k < len(optional) - slots - 1 and sizes[optional[k]] <= free:
+                free -= sizes[optional[k]]
+                k += 1
+            options.append((must + optional[:k], optional[k:], s))
+        if not options:
+            raise UsageError(
+                f"VRAM budget {format_bytes(budget_bytes, 2)} is below the minimum "
+                f"{format_bytes(minimum, 2)} for the {what} ("
+                + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in base.items() if v)
+                + f", {cheapest[1]} resident blocks, {slots} ring slots of {format_bytes(cheapest[2])})"
+            )
+        # most blocks resident; among those, the fewest device bytes
+        best = max(options, key=lambda o: (len(o[0]), -weights(o[0], o[2])))
+    resident, streamed, slot_bytes = best
+    n_slots = slots if streamed else 0
+    accounted = {**base, "resident_blocks": sum(sizes[i] for i in resident), "ring": n_slots * slot_bytes}
+    return Plan(budget_bytes, tuple(sizes), tuple(sorted(resident)), tuple(sorted(streamed)), n_slots,
+                slot_bytes, accounted, minimum, what)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activation and scratch estimates: the one place where memory per resolution is written down.
+# Upper bounds in bytes for one forward (inference, no autograd), from the model code's live tensors.
+
+
+def dit_tokens(cfg: DiTConfig, width: int, height: int, caption_tokens: int = 512) -> tuple[int, int]:
+    """(image tokens, caption tokens), each padded to the model's sequence multiple (32)."""
+    p = 8 * cfg.patch_size  # VAE factor 8, then patch 2: one token per 16x16 pixels
+    image = math.ceil(height / p) * math.ceil(width / p)
+    return _round_up(image, cfg.seq_multiple), _round_up(max(caption_tokens, 1), cfg.seq_multiple)
+
+
+def dit_activation_bytes(
+    cfg: DiTConfig,
+    width: int,
+    height: int,
+    batch: int,
+    dtype: torch.dtype,
+    caption_tokens: int = 512,
+    attention: str = "efficient",
+) -> int:
+    """Peak activation bytes of ZImageDiT.forward (S = image + caption tokens, D = dim, F = FFN dim):
+
+    live for the whole forward: the joint sequence h plus the image and caption streams still held by
+        the forward's locals: 3*S*D*e (e = compute dtype bytes)
+    inside a block, the larger of
+        attention: normed input, qkv (3), q/k/v after norm + RoPE (3), SDPA output, out projection
+            = 9*S*D*e, plus two float32 S*D temporaries of RMSNorm/RoPE (they upcast): 2*S*D*4;
+            "math" SDPA (no fused kernel: fp32 sm 6.x without mem-efficient attention, or masks on
+            some builds) adds scores and probabilities: 2*heads*S*S*e
+        FFN: normed input S*D*e plus w1->silu, w3 and their product: 3*S*F*e; fp16 adds the scaled
+            w2 input copy S*F*e and its float32 output S*D*4 (QuantLinear's overflow guard)
+    RoPE tables: complex64 (S, head_dim/2) for the image, caption and joint sequences.
+    Everything scales with the batch.
+    """
+    if attention not in ATTENTION_KINDS:
+        raise UsageError(f"unknown attention kind {attention!r} (choose {', '.join(ATTENTION_KINDS)})")
+    e = torch.empty((), dtype=dtype).element_size()
+    image, caption = dit_tokens(cfg, width, height, caption_tokens)
+    s, d, f = image + caption, cfg.dim, cfg.ffn_dim
+    live = 3 * s * d * e
+    attn = 9 * s * d * e + 2 * s * d * 4
+    if attention == "math":
+        attn += 2 * cfg.n_heads * s * s * e
+    ffn = s * d * e + 3 * s * f * e
+    if dtype == torch.float16:
+        ffn += s * f * e + s * d * 4
+    freqs = 3 * s * (cfg.head_dim // 2) * 8
+    return batch * (live + max(attn, ffn) + freqs)
+
+
+def qwen3_activation_bytes(cfg: Qwen3Config, tokens: int, batch: int, dtype: torch.dtype) -> int:
+    """Peak activation bytes of Qwen3Encoder.forward_embeddings over `tokens` tokens (S):
+
+    live: the embedded input and the hidden state: 2*S*D*e
+    attention: q, k, v repeated to the query heads (GQA), two RoPE temporaries and the output:
+        6*S*Q*e (Q = heads*head_dim), q/k RMSNorm float32 temporaries 2*S*Q*4, a padding mask and
+        math-SDPA scores 2*heads*S*S*e (small at S <= 512, accounted always)
+    FFN: normed input S*D*e plus gate->silu, up and their product 3*S*F*e
+    RoPE cos/sin: 2*S*head_dim*e.
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    s, d, f = tokens, cfg.hidden_size, cfg.intermediate_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    attn = 6 * s * q * e + 2 * s * q * 4 + 2 * cfg.num_attention_heads * s * s * e + s * s
+    ffn = s * d * e + 3 * s * f * e
+    return batch * (2 * s * d * e + max(attn, ffn) + 2 * s * cfg.head_dim * e)
+
+
+def dequant_scratch_bytes(modules: Iterable[nn.Module], dtype: torch.dtype, torch_path: bool = False) -> int:
+    """Bytes to dequantize the largest quantized linear among `modules` (QuantLinear) to `dtype`.
+
+    The Triton path writes the dense weight once (out*in*e). The torch reference path (sm < 8.0, CPU)
+    decodes through float32 intermediates: two more float32 copies (out*in*8) are accounted."""
+    from zimage_lite.runtime.quant_linear import QuantLinear
+
+    e = torch.empty((), dtype=dtype).element_size()
+    per_weight = e + (8 if torch_path else 0)
+    largest = 0
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, QuantLinear):
+                largest = max(largest, m.in_features * m.out_features)
+    return largest * per_weight
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model-level planning: the block lists and the glue from a model to `plan_blocks`.
+
+
+def dit_blocks(model: nn.Module) -> list[nn.Module]:
+    """ZImageDiT's blocks in execution order: noise_refiner, context_refiner, then layers."""
+    return [*model.noise_refiner, *model.context_refiner, *model.layers]
+
+
+def qwen3_blocks(model: nn.Module) -> list[nn.Module]:
+    """Qwen3Encoder's decoder layers (its embedding table is gathered on the CPU, never planned)."""
+    return list(model.layers)
+
+
+def _outside_bytes(model: nn.Module, blocks: Sequence[nn.Module]) -> int:
+    inside = {id(t) for b in blocks for _, _, t in block_tensors(b)}
+    return sum(t.nbytes for _, _, t in block_tensors(model) if id(t) not in inside)
+
+
+def plan_transformer(
+    model: nn.Module,
+    budget_bytes: int,
+    width: int,
+    height: int,
+    batch: int = 1,
+    dtype: torch.dtype | None = None,
+    *,
+    caption_tokens: int = 512,
+    context_bytes: int = 0,
+    prefetch_depth: int = 1,
+    attention: str = "efficient",
+    torch_dequant: bool = False,
+) -> Plan:
+    """Plan ZImageDiT (loaded or meta-built) at width x height for `batch` images in `dtype`
+    (default: the model's). Blocks are `dit_blocks(model)`; all other weights are always resident."""
+    dtype = dtype or model.dtype
+    blocks = dit_blocks(model)
+    return plan_blocks(
+        [block_bytes(b) for b in blocks],
+        budget_bytes,
+        fixed_bytes=_outside_bytes(model, blocks),
+        activation_bytes=dit_activation_bytes(
+            model.config, width, height, batch, dtype, caption_tokens, attention
+        ),
+        scratch_bytes=dequant_scratch_bytes([model], dtype, torch_dequant),
+        context_bytes=context_bytes,
+        prefetch_depth=prefetch_depth,
+        what=f"transformer at {width}x{height} batch {batch}",
+    )
+
+
+def plan_text_encoder(
+    model: nn.Module,
+    budget_bytes: int,
+    tokens: int = 512,
+    batch: int = 1,
+    dtype: torch.dtype | None = None,
+    *,
+    context_bytes: int = 0,
+    prefetch_depth: int = 1,
+    torch_dequant: bool = False,
+) -> Plan:
+    """Plan Qwen3Encoder's layers; the embedding table stays on the CPU (gather there, then move the
+    (B, S, hidden) embeddings), so only `model.layers` is accounted."""
+    blocks = qwen3_blocks(model)
+    dtype = dtype or model.layers[0].input_layernorm.weight.dtype
+    return plan_blocks(
+        [block_bytes(b) for b in blocks],
+        budget_bytes,
+        fixed_bytes=0,
+        activation_bytes=qwen3_activation_bytes(model.config, tokens, batch, dtype),
+        scratch_bytes=dequant_scratch_bytes(blocks, dtype, torch_dequant),
+        context_bytes=context_bytes,
+        prefetch_depth=prefetch_depth,
+        what=f"text encoder ({tokens} tokens, batch {batch})",
+    )
