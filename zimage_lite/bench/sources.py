@@ -32,7 +32,10 @@ def converter():
     try:
         from zimage_lite.convert import convert
     except ImportError:
-        return None
+        try:
+            from zimage_lite.convert.converter import convert
+        except ImportError:
+            return None
     return convert
 
 

@@ -1,0 +1,193 @@
+"""The tiny end-to-end bench (CPU): report schema, the reference row, quantized rows, files, the cache.
+
+One bench run (tiny synthetic model, 2 prompts x 1 seed, 64x64, 2 steps) is shared by the tests. The
+diffusers row is an outside check of the harness itself: diffusers' ZImagePipeline on the same weights
+must land on our reference latents (float32 on both sides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from zimage_lite.bench import sources
+from zimage_lite.bench.runner import add_bench_arguments, config_from_args, run_bench_from_args
+from zimage_lite.bench.schema import validate_report
+from zimage_lite.errors import UsageError
+
+QUANTS = ("q8_0", "q4_k")
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    out, cache = root / "out", root / "cache"
+    args = _args(
+        "--synthetic", "tiny", "--precisions", ",".join(("bf16", *QUANTS)), "--prompts", "2", "--seeds", "0",
+        "--steps", "2", "--width", "64", "--height", "64", "--repeats", "1", "--warmup", "1",
+        "--device", "cpu", "--out", str(out), "--cache", str(cache), "--baselines", "diffusers", "-q",
+    )  # fmt: skip
+    rc = run_bench_from_args(args)
+    report = json.loads((out / "report.json").read_text())
+    return rc, report, out, cache
+
+
+def _reads_gguf(bench) -> bool:
+    """Whether this build's loaders read a converted GGUF transformer (probed apart from the bench)."""
+    from zimage_lite.errors import CheckpointError
+    from zimage_lite.weights.loaders import load_transformer
+
+    folder = sources.converted_path(sources.synthetic_model("tiny", bench[3]), "q8_0", bench[3])
+    try:
+        load_transformer(folder / "transformer.gguf", torch.float32, "cpu")
+    except CheckpointError:
+        return False
+    return True
+
+
+def _needs_gguf_loading(bench) -> None:
+    if not _reads_gguf(bench):
+        pytest.xfail("the loaders cannot read GGUF files yet: quantized rows fail with a recorded reason")
+
+
+def _row(report: dict, name: str) -> dict:
+    return next(r for r in report["rows"] if r["name"] == name)
+
+
+def test_report_follows_schema(bench):
+    rc, report, _, _ = bench
+    assert validate_report(report) == []
+    failed = {r["name"]: r["reason"] for r in report["rows"] if r["status"] == "failed"}
+    assert rc == (1 if failed else 0)
+    assert not {"bf16", "diffusers-bf16"} & set(failed)
+    assert [r["name"] for r in report["rows"]][:3] == ["bf16", *QUANTS]
+    assert report["settings"]["width"] == 64 and len(report["settings"]["prompts"]) == 2
+
+
+def test_schema_checker_catches_mistakes(bench):
+    report = json.loads(json.dumps(bench[1]))
+    report["rows"][0]["quality"]["psnr_db_mean"] = "Infinity"
+    del report["rows"][1]["timing"]["samples"]
+    report["rows"][2]["status"] = "done"
+    problems = validate_report(report)
+    assert len(problems) == 3, problems
+
+
+def test_reference_row_is_exact(bench):
+    ref = _row(bench[1], "bf16")
+    assert ref["status"] == "ok" and ref["compute_dtype"] == "float32"  # CPU reference computes in fp32
+    q = ref["quality"]
+    assert q["psnr_db_mean"] == "inf" and float(q["psnr_db_mean"]) == math.inf
+    assert q["latent_rel_error_mean"] == 0 and q["latent_rel_error_max"] == 0
+    assert q["ssim_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert all(e["psnr_db"] == "inf" and e["latent_rel_error"] == 0 for e in q["per_image"])
+    assert ref["deterministic"] is True  # warm-up and first timed generation: identical latents
+
+
+def test_quantized_rows_measure_a_loss(bench):
+    _needs_gguf_loading(bench)
+    errors = {}
+    for name in QUANTS:
+        row = _row(bench[1], name)
+        assert row["status"] == "ok", row["reason"]
+        q = row["quality"]
+        assert math.isfinite(q["psnr_db_mean"]) and 0 < q["ssim_mean"] < 1
+        assert 0 < q["latent_rel_error_mean"] < 1
+        assert row["files"]["transformer_bytes"] < _row(bench[1], "bf16")["files"]["transformer_bytes"]
+        errors[name] = q["latent_rel_error_mean"]
+    assert errors["q8_0"] < errors["q4_k"]  # 8 bits per weight lose less than ~4.5
+
+
+def test_diffusers_row_agrees_with_reference(bench):
+    report = bench[1]
+    row = _row(report, "diffusers-bf16")
+    assert row["status"] == "ok", row["reason"]
+    assert row["quality"]["latent_rel_error_max"] < 1e-4  # same fp32 maths, different summation order
+    assert float(row["quality"]["psnr_db_min"]) > 40
+    for skipped in ("diffusers-offload", *(f"diffusers-gguf-{q}" for q in QUANTS)):
+        assert _row(report, skipped)["status"] == "skipped"
+        assert _row(report, skipped)["reason"] == "needs a CUDA device"
+
+
+def test_timings_and_files(bench):
+    _, report, out, _ = bench
+    for row in (r for r in report["rows"] if r["status"] == "ok"):
+        t = row["timing"]
+        assert t["samples"] == 2 and t["s_per_image_median"] > 0 and t["s_per_step_median"] > 0
+        assert t["s_per_step_median"] < t["s_per_image_median"]
+        for entry in row["quality"]["per_image"]:
+            assert Image.open(out / entry["image"]).size == (64, 64)
+    assert set(_row(report, "bf16")["timing"]["phases_s_median"]) == {"text_encoder", "denoise", "vae"}
+    md = (out / "report.md").read_text()
+    assert "| **bf16** | float32 |" in md and "| diffusers-bf16 | float32 |" in md and "∞" in md
+    done = [r for r in report["rows"] if r["status"] == "ok"]
+    assert all(f"| **{r['name']}** |" in md for r in done if r["kind"] == "zimage-lite")
+    grid, plot = Image.open(out / "grid.png"), Image.open(out / "plot.png")
+    assert grid.size[1] > len(done) * 128 and plot.size == (900, 560)  # a row of 128 px tiles per row
+
+
+def test_conversions_are_cached(bench):
+    _, _, _, cache = bench
+    src = sources.synthetic_model("tiny", cache)  # the run's cached model: no rewrite
+    path, info = sources.precision_source(src, "q8_0", cache, progress=False)
+    assert info == {"cached": True, "convert_s": None}
+    assert path == sources.converted_path(src, "q8_0", cache)
+    assert sources.converted_path(src, "q4_k", cache) != path
+    assert sources.precision_source(src, "bf16", cache, progress=False)[0] == src
+
+
+def test_vram_cap_is_passed_or_recorded(bench):
+    from zimage_lite.bench.engines import OursEngine
+    from zimage_lite.pipeline import Pipeline
+
+    src = sources.synthetic_model("tiny", bench[3])
+    engine = OursEngine(src, "cpu", None, "6GB")
+    supported = "vram" in inspect.signature(Pipeline.load).parameters
+    assert engine.vram["requested"] == "6GB" and engine.vram["applied"] is supported
+    assert (engine.vram["note"] is None) is supported
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--precisions", "bf16,q9_9"], "unknown precision q9_9"),
+        (["--prompts", "0"], "--prompts must be >= 1"),
+        (["--seeds", "a"], "comma list of integers"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--baselines", "comfy"], "unknown baseline"),
+    ],
+)
+def test_usage_errors(argv, match):
+    with pytest.raises(UsageError, match=match):
+        config_from_args(_args("--synthetic", "tiny", *argv))
+
+
+def test_defaults():
+    cfg = config_from_args(_args("--synthetic", "tiny"))
+    assert (cfg.width, cfg.height, cfg.steps) == (128, 128, 8)
+    assert cfg.precisions == sources.available_precisions() and cfg.precisions[0] == "bf16"
+    assert len(cfg.prompts) >= 5 and {p.kind for p in cfg.prompts} >= {
+        "short",
+        "long",
+        "chinese",
+        "mixed",
+        "text",
+    }
+    assert config_from_args(_args("--synthetic", "full")).width == 1024
+    assert config_from_args(_args("--synthetic", "tiny", "--precisions", "q4_k")).precisions == [
+        "bf16",
+        "q4_k",
+    ]
