@@ -63,11 +63,25 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _find_all(stats, name: str) -> list[float]:
+    """Every number stored under `name` in a nested stats dict (one per streamed component)."""
+    if not isinstance(stats, dict):
+        return []
+    found = [
+        v for k, v in stats.items() if k == name and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    return found + [x for v in stats.values() if isinstance(v, dict) for x in _find_all(v, name)]
+
+
 def _stat(stats: dict, pipe, *names: str) -> int | None:
-    """A counter the runtime may or may not report (streaming runtimes add them): stats dict, then pipe."""
+    """A counter the runtime may or may not report (the streamer does): summed over the stats dict at any
+    depth (text encoder and transformer may both stream), else a pipe attribute; None when absent."""
     for name in names:
-        value = stats.get(name, getattr(pipe, name, None))
-        if isinstance(value, (int, float)):
+        found = _find_all(stats, name)
+        if found:
+            return int(sum(found))
+        value = getattr(pipe, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return int(value)
     return None
 
