@@ -185,6 +185,16 @@ def _grid_label(row, built: dict) -> str:
     return f"{row.name}\n{quality}\n{t:.2f} s/image" if t is not None else f"{row.name}\n{quality}"
 
 
+def _atomic(path: Path, write) -> None:
+    """write(tmp) next to `path`, then rename: a reader never sees half a report."""
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_report(cfg, reference: Path, rows) -> dict:
     """Write report.json, report.md, grid.png and plot.png under cfg.out; return the report dict."""
     report = {
@@ -200,10 +210,14 @@ def write_report(cfg, reference: Path, rows) -> dict:
     done = [r for r in rows if r.status == "ok"]
     labels = [_grid_label(r, row) for r, row in zip(rows, report["rows"]) if r.status == "ok"]
     columns = [f"{p.id} s{s}" for p in cfg.prompts for s in cfg.seeds]
-    draw.grid([(label, r.thumbs) for label, r in zip(labels, done)], columns).save(out / "grid.png")
-    draw.quality_time_plot(report["rows"]).save(out / "plot.png")
-    (out / "report.json").write_text(json.dumps(json_safe(report), indent=2, ensure_ascii=False) + "\n")
     from zimage_lite.bench.markdown import render_markdown
 
-    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    grid = draw.grid([(label, r.thumbs) for label, r in zip(labels, done)], columns)
+    _atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+    plot = draw.quality_time_plot(report["rows"])
+    _atomic(out / "plot.png", lambda tmp: plot.save(tmp, format="PNG"))
+    text = json.dumps(json_safe(report), indent=2, ensure_ascii=False) + "\n"
+    _atomic(out / "report.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    markdown = render_markdown(report)
+    _atomic(out / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     return report
