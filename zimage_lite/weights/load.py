@@ -10,6 +10,9 @@ from torch import nn
 from zimage_lite.errors import CheckpointError
 
 
+_DENSE_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
 def _names(keys: Iterable[str], limit: int = 8) -> str:
     keys = sorted(keys)
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
@@ -55,13 +58,14 @@ def load_strict(
 ) -> nn.Module:
     """Assign `tensors` to `model`'s parameters: every key must match by name and shape.
 
-    Floating tensors are cast to `dtype` (if given); integer tensors (raw quantized bytes) are kept.
+    Dense floating tensors are cast to `dtype` (if given); integer tensors (raw quantized bytes) and
+    float8 tensors (FP8 weights, whose scales come separately) are kept as they are.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     check_keys(expected, {k: tuple(v.shape) for k, v in tensors.items()}, what)
     state = {}
     for name, t in tensors.items():
-        if dtype is not None and t.is_floating_point():
+        if dtype is not None and t.dtype in _DENSE_FLOATS:
             t = t.to(dtype)
         state[name] = t.to(device)
     model.load_state_dict(state, strict=True, assign=True)
