@@ -13,6 +13,7 @@ A row that cannot run here is recorded as skipped, with the reason.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,9 @@ def planned_baselines(cfg) -> list:
         cuda_only = row.name != "diffusers-bf16"
         if reason or (cuda_only and not _on_cuda(cfg)):
             row.status, row.reason = "skipped", reason or "needs a CUDA device"
+        elif row.name.startswith("diffusers-gguf-") and importlib.util.find_spec("accelerate") is None:
+            # diffusers refuses quantized single files without low_cpu_mem_usage, which needs accelerate
+            row.status, row.reason = "skipped", "diffusers' GGUF loader needs the accelerate package"
     return rows
 
 
