@@ -86,6 +86,10 @@ def open_checkpoint(path: str | Path):
     try:
         read_header(path)
     except CheckpointError:
+        with open(path, "rb") as f:
+            looks_safetensors = f.read(9)[8:9] == b"{"  # the JSON header follows an 8-byte length
+        if looks_safetensors:
+            raise  # a damaged safetensors file: its own message (truncated, bad header) is clearer
         kind = "GGUF" if path.suffix.lower() == ".gguf" else "GGUF or safetensors"
         raise CheckpointError(f"{path}: not a {kind} file (unrecognised content)") from None
     return SafetensorsCheckpoint(SafetensorsSource([path]))

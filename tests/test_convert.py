@@ -1,0 +1,329 @@
+"""The converter: outputs other tools read (gguf-py, safetensors), community layouts load identically,
+bad inputs fail with one clear error and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import zimage_lite.convert.stream as stream
+from zimage_lite.config import DiTConfig, Qwen3Config
+from zimage_lite.convert.converter import convert
+from zimage_lite.errors import CheckpointError, UsageError, ZImageError
+from zimage_lite.models.dit import ZImageDiT
+from zimage_lite.quant.formats import quantize
+from zimage_lite.quant.fp8 import quantize_fp8
+from zimage_lite.synthetic import write_synthetic_model, write_transformer
+from zimage_lite.weights.checkpoint import detect, open_checkpoint
+from zimage_lite.weights.components import resolve_model
+from zimage_lite.weights.gguf_io import GGUFSource, qwen3_config_from_gguf
+from zimage_lite.weights.load import build_meta, load_strict
+from zimage_lite.weights.names_dit import dit_key_plan, load_dit_tensors
+from zimage_lite.weights.names_qwen3 import gguf_to_hf_name, strip_model_prefix
+
+PROMPTS = ["A red fox in the snow, golden light.", "一只橘猫坐在窗台上，阳光洒在它的毛上。"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_synthetic_model(tmp_path_factory.mktemp("tiny") / "model", "tiny", 0)
+
+
+@pytest.fixture(scope="module")
+def k_transformer(tmp_path_factory):
+    """A transformer whose rows are multiples of 256, so the K types apply (the tiny model's are 64)."""
+    cfg = DiTConfig(dim=256, n_layers=1, n_refiner_layers=0, n_heads=2, n_kv_heads=2, cap_feat_dim=256)
+    folder = tmp_path_factory.mktemp("k") / "transformer"
+    write_transformer(folder, cfg, 5, torch.float32, 1 << 20)  # several shards
+    return folder
+
+
+def _reference(source_path):
+    """Our-named dense float32 tensors of a transformer checkpoint (the converter's input)."""
+    src = open_checkpoint(source_path)
+    plan = dit_key_plan(src.keys())
+    return {name: load_dit_tensors(src, plan, name).to(torch.float32) for name in plan}
+
+
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _expected_bytes(w: torch.Tensor, qtype: str) -> np.ndarray:
+    dense = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    t = w.to(dense[qtype]).contiguous() if qtype in dense else quantize(w, qtype)
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def test_model_folder_q8_0(tiny, tmp_path):
+    out = tmp_path / "q8"
+    result = convert(tiny, out, "q8_0", progress=False)
+    manifest = json.loads((out / "zimage-lite.json").read_text())
+    assert manifest["format"] == 1 and manifest["quant"] == "q8_0"
+    assert manifest["components"] == {
+        "transformer": "transformer.gguf", "text_encoder": "text_encoder.gguf", "vae": "vae", "tokenizer": "tokenizer",
+    }  # fmt: skip
+    paths = resolve_model(out)
+    assert paths.transformer == out / "transformer.gguf" and paths.vae == out / "vae"
+    assert result.types["Q8_0"] > 0 and result.in_bytes > result.out_bytes
+    # the transformer: gguf-py reads it; bytes are our quantizer's on the source weights
+    reader = gguf.GGUFReader(out / "transformer.gguf")
+    assert reader.get_field("general.architecture").contents() == "lumina2"
+    assert reader.get_field("general.quantization_version").contents() == 2
+    ref = _reference(tiny / "transformer")
+    assert {t.name for t in reader.tensors} == set(ref)
+    for t in reader.tensors:
+        assert np.array_equal(
+            np.asarray(t.data).view(np.uint8).reshape(-1), _expected_bytes(ref[t.name], t.tensor_type.name)
+        ), t.name
+    assert {t.tensor_type.name for t in reader.tensors if "pad_token" in t.name} == {"F32"}
+    # it loads strictly into the model
+    source = open_checkpoint(out / "transformer.gguf")
+    model = build_meta(lambda: ZImageDiT(DiTConfig.from_shapes(source.shapes())))
+    load_strict(model, {k: source.get(k) for k in source.keys()}, "gguf transformer")
+    # the VAE: BF16 of the source, diffusers folder with its config
+    vae_src = load_file(str(tiny / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae_out = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert (out / "vae" / "config.json").is_file()
+    assert all(torch.equal(vae_out[k], v.to(torch.bfloat16)) for k, v in vae_src.items())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("quant", ["q4_k", "q4_0"])  # every type: test_gguf_io
+def test_quantized_tensors_match_gguf_py_bit_for_bit(k_transformer, tmp_path, quant):
+    out = tmp_path / f"t-{quant}.gguf"
+    convert(k_transformer, out, quant, progress=False)
+    reader = gguf.GGUFReader(out)
+    ours = GGUFSource(out)
+    ref = _reference(k_transformer)
+    qtypes = {t.tensor_type.name for t in reader.tensors}
+    assert quant.upper() in qtypes
+    for t in reader.tensors:
+        assert np.array_equal(
+            np.asarray(t.data).view(np.uint8).reshape(-1), _expected_bytes(ref[t.name], t.tensor_type.name)
+        ), t.name
+        expected = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        got = ours.get(t.name).to(torch.float32).numpy()
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), t.name
+
+
+def _gguf_py_copy(ours: GGUFSource, ref: dict[str, torch.Tensor], path, prefix: str, arch: str):
+    """The same weights written by gguf-py's own writer and quantizer (a community file stand-in)."""
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    for name in ours.keys():
+        qtype = gguf.GGMLQuantizationType[ours.qtype(name)]
+        data = gguf.quants.quantize(ref[name].numpy(), qtype)
+        writer.add_tensor(prefix + name, data, raw_dtype=None if qtype.name == "F32" else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_community_ggufs_load_the_same_weights(k_transformer, tmp_path):
+    ours_path = tmp_path / "ours.gguf"
+    convert(k_transformer, ours_path, "q8_0", progress=False)
+    ours = open_checkpoint(ours_path)
+    ref = _reference(k_transformer)
+    _gguf_py_copy(ours, ref, tmp_path / "comfy.gguf", "", "lumina2")
+    _gguf_py_copy(ours, ref, tmp_path / "sdcpp.gguf", "model.diffusion_model.", "")
+    for name in ("comfy.gguf", "sdcpp.gguf"):
+        other = open_checkpoint(tmp_path / name)
+        assert detect(tmp_path / name).component == "transformer"
+        assert sorted(other.keys()) == sorted(ours.keys())
+        for key in ours.keys():
+            assert other.qtype(key) == ours.qtype(key)
+            assert torch.equal(other.get(key), ours.get(key)), (name, key)
+    assert open_checkpoint(tmp_path / "sdcpp.gguf").architecture is None
+    assert detect(tmp_path / "sdcpp.gguf").prefix == "model.diffusion_model."
+
+
+def test_fp8_transformer_is_comfyui_comfy_quant(tiny, tmp_path):
+    out = tmp_path / "t.safetensors"
+    convert(tiny / "transformer", out, "fp8", progress=False)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        stored = set(f.keys())
+        mod = f.get_tensor("layers.0.adaLN_modulation.0.weight")
+    layers = json.loads(meta["_quantization_metadata"])["layers"]
+    assert "layers.0.attention.qkv" in layers and "layers.0.adaLN_modulation.0" not in layers
+    assert mod.dtype == torch.bfloat16  # FP8 on modulation wrecks Z-Image: kept BF16
+    source = open_checkpoint(out)
+    assert source.fp8_variant == "comfy_quant"
+    ref = _reference(tiny / "transformer")
+    assert sorted(source.keys()) == sorted(ref)
+    assert {f"{layer}.comfy_quant" for layer in layers} <= stored
+    for name in ref:
+        if source.qtype(name) == "FP8_E4M3":
+            q, scale = quantize_fp8(ref[name])
+            qw = source.get_quant(name)
+            assert torch.equal(qw.data.view(torch.uint8), q.view(torch.uint8)) and torch.equal(
+                qw.scale, scale
+            )
+            assert torch.equal(source.get(name), q.to(torch.float32) * scale)
+
+
+def test_text_encoder_gguf_with_tokenizer(tiny, tmp_path):
+    out = tmp_path / "te.gguf"
+    convert(tiny / "text_encoder", out, "q8_0", progress=False)  # finds ../tokenizer itself
+    source = open_checkpoint(out)
+    assert source.architecture == "qwen3" and detect(out).component == "text_encoder"
+    config = Qwen3Config.from_json(tiny / "text_encoder" / "config.json")
+    assert qwen3_config_from_gguf(source) == config
+    src = open_checkpoint(tiny / "text_encoder")
+    bare = strip_model_prefix(src.keys())
+    assert {gguf_to_hf_name(k) for k in source.keys()} == set(bare)  # every layer and the final norm
+    assert (
+        "output_norm.weight" in source.keys()
+        and f"blk.{config.num_hidden_layers - 1}.attn_q.weight" in source.keys()
+    )
+    for key in source.keys():
+        w = src.get(bare[gguf_to_hf_name(key)]).to(torch.float32)
+        expected = _expected_bytes(w, source.qtype(key))
+        assert np.array_equal(source.raw(key).numpy(), expected), key
+    from tokenizers import Tokenizer
+
+    want = Tokenizer.from_file(str(tiny / "tokenizer" / "tokenizer.json"))
+    tok = source.tokenizer()
+    for prompt in PROMPTS:
+        assert tok.encode(prompt).ids == want.encode(prompt).ids
+    # re-quantizing our own GGUF keeps the tokenizer and the config
+    again = tmp_path / "te-q4.gguf"
+    convert(out, again, "q4_0", progress=False)
+    assert open_checkpoint(again).tokenizer().encode(PROMPTS[1]).ids == want.encode(PROMPTS[1]).ids
+    assert qwen3_config_from_gguf(open_checkpoint(again)) == config
+
+
+def test_threads_do_not_change_bytes(k_transformer, tmp_path):
+    convert(k_transformer, tmp_path / "a.gguf", "q4_0", progress=False, threads=1)
+    convert(k_transformer, tmp_path / "b.gguf", "q4_0", progress=False, threads=2)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def _single_transformer_file(tiny, path, edit=None):
+    tensors = {
+        k: v.clone() for k, v in load_file(str(next((tiny / "transformer").glob("*.safetensors")))).items()
+    }
+    for f in sorted((tiny / "transformer").glob("*.safetensors"))[1:]:
+        tensors.update(load_file(str(f)))
+    if edit:
+        edit(tensors)
+    save_file(tensors, str(path))
+    return path
+
+
+def _bad_inputs(tiny, tmp):
+    (tmp / "in").mkdir()
+    shard = next((tiny / "transformer").glob("*.safetensors"))
+    cut = tmp / "in" / "cut.safetensors"
+    cut.write_bytes(shard.read_bytes()[:-1000])
+    rand = tmp / "in" / "random.gguf"
+    rand.write_bytes(np.random.default_rng(1).bytes(10000))
+    flux = tmp / "in" / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32), "img_in.weight": torch.zeros(32, 64),
+               "single_blocks.0.linear1.weight": torch.zeros(8, 32)}, str(flux))  # fmt: skip
+    sdxl = tmp / "in" / "sdxl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "model.diffusion_model.label_emb.0.0.weight": torch.zeros(8, 16)}, str(sdxl))  # fmt: skip
+
+    def nan(t):
+        t["layers.1.feed_forward.w3.weight"][3, 2] = float("nan")
+
+    def missing(t):
+        del t["layers.0.feed_forward.w2.weight"]
+
+    def misshapen(t):
+        t["layers.0.attention.to_out.0.weight"] = torch.zeros(64, 60)
+
+    return {
+        "truncated": (cut, CheckpointError, "truncated"),
+        "random bytes": (rand, CheckpointError, "not a GGUF file"),
+        "flux": (flux, CheckpointError, "FLUX"),
+        "sdxl": (sdxl, CheckpointError, "SDXL"),
+        "nan": (
+            _single_transformer_file(tiny, tmp / "in" / "nan.safetensors", nan),
+            CheckpointError,
+            "layers.1.feed_forward.w3.weight.*NaN",
+        ),
+        "missing": (
+            _single_transformer_file(tiny, tmp / "in" / "m.safetensors", missing),
+            CheckpointError,
+            "missing tensors: layers.0.feed_forward.w2.weight",
+        ),
+        "misshapen": (
+            _single_transformer_file(tiny, tmp / "in" / "s.safetensors", misshapen),
+            CheckpointError,
+            r"layers.0.attention.out.weight \(64, 60\)",
+        ),
+    }
+
+
+def test_bad_inputs_fail_cleanly(tiny, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for label, (src, error, pattern) in _bad_inputs(tiny, tmp_path).items():
+        with pytest.raises(error, match=pattern) as info:
+            convert(src, out_dir / "x.gguf", "q4_0", progress=False)
+        assert isinstance(info.value, ZImageError) and "\n" not in str(info.value), label
+        assert _listing(out_dir) == [], label
+    with pytest.raises(UsageError, match="unknown quantization 'q3_k'"):
+        convert(tiny / "transformer", out_dir / "x.gguf", "q3_k", progress=False)
+    (out_dir / "x.gguf").write_bytes(b"keep me")
+    with pytest.raises(UsageError, match="already exists"):
+        convert(tiny / "transformer", out_dir / "x.gguf", "q4_0", progress=False)
+    assert (out_dir / "x.gguf").read_bytes() == b"keep me" and _listing(out_dir) == ["x.gguf"]
+    with pytest.raises(UsageError, match=r"\.gguf file"):
+        convert(tiny / "transformer", out_dir / "y.safetensors", "q4_0", progress=False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_interrupt_leaves_nothing(tiny, tmp_path, monkeypatch, threads):
+    calls = {"n": 0}
+    real = stream.encode
+
+    def flaky(job):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(stream, "encode", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny, tmp_path / "model", "q8_0", progress=False, threads=threads)
+    assert _listing(tmp_path) == []
+    # with --force, an existing output survives an interrupted replacement untouched
+    (tmp_path / "t.gguf").write_bytes(b"old")
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        convert(
+            tiny / "transformer", tmp_path / "t.gguf", "q8_0", force=True, progress=False, threads=threads
+        )
+    assert _listing(tmp_path) == ["t.gguf"] and (tmp_path / "t.gguf").read_bytes() == b"old"
+    monkeypatch.setattr(stream, "encode", real)
+    convert(tiny / "transformer", tmp_path / "t.gguf", "q8_0", force=True, progress=False, threads=threads)
+    assert GGUFSource(tmp_path / "t.gguf").architecture == "lumina2" and _listing(tmp_path) == ["t.gguf"]
+
+
+def test_flat_pad_tokens_become_1_by_dim(tiny, tmp_path):
+    def flatten(t):
+        for k in ("x_pad_token", "cap_pad_token"):
+            t[k] = t[k].reshape(-1).contiguous()
+
+    src = _single_transformer_file(tiny, tmp_path / "flat.safetensors", flatten)
+    convert(src, tmp_path / "flat.gguf", "q8_0", progress=False)
+    assert GGUFSource(tmp_path / "flat.gguf").shape("x_pad_token") == (1, 64)
+
+
+def test_vae_and_progress(tiny, tmp_path, capsys):
+    out = tmp_path / "vae.safetensors"
+    convert(tiny / "vae", out, "q4_k", progress=True)
+    assert "vae" in capsys.readouterr().err  # the tqdm bar
+    with safe_open(str(out), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert detect(out).component == "vae"
