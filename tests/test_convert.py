@@ -93,6 +93,13 @@ def test_model_folder_q8_0(tiny, tmp_path):
     assert (out / "vae" / "config.json").is_file()
     assert all(torch.equal(vae_out[k], v.to(torch.bfloat16)) for k, v in vae_src.items())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    # a converted folder converts again (GGUF in, GGUF out; the tokenizer travels along)
+    again = convert(out, tmp_path / "q4", "q4_0", progress=False)
+    assert (
+        again.types["Q4_0"] > 0
+        and resolve_model(tmp_path / "q4").text_encoder == tmp_path / "q4" / "text_encoder.gguf"
+    )
+    assert open_checkpoint(tmp_path / "q4" / "text_encoder.gguf").tokenizer() is not None
 
 
 @pytest.mark.parametrize("quant", ["q4_k", "q4_0"])  # every type: test_gguf_io

@@ -158,9 +158,11 @@ def plan_text_encoder(
     full = dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1)
     expected = {k: tuple(v.shape) for k, v in build_meta(lambda: Qwen3Encoder(full)).state_dict().items()}
     expected["norm.weight"] = (cfg.hidden_size,)
-    if "lm_head.weight" in shapes and not raw_config.get("tie_word_embeddings", False):
-        expected["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    shapes.pop("lm_head.weight", None) if "lm_head.weight" not in expected else None
+    if "lm_head.weight" in shapes:  # llama.cpp `output`: only a separate (untied) head is worth storing
+        if raw_config.get("tie_word_embeddings", False):
+            del shapes["lm_head.weight"]
+        else:
+            expected["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     check_keys(expected, shapes, f"{path}: text encoder")
     te_preset = FP8_TEXT_ENCODER_PRESET if preset == "fp8" else preset
     jobs = []

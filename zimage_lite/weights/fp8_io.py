@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,7 @@ class MappedSafetensors:
         self._where: dict[str, tuple[int, torch.dtype, tuple[int, ...], int, int]] = {}
         self._maps: list[mmap.mmap | None] = []
         self._files = list(files)
+        self._lock = threading.Lock()  # converter threads map files lazily
         for index, path in enumerate(files):
             header = read_header(path)
             header.pop("__metadata__", None)
@@ -69,10 +71,11 @@ class MappedSafetensors:
             self._maps.append(None)
 
     def _map(self, index: int) -> mmap.mmap:
-        mm = self._maps[index]
-        if mm is None:
-            with open(self._files[index], "rb") as f:
-                mm = self._maps[index] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with self._lock:
+            mm = self._maps[index]
+            if mm is None:
+                with open(self._files[index], "rb") as f:
+                    mm = self._maps[index] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return mm
 
     def view(self, name: str) -> torch.Tensor:

@@ -192,9 +192,9 @@ class GGUFSource:
         """The stored bytes, uint8, flat, zero copy (read-only memory: do not write into it)."""
         return _to_torch(self._t(name).data).reshape(-1).view(torch.uint8)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Dense tensor in torch order: F32/F16/BF16 as stored (a zero-copy view), quantized dequantized to
-        float32 (bit-identical to gguf-py's dequantize)."""
+    def get_view(self, name: str) -> torch.Tensor:
+        """Dense tensor in torch order: F32/F16/BF16 as a zero-copy read-only view of the mapping,
+        quantized types dequantized to float32 (bit-identical to gguf-py's dequantize)."""
         qtype = self.qtype(name)
         shape = self.shape(name)
         raw = self.raw(name)
@@ -207,6 +207,11 @@ class GGUFSource:
         from zimage_lite.quant.formats import dequantize
 
         return dequantize(raw, qtype, shape, torch.float32)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Like `get_view`, but always a tensor owning its memory (safe to modify, outlives the file)."""
+        t = self.get_view(name)
+        return t.clone() if self.qtype(name) in DENSE_TYPES else t
 
     def get_quant(self, name: str):
         """A quantized tensor as `QuantWeight` (raw blocks (rows, row_bytes), zero copy)."""
