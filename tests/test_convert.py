@@ -334,3 +334,31 @@ def test_vae_and_progress(tiny, tmp_path, capsys):
     with safe_open(str(out), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert detect(out).component == "vae"
+
+
+def test_comfyui_single_files_convert(tiny, tmp_path):
+    """ComfyUI repacks: prefixed transformer with a stray norm_final, original-named (ae) VAE; FP8 input."""
+    from zimage_lite.weights.names_dit import COMFY_PREFIX
+    from zimage_lite.weights.names_vae import vae_to_original
+
+    ref = _reference(tiny / "transformer")
+    comfy = {COMFY_PREFIX + k: v.to(torch.bfloat16) for k, v in ref.items()}
+    comfy[COMFY_PREFIX + "norm_final.weight"] = torch.ones(64)
+    save_file(comfy, str(tmp_path / "z_image_turbo_bf16.safetensors"))
+    convert(tmp_path / "z_image_turbo_bf16.safetensors", tmp_path / "t.gguf", "q8_0", progress=False)
+    out = open_checkpoint(tmp_path / "t.gguf")
+    assert sorted(out.keys()) == sorted(ref) and out.get("x_pad_token").dtype == torch.float32
+    assert torch.equal(out.get("x_pad_token"), ref["x_pad_token"].to(torch.bfloat16).float())
+
+    ae = vae_to_original(load_file(str(tiny / "vae" / "diffusion_pytorch_model.safetensors")))
+    save_file(ae, str(tmp_path / "ae.safetensors"))
+    convert(tmp_path / "ae.safetensors", tmp_path / "ae-bf16.safetensors", "bf16", progress=False)
+    assert sorted(load_file(str(tmp_path / "ae-bf16.safetensors"))) == sorted(ae)  # names kept (ComfyUI's)
+
+    convert(tiny / "transformer", tmp_path / "t8.safetensors", "fp8", progress=False)
+    convert(tmp_path / "t8.safetensors", tmp_path / "from-fp8.gguf", "q8_0", progress=False)
+    fp8 = open_checkpoint(tmp_path / "t8.safetensors")
+    back = open_checkpoint(tmp_path / "from-fp8.gguf")
+    name = "layers.0.attention.qkv.weight"
+    assert back.qtype(name) == "Q8_0"
+    assert torch.equal(back.get_quant(name).data, quantize(fp8.get(name), "Q8_0"))
