@@ -39,6 +39,12 @@ def _merge_strings(merges: list) -> list[str]:
     return [m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in merges]
 
 
+def _looks_special(token: str) -> bool:
+    """llama.cpp's converter types `<|...|>` added tokens CONTROL even when the tokenizer calls them
+    non-special (Qwen's `<|fim_prefix|>` ...); we do the same so our files match theirs."""
+    return token.startswith("<|") and token.endswith("|>")
+
+
 def load_tokenizer_files(folder: Path) -> tuple[Tokenizer, dict[str, Any]]:
     """tokenizer.json and (optional) tokenizer_config.json of a tokenizer folder."""
     file = folder / "tokenizer.json"
@@ -84,7 +90,8 @@ def tokenizer_gguf_fields(
             types.append(UNUSED)
         elif i in added:
             tokens.append(by_id[i])
-            types.append(CONTROL if added[i].special else USER_DEFINED)
+            special = added[i].special or _looks_special(by_id[i])
+            types.append(CONTROL if special else USER_DEFINED)
         else:
             tokens.append(by_id[i])
             types.append(NORMAL)
