@@ -11,6 +11,7 @@ import math
 from PIL import Image, ImageDraw, ImageFont
 
 BG, FG, GRID_LINE, ACCENT = (255, 255, 255), (20, 20, 20), (225, 225, 225), (200, 40, 40)
+OTHER = (40, 90, 200)
 MAX_COLUMNS = 8
 
 
@@ -70,14 +71,30 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def _points(rows: list[dict]) -> list[tuple[str, float, float]]:
-    """(label, s/image, PSNR) for completed rows that have both; PSNR may be inf (the reference)."""
+def _points(rows: list[dict]) -> list[tuple[str, float, float, str]]:
+    """(label, s/image, PSNR, kind) for completed rows that have both; PSNR may be inf (the reference)."""
     pts = []
     for r in rows:
         t, q = r["timing"]["s_per_image_median"], r["quality"]["psnr_db_mean"]
         if r["status"] == "ok" and t is not None and q is not None:
-            pts.append((r["name"], float(t), float(q)))
+            pts.append((r["name"], float(t), float(q), r["kind"]))
     return pts
+
+
+def _overlaps(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _place_label(d: ImageDraw.ImageDraw, x: float, y: float, text: str, fnt, taken: list[tuple]) -> None:
+    """Draw text beside (x, y) where it hides no earlier label (first free of a few spots)."""
+    w = _text_width(d, text, fnt)
+    spots = [(8, -8), (8, 6), (8, -22), (-w - 8, -8), (-w - 8, 6), (8, 20), (-w - 8, -22), (8, -36)]
+    for dx, dy in spots:
+        box = (x + dx, y + dy, x + dx + w, y + dy + 14)
+        if not any(_overlaps(box, other) for other in taken):
+            break
+    taken.append(box)
+    d.text((box[0], box[1]), text, fill=FG, font=fnt)
 
 
 def quality_time_plot(rows: list[dict], size: tuple[int, int] = (900, 560)) -> Image.Image:
@@ -86,17 +103,19 @@ def quality_time_plot(rows: list[dict], size: tuple[int, int] = (900, 560)) -> I
     left, right, top, bottom = 80, 30, 60, 60
     img = Image.new("RGB", size, BG)
     d = ImageDraw.Draw(img)
-    d.text((left + 60, 12), "quality vs time (PSNR vs the reference image; higher and further left is better)",
+    d.text((left - 40, 12), "quality vs time: PSNR vs the reference image (up and left is better)",
            fill=FG, font=font(15))  # fmt: skip
     pts = _points(rows)
-    finite = [p for _, _, p in pts if math.isfinite(p)]
+    finite = [p for _, _, p, _ in pts if math.isfinite(p)]
     y_lo, y_hi = (min(finite) - 2, max(finite) + 2) if finite else (0.0, 50.0)
-    x_hi = max((t for _, t, _ in pts), default=1.0) * 1.15 or 1.0
+    times = [t for _, t, _, _ in pts] or [1.0]
+    span = max(max(times) - min(times), 0.05 * max(times), 1e-6)
+    x_lo, x_hi = max(0.0, min(times) - 0.25 * span), max(times) + 0.35 * span  # room for labels
     band = 28  # pixels above the finite range where PSNR = inf points sit
     plot_top = top + band
 
     def x_of(t: float) -> float:
-        return left + (w - left - right) * t / x_hi
+        return left + (w - left - right) * (t - x_lo) / (x_hi - x_lo)
 
     def y_of(p: float) -> float:
         if math.isinf(p):
@@ -104,7 +123,7 @@ def quality_time_plot(rows: list[dict], size: tuple[int, int] = (900, 560)) -> I
         return plot_top + (h - bottom - plot_top) * (1 - (p - y_lo) / max(y_hi - y_lo, 1e-9))
 
     small = font(12)
-    for t in _nice_ticks(0, x_hi):
+    for t in _nice_ticks(x_lo, x_hi):
         x = x_of(t)
         d.line([(x, plot_top), (x, h - bottom)], fill=GRID_LINE)
         d.text((x - 10, h - bottom + 6), f"{t:g}", fill=FG, font=small)
@@ -117,10 +136,17 @@ def quality_time_plot(rows: list[dict], size: tuple[int, int] = (900, 560)) -> I
     d.text((left - 45, top + band / 2 - 7), "inf", fill=FG, font=small)
     d.text(((w - 220) / 2, h - 28), "median seconds per image", fill=FG, font=font(14))
     d.text((8, top - 24), "PSNR (dB)", fill=FG, font=font(14))
-    for name, t, p in pts:
+    taken: list[tuple] = []
+    for _name, t, p, kind in sorted(pts, key=lambda q: q[1]):
         x, y = x_of(t), y_of(p)
-        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=ACCENT)
-        d.text((x + 8, y - 8), name, fill=FG, font=small)
+        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=ACCENT if kind == "zimage-lite" else OTHER)
+        taken.append((x - 5, y - 5, x + 5, y + 5))
+    for name, t, p, _ in sorted(pts, key=lambda q: q[1]):
+        _place_label(d, x_of(t), y_of(p), name, small, taken)
+    d.ellipse([w - 250, 18, w - 242, 26], fill=ACCENT)
+    d.text((w - 236, 14), "zimage-lite", fill=FG, font=small)
+    d.ellipse([w - 150, 18, w - 142, 26], fill=OTHER)
+    d.text((w - 136, 14), "diffusers", fill=FG, font=small)
     if not pts:
         d.text((left + 20, plot_top + 20), "no completed rows", fill=ACCENT, font=font(14))
     return img
