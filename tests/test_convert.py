@@ -207,10 +207,20 @@ def test_text_encoder_gguf_with_tokenizer(tiny, tmp_path):
     assert qwen3_config_from_gguf(open_checkpoint(again)) == config
 
 
-def test_threads_do_not_change_bytes(k_transformer, tmp_path):
+def test_threads_and_device_do_not_change_bytes(k_transformer, tmp_path):
     convert(k_transformer, tmp_path / "a.gguf", "q4_0", progress=False, threads=1)
     convert(k_transformer, tmp_path / "b.gguf", "q4_0", progress=False, threads=2)
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    convert(k_transformer, tmp_path / "c.gguf", "q4_0", progress=False, device="cpu")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "c.gguf").read_bytes()
+
+
+@pytest.mark.gpu
+def test_cuda_quantization_gives_the_same_file(k_transformer, tmp_path):
+    for quant in ("q8_0", "q4_k"):
+        convert(k_transformer, tmp_path / f"cpu-{quant}.gguf", quant, progress=False)
+        convert(k_transformer, tmp_path / f"gpu-{quant}.gguf", quant, progress=False, device="cuda")
+        assert (tmp_path / f"cpu-{quant}.gguf").read_bytes() == (tmp_path / f"gpu-{quant}.gguf").read_bytes()
 
 
 def _single_transformer_file(tiny, path, edit=None):
@@ -294,11 +304,11 @@ def test_interrupt_leaves_nothing(tiny, tmp_path, monkeypatch, threads):
     calls = {"n": 0}
     real = stream.encode
 
-    def flaky(job):
+    def flaky(job, *args):
         calls["n"] += 1
         if calls["n"] == 20:
             raise KeyboardInterrupt
-        return real(job)
+        return real(job, *args)
 
     monkeypatch.setattr(stream, "encode", flaky)
     with pytest.raises(KeyboardInterrupt):

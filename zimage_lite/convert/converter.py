@@ -65,7 +65,9 @@ def _check_quant(quant: str) -> str:
     return q
 
 
-def write_plan(plan: ComponentPlan, path: Path, threads: int | None, progress: bool) -> int:
+def write_plan(
+    plan: ComponentPlan, path: Path, threads: int | None, progress: bool, device: str | None = None
+) -> int:
     """Write one component file at `path` (already a temporary name); returns bytes written."""
     if plan.container == "gguf":
         from zimage_lite.weights.gguf_io import GGUFStreamWriter
@@ -84,7 +86,7 @@ def write_plan(plan: ComponentPlan, path: Path, threads: int | None, progress: b
             writer.add(o.name, o.shape, dtypes[o.storage])
     try:
         writer.begin()
-        run_jobs(plan.jobs, writer.write, threads, progress, desc=plan.component)
+        run_jobs(plan.jobs, writer.write, threads, progress, desc=plan.component, device=device)
     except BaseException:
         writer.abort()
         raise
@@ -122,7 +124,14 @@ def _sibling_tokenizer(src: Path) -> Path | None:
 
 
 def _convert_one(
-    src: Path, out: Path, quant: str, force: bool, progress: bool, threads: int | None, tokenizer: Path | None
+    src: Path,
+    out: Path,
+    quant: str,
+    force: bool,
+    progress: bool,
+    threads: int | None,
+    tokenizer: Path | None,
+    device: str | None,
 ) -> ConvertResult:
     detected = detect(src)
     source = open_checkpoint(src)
@@ -135,13 +144,13 @@ def _convert_one(
         )
     result = ConvertResult(out, quant)
     with atomic_path(out, force) as tmp:
-        _account(result, plan, write_plan(plan, tmp, threads, progress))
+        _account(result, plan, write_plan(plan, tmp, threads, progress, device))
     result.components[detected.component] = out
     return result
 
 
 def _convert_model(
-    src: Path, out: Path, quant: str, force: bool, progress: bool, threads: int | None
+    src: Path, out: Path, quant: str, force: bool, progress: bool, threads: int | None, device: str | None
 ) -> ConvertResult:
     paths = resolve_model(src)
     result = ConvertResult(out, quant)
@@ -168,7 +177,7 @@ def _convert_model(
             else:
                 name = component + _suffix(plan)
                 manifest[component] = name
-            _account(result, plan, write_plan(plan, tmp / name, threads, progress))
+            _account(result, plan, write_plan(plan, tmp / name, threads, progress, device))
         for extra in ("tokenizer", "scheduler"):
             folder = paths.tokenizer if extra == "tokenizer" else src / "scheduler"
             if folder.is_dir():
@@ -190,11 +199,13 @@ def convert(
     progress: bool = True,
     threads: int | None = None,
     tokenizer: Path | None = None,
+    device: str | None = None,
 ) -> ConvertResult:
     """Convert a model folder, a component folder or a single file; see the module docstring.
 
     `threads`: encoder threads (default: all cores). `tokenizer`: a tokenizer folder to embed in a text
-    encoder GGUF when converting a lone text encoder (default: a `tokenizer/` folder next to it)."""
+    encoder GGUF when converting a lone text encoder (default: a `tokenizer/` folder next to it).
+    `device`: quantize there (e.g. "cuda": same bytes, much faster K-quant search); default the CPU."""
     from zimage_lite.weights.checkpoint import is_model_folder
 
     start = time.perf_counter()
@@ -206,9 +217,9 @@ def convert(
         raise UsageError(f"{out}: the output must not be the input or inside it")
     refuse_existing(out, force)
     if is_model_folder(src):
-        result = _convert_model(src, out, quant, force, progress, threads)
+        result = _convert_model(src, out, quant, force, progress, threads, device)
     else:
-        result = _convert_one(src, out, quant, force, progress, threads, tokenizer)
+        result = _convert_one(src, out, quant, force, progress, threads, tokenizer, device)
     result.seconds = time.perf_counter() - start
     log.info(
         "converted %s -> %s (%s): %d tensors, %.2f GB -> %.2f GB in %.1f s",

@@ -50,12 +50,16 @@ class Job:
     origin: str = ""  # where the weight comes from, for error messages
 
 
-def encode(job: Job) -> dict[str, torch.Tensor]:
-    """Load, validate (shape, finite values) and encode one job -> {output name: tensor}."""
+def encode(job: Job, device: str | None = None) -> dict[str, torch.Tensor]:
+    """Load, validate (shape, finite values) and encode one job -> {output name: CPU tensor}.
+
+    `device` (e.g. "cuda"): where to quantize; the quantizers give the same bytes on any device."""
     from zimage_lite.quant.formats import QUANT_TYPES, quantize
 
     try:
         w = job.load()
+        if device is not None:
+            w = w.to(device)
         if tuple(w.shape) != tuple(job.shape):
             raise CheckpointError(
                 f"{job.origin}tensor {job.name} has shape {tuple(w.shape)}, expected {job.shape}"
@@ -82,7 +86,7 @@ def encode(job: Job) -> dict[str, torch.Tensor]:
     finally:
         if job.release is not None:
             job.release()
-    return out
+    return {name: t.cpu() for name, t in out.items()} if device is not None else out
 
 
 @contextmanager
@@ -111,8 +115,10 @@ def run_jobs(
     threads: int | None = None,
     progress: bool = True,
     desc: str = "convert",
+    device: str | None = None,
 ) -> None:
-    """Encode every job and `write(name, tensor)` each output, in job order."""
+    """Encode every job (on `device`, default the CPU) and `write(name, tensor)` each output, in job order."""
+    args = () if device is None else (device,)
     threads = max(1, threads or os.cpu_count() or 1)
     bar = _progress(sum(j.in_bytes for j in jobs), desc, progress)
     pending: deque[tuple[Job, Future]] = deque()
@@ -127,7 +133,7 @@ def run_jobs(
     try:
         if threads == 1:
             for job in jobs:
-                for name, tensor in encode(job).items():
+                for name, tensor in encode(job, *args).items():
                     write(name, tensor)
                 if bar is not None:
                     bar.update(job.in_bytes)
@@ -137,7 +143,7 @@ def run_jobs(
                 for job in jobs:
                     if len(pending) > threads:
                         drain_one()
-                    pending.append((job, pool.submit(encode, job)))
+                    pending.append((job, pool.submit(encode, job, *args)))
                 while pending:
                     drain_one()
             except BaseException:
