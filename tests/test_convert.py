@@ -372,3 +372,28 @@ def test_comfyui_single_files_convert(tiny, tmp_path):
     name = "layers.0.attention.qkv.weight"
     assert back.qtype(name) == "Q8_0"
     assert torch.equal(back.get_quant(name).data, quantize(fp8.get(name), "Q8_0"))
+
+
+def test_text_encoder_gguf_loads_into_the_encoder(tiny, tmp_path):
+    """The recipe a loader follows: config from qwen3.* keys, names via gguf_to_hf_name, last layer dropped."""
+    from zimage_lite.models.qwen3 import Qwen3Encoder, load_text_encoder
+    from zimage_lite.weights.names_qwen3 import is_unused_by_encoder
+
+    convert(tiny / "text_encoder", tmp_path / "te.gguf", "bf16", progress=False)
+    source = open_checkpoint(tmp_path / "te.gguf")
+    config = qwen3_config_from_gguf(source)
+    tensors = {gguf_to_hf_name(k): source.get(k) for k in source.keys()}
+    tensors = {k: v for k, v in tensors.items() if not is_unused_by_encoder(k, config.num_hidden_layers)}
+    ours = load_strict(
+        build_meta(lambda: Qwen3Encoder(config)), tensors, "te gguf", dtype=torch.float32
+    ).eval()
+    ref = load_text_encoder(tiny / "text_encoder", torch.float32).eval()
+    from zimage_lite.quant.policy import choose_qtype
+
+    with torch.no_grad():  # what the bf16 preset stores: BF16 matrices, small and 1-D tensors F32
+        for name, p in ref.named_parameters():
+            if choose_qtype(name, tuple(p.shape), "bf16", "text_encoder") == "BF16":
+                p.copy_(p.to(torch.bfloat16).float())
+    ids = torch.tensor([source.tokenizer().encode(PROMPTS[0]).ids])
+    with torch.no_grad():
+        assert torch.equal(ours(ids), ref(ids))

@@ -200,7 +200,7 @@ class SafetensorsCheckpoint:
         layer = name[: -len(".weight")] if name.endswith(".weight") else name
         for suffix in (".weight_scale", ".scale_weight"):
             if layer + suffix in self._st:
-                return self._map.view(layer + suffix).to(torch.float32)
+                return self._map.view(layer + suffix).to(torch.float32).clone()  # tiny; not tied to the file
         return None
 
     def _dequant(self, name: str, q: torch.Tensor) -> torch.Tensor:
