@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from zimage_lite.errors import CheckpointError
-from zimage_lite.models.qwen3 import Qwen3Encoder, infer_qwen3_config, load_text_encoder
+from zimage_lite.models.qwen3 import Qwen3Encoder, infer_qwen3_config
 from zimage_lite.synthetic_tokenizer import write_synthetic_tokenizer
 from zimage_lite.text import PromptTokenizer
+from zimage_lite.weights.loaders import load_text_encoder
 from zimage_lite.weights.names_qwen3 import gguf_to_hf_name, hf_to_gguf_name, strip_model_prefix
 
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,7 @@ from torch import nn
 
 from zimage_lite.config import Qwen3Config
 from zimage_lite.errors import CheckpointError
-from zimage_lite.weights.load import build_meta, load_strict
-from zimage_lite.weights.names_qwen3 import is_unused_by_encoder, layer_index, strip_model_prefix
-from zimage_lite.weights.safetensors_io import SafetensorsSource
+from zimage_lite.weights.names_qwen3 import layer_index
 
 log = logging.getLogger(__name__)
 
@@ -179,30 +176,3 @@ def infer_qwen3_config(shapes: Mapping[str, tuple[int, ...]]) -> Qwen3Config:
         num_key_value_heads=kv_rows // head_dim,
         head_dim=head_dim,
     )
-
-
-def load_text_encoder(
-    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
-) -> Qwen3Encoder:
-    """Load a diffusers `text_encoder/` folder (config.json + shards) or a single safetensors file
-    (ComfyUI qwen_3_4b.safetensors: `model.` prefix, no config; the config is inferred from shapes).
-
-    Keys may or may not carry `model.`; the LM head, final norm and last layer are dropped if present.
-    """
-    path = Path(path)
-    source = SafetensorsSource.open(path)
-    by_bare = strip_model_prefix(source.keys())
-    config_file = path / "config.json" if path.is_dir() else None
-    if config_file is not None and config_file.is_file():
-        config = Qwen3Config.from_json(config_file)
-    else:
-        config = infer_qwen3_config({name: source.shape(key) for name, key in by_bare.items()})
-    log.info("text encoder %s: %s", path, config)
-    tensors = {
-        name: source.get(key)
-        for name, key in by_bare.items()
-        if not is_unused_by_encoder(name, config.num_hidden_layers)
-    }
-    model = build_meta(lambda: Qwen3Encoder(config))
-    load_strict(model, tensors, f"text encoder {path}", dtype=dtype, device=device)
-    return model.eval()
