@@ -344,6 +344,8 @@ def test_vae_and_progress(tiny, tmp_path, capsys):
     with safe_open(str(out), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert detect(out).component == "vae"
+    convert(tiny / "vae", tmp_path, "bf16", progress=False)  # an existing folder: the file goes inside
+    assert (tmp_path / "vae-bf16.safetensors").is_file()
 
 
 def test_comfyui_single_files_convert(tiny, tmp_path):
@@ -376,7 +378,8 @@ def test_comfyui_single_files_convert(tiny, tmp_path):
 
 def test_text_encoder_gguf_loads_into_the_encoder(tiny, tmp_path):
     """The recipe a loader follows: config from qwen3.* keys, names via gguf_to_hf_name, last layer dropped."""
-    from zimage_lite.models.qwen3 import Qwen3Encoder, load_text_encoder
+    from zimage_lite.models.qwen3 import Qwen3Encoder
+    from zimage_lite.weights.loaders import load_text_encoder
     from zimage_lite.weights.names_qwen3 import is_unused_by_encoder
 
     convert(tiny / "text_encoder", tmp_path / "te.gguf", "bf16", progress=False)
@@ -395,5 +398,6 @@ def test_text_encoder_gguf_loads_into_the_encoder(tiny, tmp_path):
             if choose_qtype(name, tuple(p.shape), "bf16", "text_encoder") == "BF16":
                 p.copy_(p.to(torch.bfloat16).float())
     ids = torch.tensor([source.tokenizer().encode(PROMPTS[0]).ids])
+    via_loader = load_text_encoder(tmp_path / "te.gguf", torch.float32).eval()
     with torch.no_grad():
-        assert torch.equal(ours(ids), ref(ids))
+        assert torch.equal(ours(ids), ref(ids)) and torch.equal(via_loader(ids), ref(ids))

@@ -136,7 +136,9 @@ def _convert_one(
     detected = detect(src)
     source = open_checkpoint(src)
     plan = _plan_for(detected.component, source, src, quant, tokenizer or _sibling_tokenizer(src))
-    if not out.suffix:
+    if out.is_dir():  # an existing folder: put the file in it, named after the input
+        out = out / f"{src.stem if src.is_file() else src.name}-{quant}{_suffix(plan)}"
+    elif not out.suffix:
         out = out.with_suffix(_suffix(plan))
     elif out.suffix.lower() != _suffix(plan):
         raise UsageError(
@@ -215,8 +217,8 @@ def convert(
         raise CheckpointError(f"{src}: no such file or folder")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UsageError(f"{out}: the output must not be the input or inside it")
-    refuse_existing(out, force)
     if is_model_folder(src):
+        refuse_existing(out, force)
         result = _convert_model(src, out, quant, force, progress, threads, device)
     else:
         result = _convert_one(src, out, quant, force, progress, threads, tokenizer, device)
