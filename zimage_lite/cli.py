@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synthetic", help="write a random-weight model of the real architecture (tests, demo)")
     s.add_argument("output")
-    s.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument("--force", action="store_true")

@@ -52,11 +52,22 @@ def _tiny() -> SyntheticSpec:
     return SyntheticSpec(dit, text, vae, vocab_size=512)
 
 
+def _small() -> SyntheticSpec:
+    """Rows long enough (256-multiples) for the K-quants to apply to most linears, still CPU-fast."""
+    text = Qwen3Config(
+        vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=128, max_position_embeddings=1024,
+    )  # fmt: skip
+    dit = DiTConfig(dim=384, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=256)
+    vae = VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
+    return SyntheticSpec(dit, text, vae, vocab_size=512)
+
+
 def _full() -> SyntheticSpec:
     return SyntheticSpec(DiTConfig(), Qwen3Config(), VAEConfig(), vocab_size=151936)
 
 
-SIZES: dict[str, Callable[[], SyntheticSpec]] = {"tiny": _tiny, "full": _full}
+SIZES: dict[str, Callable[[], SyntheticSpec]] = {"tiny": _tiny, "small": _small, "full": _full}
 
 
 def random_tensor(

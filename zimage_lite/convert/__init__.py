@@ -1,0 +1,1 @@
+"""The converter: diffusers folders, ComfyUI files and GGUFs -> GGUF / FP8 files (see converter.py)."""

@@ -105,7 +105,7 @@ def _qwen3_plan(source, path: Path) -> tuple[dict[str, tuple[str, ...]], Qwen3Co
 
     if isinstance(source, GGUFSource):
         by_name = {gguf_to_hf_name(k): k for k in source.keys()}
-        config = qwen3_config_from_gguf(source.metadata)
+        config = qwen3_config_from_gguf(source)
     else:
         by_name = strip_model_prefix(source.keys())
         cfg_file = path / "config.json" if path.is_dir() else None
