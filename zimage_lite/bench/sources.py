@@ -1,7 +1,8 @@
 """Where each precision's weights come from: the reference folder, or a converted folder in the cache.
 
 Converted folders are cached under a key made of the source's resolved path, its newest file mtime and
-total size, and the quantization, so a changed source converts again and nothing else does. Synthetic
+total size, the converter's source code and the quantization, so a changed source or converter converts
+again and nothing else does. Synthetic
 models are cached by size and seed.
 """
 
@@ -72,8 +73,20 @@ def source_fingerprint(src: Path) -> str:
     return f"{src.resolve()}|{newest}|{size}"
 
 
+def converter_fingerprint() -> str:
+    """Hash of the converter's and quant formats' source: a changed converter never reuses old files."""
+    import zimage_lite
+
+    root = Path(zimage_lite.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("convert/*.py"), *root.glob("quant/*.py"), *root.glob("weights/*_io.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def converted_path(src: Path, quant: str, cache: Path) -> Path:
-    key = hashlib.sha256(f"{source_fingerprint(src)}|{quant}".encode()).hexdigest()[:12]
+    key = f"{source_fingerprint(src)}|{converter_fingerprint()}|{quant}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache / f"{src.resolve().name}-{quant}-{key}"
 
 
