@@ -104,6 +104,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from zimage_lite.convert.converter import convert
+
+    result = convert(
+        Path(args.src), Path(args.output), args.quant, force=args.force, progress=not args.quiet,
+        threads=args.threads, tokenizer=Path(args.tokenizer) if args.tokenizer else None, device=args.device,
+    )  # fmt: skip
+    ratio = result.out_bytes / max(result.in_bytes, 1)
+    print(
+        f"wrote {result.out} ({result.out_bytes / 1e9:.2f} GB from {result.in_bytes / 1e9:.2f} GB, "
+        f"{ratio:.0%}, {result.seconds:.1f} s)"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from zimage_lite.inspect import format_report, inspect_path
+
+    report = inspect_path(args.path)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from zimage_lite.bench.runner import run_bench_from_args
+
+    return run_bench_from_args(args)
+
+
 def cmd_synthetic(args: argparse.Namespace) -> int:
     import torch
 
@@ -141,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", help="write timings and memory as JSON here")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="quantize a checkpoint to GGUF / FP8 (a model folder or one file)")
+    c.add_argument("src", help="diffusers model folder, component folder, .safetensors or .gguf file")
+    c.add_argument("-o", "--output", required=True, help="output folder (for a model) or file")
+    c.add_argument("--quant", required=True, help="bf16, q8_0, q6_k, q5_k, q4_k, q4_0, fp8, q4_k_m, q5_k_m")
+    c.add_argument("--force", action="store_true", help="replace an existing output")
+    c.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
+    c.add_argument("--tokenizer", help="tokenizer folder to embed in a text-encoder GGUF")
+    c.add_argument("--device", default=None, help="quantize on this torch device (e.g. cuda); same bytes")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("inspect", help="what a checkpoint file or folder holds")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    b = sub.add_parser("bench", help="time and compare every precision against the BF16 reference")
+    from zimage_lite.bench.runner import add_bench_arguments
+
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("synthetic", help="write a random-weight model of the real architecture (tests, demo)")
     s.add_argument("output")
