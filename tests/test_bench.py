@@ -11,10 +11,8 @@ import argparse
 import inspect
 import json
 import math
-from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from zimage_lite.bench import sources
@@ -43,24 +41,6 @@ def bench(tmp_path_factory):
     rc = run_bench_from_args(args)
     report = json.loads((out / "report.json").read_text())
     return rc, report, out, cache
-
-
-def _reads_gguf(bench) -> bool:
-    """Whether this build's loaders read a converted GGUF transformer (probed apart from the bench)."""
-    from zimage_lite.errors import CheckpointError
-    from zimage_lite.weights.loaders import load_transformer
-
-    folder = Path(_row(bench[1], "q8_0")["source"])
-    try:
-        load_transformer(folder / "transformer.gguf", torch.float32, "cpu")
-    except CheckpointError:
-        return False
-    return True
-
-
-def _needs_gguf_loading(bench) -> None:
-    if not _reads_gguf(bench):
-        pytest.xfail("the loaders cannot read GGUF files yet: quantized rows fail with a recorded reason")
 
 
 def _row(report: dict, name: str) -> dict:
@@ -100,7 +80,6 @@ def test_reference_row_is_exact(bench):
 
 
 def test_quantized_rows_measure_a_loss(bench):
-    _needs_gguf_loading(bench)
     errors = {}
     for name in QUANTS:
         row = _row(bench[1], name)
