@@ -76,14 +76,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
-        tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype,
     )  # fmt: skip
-    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr, disable=args.quiet)
-    images = pipe.generate(
-        args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height, batch=args.batch,
-        on_step=lambda i, n: bar.update(1),
-    )  # fmt: skip
-    bar.close()
+    bar = None
+
+    def on_step(i: int, n: int) -> None:
+        nonlocal bar
+        if bar is None:  # started on the first step, so an early refusal prints only its error line
+            bar = tqdm(total=n, desc="denoise", unit="step", file=sys.stderr, disable=args.quiet)
+        bar.update(1)
+
+    try:
+        images = pipe.generate(
+            args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
+            batch=args.batch, on_step=on_step,
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
     meta = {
         "prompt": args.prompt, "seed": str(args.seed), "steps": str(args.steps),
         "size": f"{args.width}x{args.height}", "dtype": str(pipe.dtype).removeprefix("torch."),
@@ -165,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=1024)
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    g.add_argument(
+        "--vram",
+        default=None,
+        help="VRAM budget (4GB, 6GB, 8GB, auto): weights stream from host memory to fit it",
+    )
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("--stats", help="write timings and memory as JSON here")

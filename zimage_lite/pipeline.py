@@ -6,6 +6,7 @@ per-step timings land in `pipe.last_stats` as plain JSON-able values.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -51,14 +52,19 @@ def check_size(width: int, height: int) -> None:
 
 @dataclass
 class Stats:
-    """Timings in seconds; bytes as integers."""
+    """Timings in seconds; bytes as integers. `streaming` holds each streamed phase's streamer stats
+    (host-to-device bytes, pinned host bytes, copy time hidden behind compute, ...) and the plans."""
 
     phases: dict[str, float] = field(default_factory=dict)
     steps: list[float] = field(default_factory=list)
     peak_device_bytes: int | None = None
+    streaming: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"phases_s": self.phases, "steps_s": self.steps, "peak_device_bytes": self.peak_device_bytes}
+        out = {"phases_s": self.phases, "steps_s": self.steps, "peak_device_bytes": self.peak_device_bytes}
+        if self.streaming:
+            out["streaming"] = self.streaming
+        return out
 
 
 class _Timer:
@@ -75,9 +81,10 @@ class Pipeline:
     """Z-Image-Turbo text-to-image. Build with `Pipeline.load(...)`, call `generate(...)`."""
 
     def __init__(
-        self, paths: ModelPaths, tokenizer, text_encoder, transformer, vae, device: torch.device, dtype
+        self, paths: ModelPaths, tokenizer, text_encoder, transformer, vae, device: torch.device, dtype, budget=None
     ):
         self.paths = paths
+        self.budget = budget  # VramBudget with a total: weights live on the host and stream per phase
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.transformer = transformer
@@ -86,6 +93,7 @@ class Pipeline:
         self.dtype = dtype
         self.last_stats = Stats()
         self.load_seconds = 0.0
+        self._vae_tile: int | None = None
 
     @classmethod
     def load(
@@ -98,7 +106,11 @@ class Pipeline:
         tokenizer: str | Path | None = None,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
+        vram: str | int | None = None,
     ) -> Pipeline:
+        """`vram` ("6GB", "auto", bytes; None = everything resident on the device) turns on streaming:
+        the models stay in host memory and each phase streams its blocks inside that budget."""
+        from zimage_lite.runtime.budget import resolve_budget
         from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
 
         start = time.perf_counter()
@@ -110,27 +122,38 @@ class Pipeline:
         dtype = dtype or default_dtype(dev)
         if dev.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev)[0] < 8:
             raise UsageError("this GPU (sm < 8.0) has no bfloat16 support: use --dtype float16 or float32")
+        budget = resolve_budget(vram, dev) if vram is not None else None
+        if budget is not None and budget.total_bytes is None:
+            budget = None  # "auto" on the CPU: nothing to limit
         paths = resolve_model(model, transformer, text_encoder, vae, tokenizer)
+        home = torch.device("cpu") if budget is not None else dev
         pipe = cls(
             paths,
             tokenizer=load_tokenizer(paths.tokenizer),
-            text_encoder=load_text_encoder(paths.text_encoder, dtype, dev).eval(),
-            transformer=load_transformer(paths.transformer, dtype, dev).eval(),
-            vae=load_vae(paths.vae, dtype, dev).eval(),
+            text_encoder=load_text_encoder(paths.text_encoder, dtype, home).eval(),
+            transformer=load_transformer(paths.transformer, dtype, home).eval(),
+            vae=load_vae(paths.vae, dtype, home).eval(),
             device=dev,
             dtype=dtype,
+            budget=budget,
         )
         pipe.load_seconds = time.perf_counter() - start
         return pipe
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
-        """One (L_i, hidden) tensor per prompt: real tokens only (causal attention needs no padding)."""
-        ids = self.tokenizer.encode(prompts)
+    def encode_prompts(self, prompts: list[str] | list[list[int]]) -> list[torch.Tensor]:
+        """One (L_i, hidden) tensor per prompt: real tokens only (causal attention needs no padding).
+
+        Under a budget the embedding table stays on the host: rows are gathered there, then moved."""
+        ids = prompts if prompts and isinstance(prompts[0], list) else self.tokenizer.encode(prompts)
         out = []
         for row in ids:
-            x = torch.tensor([row], dtype=torch.long, device=self.device)
-            out.append(self.text_encoder(x)[0])
+            x = torch.tensor([row], dtype=torch.long)
+            if self.budget is None:
+                out.append(self.text_encoder(x.to(self.device))[0])
+            else:
+                emb = self.text_encoder.embed_tokens(x)
+                out.append(self.text_encoder.forward_embeddings(emb.to(self.device))[0])
         return out
 
     @torch.no_grad()
@@ -155,8 +178,11 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
+        ids = self.tokenizer.encode(prompts)
+        plans = self._plan(ids, width, height, len(prompts) * batch)
         t0 = timer.now()
-        captions = [c for c in self.encode_prompts(prompts) for _ in range(batch)]
+        with self._phase("text_encoder", plans):
+            captions = [c for c in self.encode_prompts(ids) for _ in range(batch)]
         t1 = timer.now()
         stats.phases["text_encoder"] = t1 - t0
 
@@ -181,15 +207,55 @@ class Pipeline:
             if on_step is not None:
                 on_step(i, steps)
 
-        latents = euler_sample(denoise, noise.to(self.device), steps, on_step=step_done)
+        with self._phase("transformer", plans):
+            latents = euler_sample(denoise, noise.to(self.device), steps, on_step=step_done)
         stats.phases["denoise"] = timer.now() - t1
+        self._vae_tile = plans.vae_tile if plans is not None else None
         return latents
+
+    def _plan(self, ids: list[list[int]], width: int, height: int, images: int):
+        """All phases planned before any work, so a budget too small fails first (None: no budget)."""
+        if self.budget is None:
+            return None
+        from zimage_lite.runtime.phases import plan_phases
+
+        plans = plan_phases(
+            self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width, height=height,
+            images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
+        )  # fmt: skip
+        self.last_stats.streaming["plans"] = plans.to_dict()
+        return plans
+
+    def _phase(self, name: str, plans):
+        """Streams the phase's blocks under a budget; a no-op context otherwise."""
+        if plans is None:
+            return contextlib.nullcontext()
+        from zimage_lite.runtime.phases import streamed
+        from zimage_lite.runtime.planner import dit_blocks, qwen3_blocks
+
+        if name == "text_encoder":
+            te = self.text_encoder
+            return streamed(
+                te, qwen3_blocks(te), plans.text_encoder, self.device, self.last_stats.streaming, name, False
+            )
+        dit = self.transformer
+        return streamed(dit, dit_blocks(dit), plans.transformer, self.device, self.last_stats.streaming, name)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         timer = _Timer(self.device)
         t0 = timer.now()
-        pixels = self.vae.decode_to_uint8(latents.to(self.device)).cpu().numpy()  # (B, H, W, 3) uint8
+        if self.budget is None:
+            pixels = self.vae.decode_to_uint8(latents.to(self.device))
+        else:
+            from zimage_lite.runtime.vae_tiling import decode_to_uint8_tiled
+
+            self.vae.decoder.to(self.device)
+            try:
+                pixels = decode_to_uint8_tiled(self.vae, latents.to(self.device), self._vae_tile)
+            finally:
+                self.vae.decoder.to("cpu")
+        pixels = pixels.cpu().numpy()  # (B, H, W, 3) uint8
         self.last_stats.phases["vae"] = timer.now() - t0
         if self.device.type == "cuda":
             self.last_stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)

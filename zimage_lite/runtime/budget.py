@@ -62,11 +62,12 @@ def parse_vram(spec: str | int | float | None) -> int | None:
 
 
 def format_bytes(n: int, digits: int = 1) -> str:
-    """'3.1 GB', '512 MB' (binary units, named as users name them); `digits` after the point for GB."""
+    """'3.1 GB', '512 MB' (binary units, named as users name them); `digits` after the point for GB
+    (and, when digits > 1, one decimal for MB, so a budget and a minimum never print the same)."""
     if abs(n) >= GIB:
         return f"{n / GIB:.{digits}f} GB"
     if abs(n) >= MIB:
-        return f"{n / MIB:.0f} MB"
+        return f"{n / MIB:.{1 if digits > 1 else 0}f} MB"
     return f"{n / KIB:.0f} KB" if abs(n) >= KIB else f"{n} B"
 
 

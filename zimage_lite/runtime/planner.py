@@ -100,6 +100,7 @@ class Plan:
         return {
             "budget_bytes": self.budget_bytes,
             "minimum_bytes": self.minimum_bytes,
+            "total_bytes": self.total_bytes,
             "resident_blocks": list(self.resident),
             "streamed_blocks": list(self.streamed),
             "ring_slots": self.ring_slots,
