@@ -137,6 +137,7 @@ class DiffusersEngine:
         self.compute_dtype = str(dtype).removeprefix("torch.")
         self.device = str(self.torch_device)
         self.vram = {"requested": cfg.vram, "applied": False, "note": "diffusers takes no VRAM cap"}
+        self.transformer_types = None
 
     def _sync(self) -> float:
         import torch

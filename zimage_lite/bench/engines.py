@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import inspect
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,26 @@ def component_bytes(paths) -> dict[str, int | None]:
     known = [v for v in sizes.values() if v is not None]
     sizes["total_bytes"] = sum(known) if known else None
     return sizes
+
+
+def tensor_types(path: Path | None) -> dict[str, int] | None:
+    """{storage type: tensor count} of a weight file or folder ("Q8_0", "F32", "float8_e4m3fn", ...)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            from zimage_lite.weights.gguf_io import GGUFSource
+
+            src = GGUFSource(path)
+            types = [src.qtype(k) for k in src.keys()]
+        else:
+            from zimage_lite.weights.safetensors_io import SafetensorsSource
+
+            src = SafetensorsSource.open(path)
+            types = [str(src.dtype(k)).removeprefix("torch.") for k in src.keys()]
+    except Exception:  # a report detail: an unreadable header must not cost the row
+        return None
+    return dict(Counter(types).most_common())
 
 
 def free_device_memory() -> None:
@@ -107,6 +128,7 @@ class OursEngine:
         self.compute_dtype = str(self.pipe.dtype).removeprefix("torch.")
         self.device = str(self.pipe.device)
         self.files = component_bytes(self.pipe.paths)
+        self.transformer_types = tensor_types(self.pipe.paths.transformer)
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()

@@ -77,6 +77,10 @@ def _environment(env: dict, s: dict, created: str) -> list[str]:
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in items)]
 
 
+def _types(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in counts.items())
+
+
 def render_markdown(report: dict) -> str:
     s, env, rows = report["settings"], report["environment"], report["rows"]
     model = s["model"] or f"synthetic {s['synthetic']} model (random weights)"
@@ -105,6 +109,12 @@ def render_markdown(report: dict) -> str:
     if notes:
         lines += ["", "Not bit-reproducible (warm-up vs first timed latents differ): "]
         lines[-1] += ", ".join(r["name"] for r in notes)
+    typed = [r for r in ok if r.get("transformer_types")]
+    if typed:
+        lines += ["", "Transformer tensors by storage type (a K-quant whose 256-block does not divide a row "]
+        lines[-1] += "falls back to Q8_0 / Q4_0; small and 1-D tensors stay F32):"
+        lines += ["", "| row | tensors |", "|---|---|"]
+        lines += [f"| {r['name']} | {_types(r['transformer_types'])} |" for r in typed]
     lines += ["", "![images per row](grid.png)", "", "![quality vs time](plot.png)", "", "## Environment", ""]
     lines += _environment(env, s, report["created_utc"])
     lines += ["", "## Prompts", ""]

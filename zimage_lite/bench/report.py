@@ -82,6 +82,7 @@ def build_row(row) -> dict:
         "convert": info.get("convert"),
         "load_s": info.get("load_s"),
         "files": info.get("files"),
+        "transformer_types": info.get("transformer_types"),
         "vram_cap": info.get("vram_cap"),
         "timing": _timing(row.samples),
         "memory": {

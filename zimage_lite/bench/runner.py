@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +197,7 @@ def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar)
     engine = row.engine = _open_engine(cfg, reference, row)
     row.info.update(
         load_s=engine.load_seconds, compute_dtype=engine.compute_dtype, device=engine.device,
-        files=engine.files, vram_cap=engine.vram,
+        files=engine.files, vram_cap=engine.vram, transformer_types=engine.transformer_types,
     )  # fmt: skip
     size = dict(steps=cfg.steps, width=cfg.width, height=cfg.height)
     first = cfg.prompts[0].text, cfg.seeds[0]
@@ -246,14 +245,14 @@ def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gens: lis
 
 
 def thumbnail(image, size: int = THUMB):
-    """Fit in size x size; small images are enlarged (nearest: pixels stay pixels) so the grid is legible."""
+    """Fit in size x size. Images under 128 px are enlarged by a whole factor (nearest: pixels stay sharp
+    squares, and the PNG stays small) so a tiny run's grid is legible."""
     from PIL import Image
 
-    scale = size / max(image.size)
-    new = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
-    return image.resize(new, resample)
-
-
-def median_or_none(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
+    longest = max(image.size)
+    if longest > size:
+        scale = size / longest
+        new = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+        return image.resize(new, Image.Resampling.LANCZOS)
+    k = max(1, 128 // longest)
+    return image.resize((image.size[0] * k, image.size[1] * k), Image.Resampling.NEAREST)
