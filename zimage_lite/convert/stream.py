@@ -54,7 +54,7 @@ def encode(job: Job, device: str | None = None) -> dict[str, torch.Tensor]:
     """Load, validate (shape, finite values) and encode one job -> {output name: CPU tensor}.
 
     `device` (e.g. "cuda"): where to quantize; the quantizers give the same bytes on any device."""
-    from zimage_lite.quant.formats import QUANT_TYPES, quantize
+    from zimage_lite.quant.formats import QUANT_TYPES, all_finite, quantize
 
     try:
         w = job.load()
@@ -64,7 +64,7 @@ def encode(job: Job, device: str | None = None) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{job.origin}tensor {job.name} has shape {tuple(w.shape)}, expected {job.shape}"
             )
-        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+        if w.is_floating_point() and not all_finite(w):
             raise CheckpointError(f"{job.origin}tensor {job.name} holds NaN or infinite values")
         if job.qtype in DENSE:
             out = {job.name: w.to(DENSE[job.qtype]).contiguous()}
