@@ -140,7 +140,25 @@ def test_vram_cap_is_passed_or_recorded(bench):
     supported = "vram" in inspect.signature(Pipeline.load).parameters
     assert engine.vram["requested"] == "6GB" and engine.vram["applied"] is supported
     assert (engine.vram["note"] is None) is supported
+    if supported:  # a 6 GB budget holds the tiny model: everything resident, uploaded once per phase
+        gen = engine.generate("a cat", 0, steps=1, width=64, height=64)
+        assert gen.sample.h2d_bytes > 0 and engine.pinned_host_bytes() == 0  # the CPU pins nothing
     engine.close()
+
+
+def test_streaming_counters_are_summed_over_phases():
+    from zimage_lite.bench.engines import _h2d, _stat
+
+    stats = {
+        "phases_s": {},
+        "streaming": {
+            "plans": {"transformer": {"ring_slots": 2}},
+            "text_encoder": {"h2d_bytes": 10, "resident_load_bytes": 1, "pinned_host_bytes": 4},
+            "transformer": {"h2d_bytes": 100, "resident_load_bytes": 20, "pinned_host_bytes": 40},
+        },
+    }
+    assert _h2d(stats) == 131 and _stat(stats, None, "pinned_host_bytes") == 44
+    assert _h2d({"phases_s": {}}) is None and _stat({}, None, "pinned_host_bytes") is None
 
 
 @pytest.mark.parametrize(

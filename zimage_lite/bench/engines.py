@@ -107,6 +107,14 @@ def _stat(stats: dict, pipe, *names: str) -> int | None:
     return None
 
 
+def _h2d(stats: dict) -> int | None:
+    """Bytes copied to the device in one generation under streaming: the streamed blocks' copies plus
+    the resident blocks' upload (the phases load them again every generation); None without streaming."""
+    parts = [_stat(stats, None, "h2d_bytes"), _stat(stats, None, "resident_load_bytes")]
+    known = [p for p in parts if p is not None]
+    return sum(known) if known else None
+
+
 class OursEngine:
     """zimage-lite's Pipeline on one source folder (the reference or a converted cache folder)."""
 
@@ -141,7 +149,7 @@ class OursEngine:
             steps_s=list(stats["steps_s"]),
             phases_s=dict(stats["phases_s"]),
             peak_device_bytes=stats.get("peak_device_bytes"),
-            h2d_bytes=_stat(stats, self.pipe, "h2d_bytes", "host_to_device_bytes"),
+            h2d_bytes=_h2d(stats),
         )
         return Generation(latents.float().cpu().numpy(), image, sample)
 
