@@ -94,7 +94,25 @@ def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device 
     cfg = dit_config_for(path, shapes)
     model = build_meta(lambda: ZImageDiT(cfg))
     log.info("transformer: %s (dim %d, %d layers)", path, cfg.dim, cfg.n_layers)
-    return materialize(model, source, plan, shapes, f"{path}: transformer", dtype, device)
+    model = materialize(model, source, plan, shapes, f"{path}: transformer", dtype, device)
+    if dtype == torch.float16:
+        protect_fp16(model)
+    return model
+
+
+FP16_FLOAT32_OUTPUTS = ("feed_forward.w2", "attention.out")
+
+
+def protect_fp16(model: nn.Module) -> None:
+    """Z-Image's FFN and attention outputs exceed fp16's 65504 (stable-diffusion.cpp users get black
+    images). Quantized layers feeding the sandwich norms return float32 (their GEMM accumulates in fp32
+    and w2's input is pre-scaled by 1/128, see QuantLinear); the RMSNorm after them brings values back
+    into range before the residual add."""
+    from zimage_lite.runtime.quant_linear import QuantLinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and name.endswith(FP16_FLOAT32_OUTPUTS):
+            module.out_dtype = torch.float32
 
 
 def _qwen3_plan(source, path: Path) -> tuple[dict[str, tuple[str, ...]], Qwen3Config]:
