@@ -33,7 +33,7 @@ THUMB = 192  # grid tile size in pixels
 class BenchConfig:
     out: Path
     model: Path | None = None
-    synthetic: str | None = None  # "tiny" | "full"
+    synthetic: str | None = None  # "tiny" | "small" | "full"
     precisions: list[str] = field(default_factory=lambda: [sources.REFERENCE])
     prompts: list[BenchPrompt] = field(default_factory=bench_prompts)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -72,14 +72,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="the reference: a diffusers-layout model folder (BF16 or FP32 weights)")
     src.add_argument(
-        "--synthetic", choices=["tiny", "full"], help="random weights: tiny (CPU, CI) or full size (GPU)"
+        "--synthetic",
+        choices=["tiny", "small", "full"],
+        help="random weights: tiny (CPU, CI), small (CPU; K-quant rows apply) or full size (GPU)",
     )
     parser.add_argument("--precisions", help="comma list, e.g. bf16,q8_0,q4_k (default: all available)")
     parser.add_argument("--prompts", type=int, help="use the first N prompts of the fixed set (default all)")
     parser.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--width", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny)")
-    parser.add_argument("--height", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny)")
+    parser.add_argument("--width", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny/small)")
+    parser.add_argument("--height", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny/small)")
     parser.add_argument("--repeats", type=int, default=1, help="timed generations per prompt and seed")
     parser.add_argument("--warmup", type=int, default=1, help="untimed generations per row first")
     parser.add_argument("--vram", help="VRAM cap passed to the runtime, e.g. 6GB")
@@ -103,7 +105,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    default_size = TINY_SIZE if args.synthetic == "tiny" else 1024
+    default_size = TINY_SIZE if args.synthetic in ("tiny", "small") else 1024
     for name in ("steps", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")

@@ -109,7 +109,7 @@ def precision_source(src: Path, precision: str, cache: Path, progress: bool) -> 
 
 
 def synthetic_model(size: str, cache: Path, seed: int = 0) -> Path:
-    """A cached random-weight model (tiny: float32; full: bfloat16, the real checkpoint's dtype)."""
+    """A cached random-weight model (float32; full size: bfloat16, the real checkpoint's dtype)."""
     import torch
 
     from zimage_lite.synthetic import write_synthetic_model
@@ -120,7 +120,7 @@ def synthetic_model(size: str, cache: Path, seed: int = 0) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
-    dtype = torch.float32 if size == "tiny" else torch.bfloat16
+    dtype = torch.bfloat16 if size == "full" else torch.float32
     log.info("writing the synthetic %s model to %s", size, out)
     write_synthetic_model(part, size, seed=seed, dtype=dtype)
     shutil.rmtree(out, ignore_errors=True)
