@@ -34,8 +34,11 @@ demo: $(STAMP)
 	test -d $(DEMO_DIR)/tiny-model || $(BIN)/zimage-lite synthetic $(DEMO_DIR)/tiny-model --size tiny
 	$(BIN)/zimage-lite generate "$(DEMO_PROMPT)" --model $(DEMO_DIR)/tiny-model --device cpu \
 		--width 256 --height 256 --seed 42 -o $(DEMO_DIR)/demo.png --stats $(DEMO_DIR)/stats.json
-	@echo "image:   $(DEMO_DIR)/demo.png  (random weights: expect colourful noise, not a lighthouse)"
-	@echo "timings: $(DEMO_DIR)/stats.json"
+	$(BIN)/zimage-lite bench --synthetic tiny --device cpu --prompts 2 --steps 4 --width 64 --height 64 \
+		--precisions bf16,q8_0,q4_k --cache $(DEMO_DIR)/bench-cache --out $(DEMO_DIR)/bench -q
+	@echo "image:        $(DEMO_DIR)/demo.png  (random weights: expect colourful noise, not a lighthouse)"
+	@echo "timings:      $(DEMO_DIR)/stats.json"
+	@echo "bench report: $(DEMO_DIR)/bench/report.md"
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
