@@ -124,3 +124,22 @@ def test_bfloat16_on_cuda_matches_diffusers(tiny):
     a, b = np.asarray(ours[0]).astype(int), np.asarray(theirs[0]).astype(int)
     assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.5
     assert pipe.last_stats.peak_device_bytes > 0
+
+
+@pytest.mark.parametrize(
+    "capability,expected", [((9, 0), torch.bfloat16), ((7, 5), torch.float16), ((6, 1), torch.float32)]
+)
+def test_compute_dtype_follows_the_card(monkeypatch, capability, expected):
+    from zimage_lite.pipeline import default_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert default_dtype(torch.device("cuda")) == expected
+
+
+def test_bfloat16_on_a_pascal_card_is_refused(monkeypatch, tiny):
+    from zimage_lite.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (6, 1))
+    with pytest.raises(UsageError, match="no bfloat16 support"):
+        Pipeline.load(tiny, device="cuda", dtype="bfloat16")
