@@ -140,12 +140,14 @@ class Pipeline:
         pipe.load_seconds = time.perf_counter() - start
         return pipe
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str] | list[list[int]]) -> list[torch.Tensor]:
-        """One (L_i, hidden) tensor per prompt: real tokens only (causal attention needs no padding).
+    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        """One (L_i, hidden) tensor per prompt: real tokens only (causal attention needs no padding)."""
+        return self.encode_ids(self.tokenizer.encode(prompts))
 
-        Under a budget the embedding table stays on the host: rows are gathered there, then moved."""
-        ids = prompts if prompts and isinstance(prompts[0], list) else self.tokenizer.encode(prompts)
+    @torch.no_grad()
+    def encode_ids(self, ids: list[list[int]]) -> list[torch.Tensor]:
+        """Text-encoder features of token ids. Under a budget the embedding table stays on the host:
+        rows are gathered there, then moved."""
         out = []
         for row in ids:
             x = torch.tensor([row], dtype=torch.long)
@@ -182,7 +184,7 @@ class Pipeline:
         plans = self._plan(ids, width, height, len(prompts) * batch)
         t0 = timer.now()
         with self._phase("text_encoder", plans):
-            captions = [c for c in self.encode_prompts(ids) for _ in range(batch)]
+            captions = [c for c in self.encode_ids(ids) for _ in range(batch)]
         t1 = timer.now()
         stats.phases["text_encoder"] = t1 - t0
 
