@@ -21,7 +21,7 @@ BlockFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Blocks handled per call: bounds the temporaries of the K-quant searches (~20 x this x 256 floats)
 # and keeps them cache-sized on the CPU.
-_CHUNK_ELEMENTS = 1 << 16
+_CHUNK_ELEMENTS = 1 << 18  # 1 MB of float32 per op: large enough that op dispatch does not dominate
 
 
 def all_finite(t: torch.Tensor) -> bool:
