@@ -157,3 +157,9 @@ def test_config_inferred_from_shapes_matches():
     inferred = DiTConfig.from_shapes(shapes)
     assert inferred.dim == 96 and inferred.n_layers == 3 and inferred.n_refiner_layers == 2
     assert inferred.cap_feat_dim == 48 and inferred.in_channels == 4 and inferred.n_heads == 3
+
+
+def test_two_layouts_of_one_tensor_are_refused():
+    keys = ["layers.0.attention.out.weight", "layers.0.attention.to_out.0.weight", "x_pad_token"]
+    with pytest.raises(CheckpointError, match="are both layers.0.attention.out.weight"):
+        dit_key_plan(keys)

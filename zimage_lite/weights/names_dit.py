@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from zimage_lite.config import DiTConfig
+from zimage_lite.errors import CheckpointError
 
 COMFY_PREFIX = "model.diffusion_model."
 STRAY_KEYS = frozenset({"norm_final.weight"})
@@ -57,6 +58,8 @@ def dit_key_plan(keys: Iterable[str]) -> dict[str, tuple[str, ...]]:
                 continue
         for old, new in _RENAMES:
             name = name.replace(old, new)
+        if name in plan:  # e.g. a diffusers `to_out.0` beside an original `attention.out`
+            raise CheckpointError(f"tensors {plan[name][0]} and {key} are both {name}: mixed key layouts")
         plan[name] = (key,)
     # a lone to_k / to_v (without its to_q) must still surface as an unexpected key
     for key in keys:
