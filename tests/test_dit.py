@@ -21,13 +21,7 @@ class DictSource(dict):
 
 def make_pair(cfg: DiTConfig, dtype=torch.float32, seed=0):
     """A diffusers model with random non-degenerate weights and our model loaded from its state dict."""
-    ref = ZImageTransformer2DModel(
-        **{
-            k: v
-            for k, v in cfg.to_dict().items()
-            if k not in ("adaln_embed_dim", "t_mid_dim", "seq_multiple")
-        }
-    )
+    ref = ZImageTransformer2DModel(**cfg.to_dict())
     gen = torch.Generator().manual_seed(seed)
     state = {k: random_tensor(k, tuple(v.shape), gen, torch.float32) for k, v in ref.state_dict().items()}
     ref.load_state_dict(state)
@@ -121,15 +115,7 @@ def test_name_maps_round_trip():
     cfg = CFGS["two_refiners"]
     ours = build_meta(lambda: ZImageDiT(cfg)).state_dict()
     diff = dit_to_diffusers(ours)
-    ref_keys = set(
-        ZImageTransformer2DModel(
-            **{
-                k: v
-                for k, v in cfg.to_dict().items()
-                if k not in ("adaln_embed_dim", "t_mid_dim", "seq_multiple")
-            }
-        ).state_dict()
-    )
+    ref_keys = set(ZImageTransformer2DModel(**cfg.to_dict()).state_dict())
     assert set(diff) == ref_keys
     assert set(dit_key_plan(diff)) == set(ours)
 

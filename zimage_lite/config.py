@@ -16,6 +16,7 @@ from typing import Any
 from zimage_lite.errors import ConfigError
 
 Shapes = Mapping[str, tuple[int, ...]]
+FIXED = {"fixed": True}  # field metadata: an architecture constant, not a config.json key
 
 
 def _require(cond: bool, model: str, msg: str) -> None:
@@ -44,7 +45,12 @@ class _FromJson:
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        """The config.json values (architecture constants marked `FIXED` are left out)."""
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if not f.metadata.get("fixed")
+        }
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,9 @@ class DiTConfig(_FromJson):
     axes_lens: tuple[int, ...] = (1536, 512, 512)
 
     # Fixed by the architecture (not in config.json): adaLN input width and timestep MLP width.
-    adaln_embed_dim: int = field(default=256, repr=False)
-    t_mid_dim: int = field(default=1024, repr=False)
-    seq_multiple: int = field(default=32, repr=False)
+    adaln_embed_dim: int = field(default=256, repr=False, metadata=FIXED)
+    t_mid_dim: int = field(default=1024, repr=False, metadata=FIXED)
+    seq_multiple: int = field(default=32, repr=False, metadata=FIXED)
 
     def __post_init__(self) -> None:
         m = "transformer"

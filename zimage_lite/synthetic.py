@@ -138,10 +138,7 @@ def write_transformer(folder: Path, cfg: DiTConfig, seed: int, dtype: torch.dtyp
             yield from dit_to_diffusers({name: t}).items()
 
     _write_sharded(folder, tensors(), "diffusion_pytorch_model", shard_bytes)
-    values = {
-        k: v for k, v in cfg.to_dict().items() if k not in ("adaln_embed_dim", "t_mid_dim", "seq_multiple")
-    }
-    _write_json(folder / "config.json", {"_class_name": "ZImageTransformer2DModel", **values})
+    _write_json(folder / "config.json", {"_class_name": "ZImageTransformer2DModel", **cfg.to_dict()})
 
 
 def write_text_encoder(
