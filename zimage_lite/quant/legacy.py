@@ -89,8 +89,9 @@ def quantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     imax = blocks.abs().argmax(dim=-1, keepdim=True)
     vmax = torch.gather(blocks, -1, imax)
     d = vmax / -8
-    # (int8_t)(x*id + 8.5f) truncates toward zero; the argument is never below 0.5.
-    q = torch.trunc(blocks * safe_inverse(d) + 8.5).clamp_(max=15).to(torch.uint8)
+    # (int8_t)(x*id + 8.5f) truncates toward zero; the argument lies in [0.5, 16.5], so the uint8
+    # conversion (which truncates) does it directly and the clamp runs on bytes.
+    q = (blocks * safe_inverse(d) + 8.5).to(torch.uint8).clamp_(max=15)
     return torch.cat([fp16_bytes(d), pack_nibbles(q)], dim=-1)
 
 
