@@ -270,3 +270,20 @@ def test_fp8_zero_guard_and_bad_input():
         quantize_fp8(torch.tensor([1.0, float("nan")]))
     with pytest.raises(UsageError):
         dequantize_fp8(q, torch.ones(5))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_sign_ties_and_signed_zeros_match_gguf_py(qtype):
+    """Blocks whose largest magnitude occurs with both signs (the first one sets the scale's sign in
+    ggml), all-zero blocks of +0.0 and -0.0, and a block of one nonzero value."""
+    import gguf.quants
+
+    rows = np.zeros((6, 32), dtype=np.float32)
+    rows[0, 3], rows[0, 9] = -0.5, 0.5
+    rows[1, 3], rows[1, 9] = 0.5, -0.5
+    rows[2, :] = np.linspace(-1, 1, 32, dtype=np.float32)
+    rows[3, :] = -0.0
+    rows[5, 31] = -2.0
+    theirs = gguf.quants.quantize(rows, getattr(gguf.GGMLQuantizationType, qtype))
+    ours = quantize(torch.from_numpy(rows), qtype).numpy()
+    assert np.array_equal(ours, theirs)

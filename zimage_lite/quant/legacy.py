@@ -41,9 +41,10 @@ def safe_inverse(d: torch.Tensor) -> torch.Tensor:
 
 
 def roundf(x: torch.Tensor) -> torch.Tensor:
-    """C roundf (half away from zero), exactly: x - trunc(x) is exact, so is doubling it."""
+    """C roundf (half away from zero), exactly: x - trunc(x) is exact, so is doubling it.
+    Overwrites `x` (in-place ops: this runs over every weight of a checkpoint)."""
     t = torch.trunc(x)
-    return t + torch.trunc(2 * (x - t))
+    return x.sub_(t).mul_(2).trunc_().add_(t)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ def quantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
     """(n, 32) float32 -> (n, 34) uint8, as quantize_row_q8_0_ref."""
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     d = amax / 127
-    q = roundf(blocks * safe_inverse(d)).to(torch.int8).view(torch.uint8)
+    q = roundf(blocks.mul(safe_inverse(d))).to(torch.int8).view(torch.uint8)
     return torch.cat([fp16_bytes(d), q], dim=-1)
 
 
@@ -81,17 +82,32 @@ def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- Q4_0
 
 
+def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """(n, 32) -> (n, 1): the value of largest magnitude, the first one when +m and -m both occur.
+    An all-zero block gives its first element (+0.0 or -0.0), as gguf-py's argmax does (ggml's C loop
+    would keep +0.0; gguf-py is the reference we match). amax/amin instead of argmax(|x|): argmax
+    over 32 lanes is ~6x slower and this is the hot path."""
+    mx = blocks.amax(dim=-1, keepdim=True)
+    mn = blocks.amin(dim=-1, keepdim=True)
+    vmax = torch.where(mx >= -mn, mx, mn)
+    vmax = torch.where((mx == 0) & (mn == 0), blocks[:, :1], vmax)
+    tie = ((mx == -mn) & (mx != 0)).squeeze(-1)
+    if bool(tie.any()):  # both signs reach the magnitude: the first in the block wins
+        sub = blocks[tie]
+        vmax[tie] = torch.gather(sub, -1, sub.abs().argmax(dim=-1, keepdim=True))
+    return vmax
+
+
 def quantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     """(n, 32) float32 -> (n, 18) uint8, as quantize_row_q4_0_ref.
 
     The scale comes from the signed value of largest magnitude (first one on ties), d = max / -8, so that
     value maps to q = 0 exactly and the 16th level (+8) is the one that goes unused."""
-    imax = blocks.abs().argmax(dim=-1, keepdim=True)
-    vmax = torch.gather(blocks, -1, imax)
+    vmax = _signed_absmax(blocks)
     d = vmax / -8
     # (int8_t)(x*id + 8.5f) truncates toward zero; the argument lies in [0.5, 16.5], so the uint8
     # conversion (which truncates) does it directly and the clamp runs on bytes.
-    q = (blocks * safe_inverse(d) + 8.5).to(torch.uint8).clamp_(max=15)
+    q = blocks.mul(safe_inverse(d)).add_(8.5).to(torch.uint8).clamp_(max=15)
     return torch.cat([fp16_bytes(d), pack_nibbles(q)], dim=-1)
 
 
