@@ -106,10 +106,11 @@ def _by_chunks(fn: BlockFn, blocks: torch.Tensor, out_width: int, block_elems: i
     return out
 
 
-def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
+def quantize(w: torch.Tensor, qtype: str, check_finite: bool = True) -> torch.Tensor:
     """w (..., n) float of any dtype, n a multiple of the block size -> uint8 (..., n/block * type_size).
 
-    Computed in float32 on w's device; the bytes are what ggml's reference quantizer writes."""
+    Computed in float32 on w's device; the bytes are what ggml's reference quantizer writes.
+    `check_finite=False` skips the NaN/Inf scan for callers that have just done it (the converter)."""
     q = _lookup(qtype)
     if q.quantize is None:
         raise UsageError(
@@ -120,7 +121,7 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
             f"cannot store shape {tuple(w.shape)} as {qtype}: rows must be multiples of {q.block_size}"
         )
     blocks = w.detach().to(torch.float32).reshape(-1, q.block_size)
-    if not all_finite(blocks):  # ggml asserts on these; its bytes would be meaningless
+    if check_finite and not all_finite(blocks):  # ggml asserts on these; its bytes would be meaningless
         raise UsageError(f"cannot quantize a tensor holding NaN or infinity to {qtype}")
     raw = _by_chunks(q.quantize, blocks, q.type_size, q.block_size)
     return raw.reshape(*w.shape[:-1], w.shape[-1] // q.block_size * q.type_size)
