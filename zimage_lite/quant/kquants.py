@@ -70,8 +70,10 @@ def make_qkx2_quants(
     sum_w, sum_x = _seq_sum(torch.stack([w, w * x], dim=1))  # (n, 2, lanes) -> (2, lanes)
 
     def error(scale: torch.Tensor, vmin: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-        diff = scale * L + vmin - x
-        return _seq_sum(w * (diff * diff))
+        # ((scale * L + vmin) - x)^2 * w, each op rounded as in C; in place to spare allocations
+        diff = L * scale
+        diff.add_(vmin).sub_(x)
+        return _seq_sum(diff.mul_(diff).mul_(w))
 
     iscale = rdiv(float(nmax), torch.where(flat, one, vmax - vmin))
     scale = rdiv(1.0, iscale)
@@ -82,7 +84,7 @@ def make_qkx2_quants(
         # (rmin + rdelta*is + nmax) in float32, as C evaluates it
         numer = np.float32(np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax)
         iscale = torch.div(_f32(float(numer)), torch.where(flat, one, vmax - vmin))
-        Laux = torch.round(iscale * (x - vmin)).clamp_(0, nmax)
+        Laux = (x - vmin).mul_(iscale).round_().clamp_(0, nmax)
         wl = torch.mul(w, Laux, out=products[:, 0])
         torch.mul(wl, Laux, out=products[:, 1])
         torch.mul(wl, x, out=products[:, 2])
