@@ -81,7 +81,15 @@ class Pipeline:
     """Z-Image-Turbo text-to-image. Build with `Pipeline.load(...)`, call `generate(...)`."""
 
     def __init__(
-        self, paths: ModelPaths, tokenizer, text_encoder, transformer, vae, device: torch.device, dtype, budget=None
+        self,
+        paths: ModelPaths,
+        tokenizer,
+        text_encoder,
+        transformer,
+        vae,
+        device: torch.device,
+        dtype,
+        budget=None,
     ):
         self.paths = paths
         self.budget = budget  # VramBudget with a total: weights live on the host and stream per phase

@@ -9,7 +9,6 @@ from torch import nn
 
 from zimage_lite.errors import CheckpointError
 
-
 _DENSE_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 

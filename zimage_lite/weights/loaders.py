@@ -20,7 +20,7 @@ from zimage_lite.errors import CheckpointError
 from zimage_lite.models.dit import ZImageDiT
 from zimage_lite.weights.checkpoint import open_checkpoint
 from zimage_lite.weights.load import build_meta, check_keys, load_strict
-from zimage_lite.weights.names_dit import dit_config_for, dit_key_plan, dit_shapes
+from zimage_lite.weights.names_dit import dit_config_for, dit_key_plan, dit_shapes, load_dit_tensors
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ def materialize(
         if name != path and path in qlinears:
             tensors.update(_quant_tensors(source, keys, path, device))
             continue
-        parts = [source.get(k) for k in keys]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        t = load_dit_tensors(source, plan, name)
         tensors[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     if qlinears:
         log.info(

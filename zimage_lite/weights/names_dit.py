@@ -92,7 +92,8 @@ def dit_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def load_dit_tensors(source, plan: Mapping[str, tuple[str, ...]], name: str) -> torch.Tensor:
-    """Materialise one of our tensors from a source (anything with `.get(key)`)."""
+    """Materialise one of our tensors from a source (anything with `.get(key)`); works for any
+    plan of the same form (our name -> source keys concatenated on dim 0), not only the DiT's."""
     parts = plan[name]
     if len(parts) == 1:
         return source.get(parts[0])
