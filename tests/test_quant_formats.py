@@ -206,6 +206,44 @@ def test_quantize_spans_several_chunks_like_one():
     assert torch.equal(whole, parts)
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_legacy_stages_span_calls_and_passes_like_one(qtype):
+    """The legacy quantizers stage their work (65536-block calls, 8192-block passes): a tensor spanning
+    several of both, with a ragged tail, gives gguf-py's bytes."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_t(3, size=(3, 140_000 // 32 * 32 + 32 * 5)) * 0.02).astype(np.float32)
+    x[1, 32 * 70_000 : 32 * 70_001] = 0.0  # an all-zero block past the first call
+    ref = gguf.quants.quantize(x, QUANT_TYPES[qtype].ggml_type)
+    np.testing.assert_array_equal(quantize(torch.from_numpy(x), qtype).numpy(), ref)
+
+
+def test_q8_0_rounds_half_away_from_zero_like_gguf_py():
+    """Q8_0 rounds with trunc(x + copysign(0.49999997, x)). Blocks whose scale is exactly 1 (max 127) put
+    every float32 within 2048 ulps of each k + 0.5 (k = 0..126), of both signs, straight into the
+    rounding; gguf-py's np_roundf must agree on every one."""
+    mids = torch.arange(127, dtype=torch.float32) + 0.5
+    offsets = torch.arange(-2048, 2049, dtype=torch.int32)
+    near = (mids.view(torch.int32)[:, None] + offsets).view(torch.float32).reshape(-1)
+    near = torch.cat([near, -near, torch.tensor([0.0, -0.0, 0.49999997, -0.49999997])])
+    near = near[near.abs() <= 127]
+    values = torch.nn.functional.pad(near, (0, -near.numel() % 31)).reshape(-1, 31)
+    x = torch.cat([torch.full((values.shape[0], 1), 127.0), values], dim=1).numpy()
+    ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(quantize(torch.from_numpy(x), "Q8_0").numpy(), ref)
+
+
+@pytest.mark.parametrize("qtype", [*WRITABLE, "FP8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused_wherever_they_are(qtype, bad):
+    from zimage_lite.errors import NonFiniteError
+
+    for where in (0, 70_000 * 32 - 1, 140_000 * 32 - 5):  # first block, end of a call, last block
+        w = torch.randn(140_000 * 32) * 0.02
+        w[where] = bad
+        with pytest.raises(NonFiniteError, match="NaN or infinity"):
+            quantize_fp8(w) if qtype == "FP8" else quantize(w.reshape(-1, 1024), qtype)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
 def test_loop_summation_path_gives_ggml_bytes(vectors, monkeypatch, qtype):
     """The per-element add loop (used on GPUs and for few lanes) must give the same bytes as numpy's."""

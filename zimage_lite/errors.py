@@ -15,3 +15,7 @@ class ConfigError(ZImageError):
 
 class UsageError(ZImageError):
     """A request that cannot be served: bad size, unknown quant type, output exists, no CUDA, ..."""
+
+
+class NonFiniteError(UsageError):
+    """A tensor to quantize holds NaN or infinity (ggml asserts on these; its bytes would be meaningless)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zimage_lite.errors import CheckpointError
+from zimage_lite.errors import CheckpointError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ def encode(job: Job, device: str | None = None) -> dict[str, torch.Tensor]:
     """Load, validate (shape, finite values) and encode one job -> {output name: CPU tensor}.
 
     `device` (e.g. "cuda"): where to quantize; the quantizers give the same bytes on any device."""
-    from zimage_lite.quant.formats import QUANT_TYPES, all_finite, quantize
-
     try:
         w = job.load()
         if device is not None:
@@ -64,29 +62,38 @@ def encode(job: Job, device: str | None = None) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{job.origin}tensor {job.name} has shape {tuple(w.shape)}, expected {job.shape}"
             )
-        if w.is_floating_point() and not all_finite(w):
-            raise CheckpointError(f"{job.origin}tensor {job.name} holds NaN or infinite values")
-        if job.qtype in DENSE:
-            out = {job.name: w.to(DENSE[job.qtype]).contiguous()}
-        elif job.qtype in QUANT_TYPES:
-            out = {job.name: quantize(w, job.qtype, check_finite=False)}  # checked just above
-        elif job.qtype == "FP8_E4M3":
-            from zimage_lite.quant.fp8 import quantize_fp8
-            from zimage_lite.weights.fp8_io import comfy_quant_marker
-
-            q, scale = quantize_fp8(w)
-            layer = job.name.removesuffix(".weight")
-            out = {
-                job.name: q,
-                layer + ".weight_scale": scale.reshape(()),
-                layer + ".comfy_quant": comfy_quant_marker(),
-            }
-        else:
-            raise CheckpointError(f"cannot store tensor {job.name} as {job.qtype}")
+        try:  # the quantizers check the values themselves, in passing where they can
+            out = _encode_values(job, w)
+        except NonFiniteError:
+            raise CheckpointError(f"{job.origin}tensor {job.name} holds NaN or infinite values") from None
     finally:
         if job.release is not None:
             job.release()
     return {name: t.cpu() for name, t in out.items()} if device is not None else out
+
+
+def _encode_values(job: Job, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One loaded weight -> its output tensors; NonFiniteError on NaN/Inf."""
+    from zimage_lite.quant.formats import QUANT_TYPES, all_finite, quantize
+
+    if job.qtype in QUANT_TYPES:
+        return {job.name: quantize(w, job.qtype)}
+    if job.qtype == "FP8_E4M3":
+        from zimage_lite.quant.fp8 import quantize_fp8
+        from zimage_lite.weights.fp8_io import comfy_quant_marker
+
+        q, scale = quantize_fp8(w)
+        layer = job.name.removesuffix(".weight")
+        return {
+            job.name: q,
+            layer + ".weight_scale": scale.reshape(()),
+            layer + ".comfy_quant": comfy_quant_marker(),
+        }
+    if job.qtype not in DENSE:
+        raise CheckpointError(f"cannot store tensor {job.name} as {job.qtype}")
+    if w.is_floating_point() and not all_finite(w):
+        raise NonFiniteError(job.name)
+    return {job.name: w.to(DENSE[job.qtype]).contiguous()}
 
 
 @contextmanager

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 import gguf
 import torch
 
-from zimage_lite.errors import UsageError
+from zimage_lite.errors import NonFiniteError, UsageError
 from zimage_lite.quant import kquants, legacy
 
 BlockFn = Callable[[torch.Tensor], torch.Tensor]
 
-# Blocks handled per call: bounds the temporaries of the K-quant searches (~20 x this x 256 floats)
-# and keeps them cache-sized on the CPU.
-_CHUNK_ELEMENTS = 1 << 18  # 1 MB of float32 per op: large enough that op dispatch does not dominate
+# Elements handled per call: bounds the temporaries of the K-quant searches (~20 x this x 256 floats)
+# and keeps them cache-sized on the CPU (1 MB of float32 per op: large enough that op dispatch does not
+# dominate). The legacy quantizers take larger calls: they stage their work themselves (legacy.py).
+_CHUNK_ELEMENTS = 1 << 18
+_LEGACY_CHUNK_ELEMENTS = 1 << 21  # 8 MB: the scale stage's ops then run on 65536 blocks each
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -37,7 +39,8 @@ def all_finite(t: torch.Tensor) -> bool:
 @dataclass(frozen=True)
 class QuantType:
     """One block format. `quantize` maps float32 blocks (n, block_size) to bytes (n, type_size),
-    `dequantize` the reverse; `quantize` is None for formats we only read."""
+    `dequantize` the reverse; `quantize` is None for formats we only read. `checks_finite`: the
+    quantizer raises NonFiniteError itself (from block extrema it computes anyway), so no extra scan."""
 
     name: str
     ggml_type: gguf.GGMLQuantizationType | None
@@ -45,19 +48,28 @@ class QuantType:
     type_size: int
     quantize: BlockFn | None
     dequantize: BlockFn
+    checks_finite: bool = False
+
+    @property
+    def chunk_blocks(self) -> int:
+        """Blocks per quantize call."""
+        elements = _LEGACY_CHUNK_ELEMENTS if self.block_size == legacy.QK else _CHUNK_ELEMENTS
+        return max(1, elements // self.block_size)
 
 
-def _entry(name: str, quantize: BlockFn | None, dequantize: BlockFn) -> QuantType:
+def _entry(
+    name: str, quantize: BlockFn | None, dequantize: BlockFn, checks_finite: bool = False
+) -> QuantType:
     ggml_type = gguf.GGMLQuantizationType[name]
     block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
-    return QuantType(name, ggml_type, block_size, type_size, quantize, dequantize)
+    return QuantType(name, ggml_type, block_size, type_size, quantize, dequantize, checks_finite)
 
 
 QUANT_TYPES: dict[str, QuantType] = {
     q.name: q
     for q in [
-        _entry("Q8_0", legacy.quantize_q8_0, legacy.dequantize_q8_0),
-        _entry("Q4_0", legacy.quantize_q4_0, legacy.dequantize_q4_0),
+        _entry("Q8_0", legacy.quantize_q8_0, legacy.dequantize_q8_0, checks_finite=True),
+        _entry("Q4_0", legacy.quantize_q4_0, legacy.dequantize_q4_0, checks_finite=True),
         _entry("Q4_K", kquants.quantize_q4_k, kquants.dequantize_q4_k),
         _entry("Q5_K", kquants.quantize_q5_k, kquants.dequantize_q5_k),
         _entry("Q6_K", kquants.quantize_q6_k, kquants.dequantize_q6_k),
@@ -98,19 +110,20 @@ def row_bytes(qtype: str, n_cols: int) -> int:
     return n_cols // q.block_size * q.type_size
 
 
-def _by_chunks(fn: BlockFn, blocks: torch.Tensor, out_width: int, block_elems: int) -> torch.Tensor:
+def _by_chunks(fn: BlockFn, blocks: torch.Tensor, out_width: int, step: int) -> torch.Tensor:
+    if blocks.shape[0] <= step:
+        return fn(blocks)
     out = torch.empty(blocks.shape[0], out_width, dtype=torch.uint8, device=blocks.device)
-    step = max(1, _CHUNK_ELEMENTS // block_elems)
     for start in range(0, blocks.shape[0], step):
         out[start : start + step] = fn(blocks[start : start + step])
     return out
 
 
-def quantize(w: torch.Tensor, qtype: str, check_finite: bool = True) -> torch.Tensor:
+def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
     """w (..., n) float of any dtype, n a multiple of the block size -> uint8 (..., n/block * type_size).
 
     Computed in float32 on w's device; the bytes are what ggml's reference quantizer writes.
-    `check_finite=False` skips the NaN/Inf scan for callers that have just done it (the converter)."""
+    Raises NonFiniteError when w holds NaN or infinity."""
     q = _lookup(qtype)
     if q.quantize is None:
         raise UsageError(
@@ -121,9 +134,12 @@ def quantize(w: torch.Tensor, qtype: str, check_finite: bool = True) -> torch.Te
             f"cannot store shape {tuple(w.shape)} as {qtype}: rows must be multiples of {q.block_size}"
         )
     blocks = w.detach().to(torch.float32).reshape(-1, q.block_size)
-    if check_finite and not all_finite(blocks):  # ggml asserts on these; its bytes would be meaningless
-        raise UsageError(f"cannot quantize a tensor holding NaN or infinity to {qtype}")
-    raw = _by_chunks(q.quantize, blocks, q.type_size, q.block_size)
+    try:
+        if not q.checks_finite and not all_finite(blocks):
+            raise NonFiniteError("NaN or infinity among the values")
+        raw = _by_chunks(q.quantize, blocks, q.type_size, q.chunk_blocks)
+    except NonFiniteError:
+        raise NonFiniteError(f"cannot quantize a tensor holding NaN or infinity to {qtype}") from None
     return raw.reshape(*w.shape[:-1], w.shape[-1] // q.block_size * q.type_size)
 
 

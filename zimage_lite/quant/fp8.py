@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from zimage_lite.errors import UsageError
+from zimage_lite.errors import NonFiniteError, UsageError
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -32,10 +32,11 @@ def quantize_fp8(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tens
         if w32.ndim < 2:
             raise UsageError(f"per-channel FP8 needs a weight of at least 2 dims, got shape {tuple(w.shape)}")
         amax = w32.abs().amax(dim=tuple(range(1, w32.ndim)), keepdim=True)
-    else:
-        amax = w32.abs().amax()
+    else:  # one pass, no |w| temporary the size of w (NaN survives aminmax)
+        lo, hi = torch.aminmax(w32) if w32.numel() else (torch.zeros(()), torch.zeros(()))
+        amax = torch.maximum(hi, lo.neg())
     if not torch.isfinite(amax).all():
-        raise UsageError("cannot quantize a weight holding NaN or infinity to FP8")
+        raise NonFiniteError("cannot quantize a weight holding NaN or infinity to FP8")
     scale = amax / FP8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = (w32 / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)

@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import torch
 
+from zimage_lite.errors import NonFiniteError
+
 QK = 32  # elements per legacy block
+
+# The quantizers run in two stages: the scales of all blocks in a few whole-array ops, then the values
+# _PASS_BLOCKS blocks at a time (1 MB of float32, which stays in L2 from op to op), written straight into
+# the output. Many small ops would be slower still in threads: each op's dispatch holds the GIL.
+_PASS_BLOCKS = 8192
+_BELOW_HALF = 0.49999997  # rounds to nextafterf(0.5f, 0) as a float32
 
 
 def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
@@ -40,20 +48,29 @@ def safe_inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, rdiv(1.0, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
 
 
-def roundf(x: torch.Tensor) -> torch.Tensor:
-    """C roundf (half away from zero), exactly: x - trunc(x) is exact, so is doubling it.
-    Overwrites `x` (in-place ops: this runs over every weight of a checkpoint)."""
-    t = torch.trunc(x)
-    return x.sub_(t).mul_(2).trunc_().add_(t)
+def _extrema(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block max and min, (n, 1) each. NaN propagates through both, so they also tell whether every
+    value is finite, which saves the caller a separate pass over the tensor."""
+    mx, mn = blocks.amax(dim=-1, keepdim=True), blocks.amin(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(mx).all() & torch.isfinite(mn).all()):
+        raise NonFiniteError("NaN or infinity among the values")
+    return mx, mn
 
 
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(n, 32) values < 16 -> (n, 16) bytes: element j in the low nibble of byte j, j+16 in the high one."""
-    return (q[:, :16] | (q[:, 16:] << 4)).to(torch.uint8)
+def _passes(blocks: torch.Tensor) -> list[slice]:
+    """Row ranges of _PASS_BLOCKS blocks: the elementwise stage runs per range, on cache-resident data."""
+    n = blocks.shape[0]
+    return [slice(s, min(s + _PASS_BLOCKS, n)) for s in range(0, n, _PASS_BLOCKS)]
+
+
+def _scratch(blocks: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reusable (pass, 32) buffer: no allocation per pass."""
+    rows = min(_PASS_BLOCKS, blocks.shape[0])
+    return torch.empty(rows, blocks.shape[1], dtype=dtype, device=blocks.device)
 
 
 def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(n, 16) bytes -> (n, 32) uint8, inverse of pack_nibbles."""
+    """(n, 16) bytes -> (n, 32) uint8: element j in the low nibble of byte j, j+16 in the high one."""
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
@@ -68,10 +85,23 @@ def _qh_bits(qh: torch.Tensor) -> torch.Tensor:
 
 def quantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
     """(n, 32) float32 -> (n, 34) uint8, as quantize_row_q8_0_ref."""
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    mx, mn = _extrema(blocks)
+    amax = torch.maximum(mx, mn.neg()).abs_()  # max |x|; abs_ makes an all -0.0 block's amax +0.0, as fabsf
     d = amax / 127
-    q = roundf(blocks.mul(safe_inverse(d))).to(torch.int8).view(torch.uint8)
-    return torch.cat([fp16_bytes(d), q], dim=-1)
+    inv = safe_inverse(d)
+    out = torch.empty(blocks.shape[0], 34, dtype=torch.uint8, device=blocks.device)
+    out[:, :2] = fp16_bytes(d)
+    q = out[:, 2:].view(torch.int8)
+    y, sign = _scratch(blocks), _scratch(blocks)
+    half = torch.full((), _BELOW_HALF, dtype=torch.float32, device=blocks.device)
+    for rows in _passes(blocks):
+        m = rows.stop - rows.start
+        x = torch.mul(blocks[rows], inv[rows], out=y[:m])
+        # roundf(x) = trunc(x + copysign(0.49999997f, x)): exact for every float32 with |x| <= 256
+        # (checked exhaustively; |x| <= 127 here). The int8 cast does the truncation.
+        x.add_(torch.copysign(half, x, out=sign[:m]))
+        q[rows].copy_(x)
+    return out
 
 
 def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -82,19 +112,17 @@ def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- Q4_0
 
 
-def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
-    """(n, 32) -> (n, 1): the value of largest magnitude, the first one when +m and -m both occur.
-    An all-zero block gives its first element (+0.0 or -0.0), as gguf-py's argmax does (ggml's C loop
-    would keep +0.0; gguf-py is the reference we match). amax/amin instead of argmax(|x|): argmax
-    over 32 lanes is ~6x slower and this is the hot path."""
-    mx = blocks.amax(dim=-1, keepdim=True)
-    mn = blocks.amin(dim=-1, keepdim=True)
-    vmax = torch.where(mx >= -mn, mx, mn)
-    vmax = torch.where((mx == 0) & (mn == 0), blocks[:, :1], vmax)
-    tie = ((mx == -mn) & (mx != 0)).squeeze(-1)
-    if bool(tie.any()):  # both signs reach the magnitude: the first in the block wins
-        sub = blocks[tie]
-        vmax[tie] = torch.gather(sub, -1, sub.abs().argmax(dim=-1, keepdim=True))
+def _signed_absmax(blocks: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """(n, 32) with its block extrema (n, 1) -> (n, 1): the value of largest magnitude, the first one
+    when +m and -m both occur. An all-zero block gives its first element (+0.0 or -0.0), as gguf-py's
+    argmax does (ggml's C loop would keep +0.0; gguf-py is the reference we match). From amax/amin
+    rather than argmax(|x|), which is ~6x slower over 32 lanes; the rare ties take the argmax path."""
+    neg = mn.neg()
+    vmax = torch.where(mx >= neg, mx, mn)
+    special = (mx == neg).squeeze(-1)  # a tie of both signs, or an all-zero block
+    if bool(special.any()):
+        sub = blocks[special]
+        vmax[special] = torch.gather(sub, -1, sub.abs().argmax(dim=-1, keepdim=True))
     return vmax
 
 
@@ -103,12 +131,23 @@ def quantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
 
     The scale comes from the signed value of largest magnitude (first one on ties), d = max / -8, so that
     value maps to q = 0 exactly and the 16th level (+8) is the one that goes unused."""
-    vmax = _signed_absmax(blocks)
-    d = vmax / -8
-    # (int8_t)(x*id + 8.5f) truncates toward zero; the argument lies in [0.5, 16.5], so the uint8
-    # conversion (which truncates) does it directly and the clamp runs on bytes.
-    q = blocks.mul(safe_inverse(d)).add_(8.5).to(torch.uint8).clamp_(max=15)
-    return torch.cat([fp16_bytes(d), pack_nibbles(q)], dim=-1)
+    mx, mn = _extrema(blocks)
+    d = _signed_absmax(blocks, mx, mn) / -8
+    inv = safe_inverse(d)
+    out = torch.empty(blocks.shape[0], 18, dtype=torch.uint8, device=blocks.device)
+    out[:, :2] = fp16_bytes(d)
+    y, q = _scratch(blocks), _scratch(blocks, torch.uint8)
+    for rows in _passes(blocks):
+        m = rows.stop - rows.start
+        # MIN(15, (int8_t)(x*id + 8.5f)): the argument lies in [0.5, 16.5], so clamping before the
+        # truncating uint8 cast is the same
+        torch.mul(blocks[rows], inv[rows], out=y[:m]).add_(8.5).clamp_(max=15)
+        q[:m].copy_(y[:m])
+        # (m, 32) bytes as (m, 4) int64: columns 0-1 hold q[0..15], 2-3 hold q[16..31]. Byte j of the
+        # block is q[j] | q[j+16] << 4; every q < 16, so the 64-bit shift carries nothing across bytes.
+        q64 = q[:m].view(torch.int64)
+        out[rows, 2:] = (q64[:, 2:] << 4).bitwise_or_(q64[:, :2]).view(torch.uint8)
+    return out
 
 
 def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
