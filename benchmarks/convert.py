@@ -5,7 +5,8 @@ FFN shape 10240 x 3840 by default), converted to every format by our streaming c
 Q4_0 / BF16 by gguf-py's numpy quantizer (`gguf.quants.quantize`) written tensor by tensor with its
 GGUFWriter, i.e. the ComfyUI-GGUF convert.py recipe minus holding the whole model. Every run is its own
 subprocess, so its peak RSS (VmHWM: anonymous memory plus mapped file pages) is its own. The input sits
-in the page cache for all runs alike.
+in the page cache for all runs alike; ours and gguf-py runs alternate, each after an `os.sync()`, and
+medians of `--repeats` are reported.
 
 `--full`: write a synthetic full-size FP32 Z-Image transformer (24.6 GB, streamed to disk) and convert it
 with `zimage_lite.convert.converter.convert` (`--full-quant`, default q4_k), reporting time and peak RSS.
@@ -149,6 +150,10 @@ def _worker_main(args: argparse.Namespace) -> None:
 
 
 def _run(worker: str, src: Path, dst: Path, qtype: str, threads: int) -> dict:
+    # Flush earlier runs' dirty pages first: otherwise a run can stall in the kernel's writeback
+    # throttling for data another run wrote (seen as 4x spreads in BF16 times).
+    if hasattr(os, "sync"):
+        os.sync()
     cmd = [sys.executable, __file__, "--worker", worker, "--src", str(src), "--dst", str(dst), "--qtype", qtype,
            "--threads", str(threads)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -162,11 +167,9 @@ def _run(worker: str, src: Path, dst: Path, qtype: str, threads: int) -> dict:
     return result
 
 
-def _median_run(worker: str, src: Path, dst: Path, qtype: str, threads: int, repeats: int) -> dict:
-    """The run with the median time of `repeats` (each its own process); all times kept."""
-    runs = sorted(
-        (_run(worker, src, dst, qtype, threads) for _ in range(repeats)), key=lambda r: r["seconds"]
-    )
+def _median(runs: list[dict]) -> dict:
+    """The run with the median time (each its own process); all times kept, the largest peak RSS."""
+    runs = sorted(runs, key=lambda r: r["seconds"])
     median = dict(runs[len(runs) // 2])
     median["all_seconds"] = [r["seconds"] for r in runs]
     median["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
@@ -217,19 +220,22 @@ def main() -> None:
         src = tmp / "medium.safetensors"
         write_medium_input(src, args.matrices, args.rows, args.cols)
         report["input"]["bytes"] = src.stat().st_size
-        for qtype in formats:  # side by side: gguf-py right after ours on the same format
+        for qtype in formats:
             suffix = ".safetensors" if qtype == "FP8_E4M3" else ".gguf"
             reps = 1 if qtype in ("Q4_K", "Q5_K", "Q6_K") else args.repeats  # the K runs are long already
-            report["ours"][qtype] = r = _median_run(
-                "ours", src, tmp / f"ours{suffix}", qtype, args.threads, reps
-            )
-            print(_line("ours", qtype, r), flush=True)
+            tools = {"ours": tmp / f"ours{suffix}"}
             if qtype in GGUF_PY:
-                report["gguf_py"][qtype] = g = _median_run(
-                    "gguf-py", src, tmp / "theirs.gguf", qtype, args.threads, reps
-                )
+                tools["gguf-py"] = tmp / "theirs.gguf"
+            runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+            for _ in range(reps):  # interleaved, so drift in the machine's load hits both tools alike
+                for tool, dst in tools.items():
+                    runs[tool].append(_run(tool, src, dst, qtype, args.threads))
+            report["ours"][qtype] = r = _median(runs["ours"])
+            print(_line("ours", qtype, r), flush=True)
+            if "gguf-py" in runs:
+                report["gguf_py"][qtype] = g = _median(runs["gguf-py"])
                 print(_line("gguf-py", qtype, g), flush=True)
-                report["ours"][qtype]["speedup_vs_gguf_py"] = r["gb_per_s"] / g["gb_per_s"]
+                r["speedup_vs_gguf_py"] = r["gb_per_s"] / g["gb_per_s"]
         src.unlink()
         if args.full:
             full_src = tmp / "z_image_fp32.safetensors"
