@@ -75,16 +75,21 @@ def make_qkx2_quants(
         diff.add_(vmin).sub_(x)
         return _seq_sum(diff.mul_(diff).mul_(w))
 
+    def levels(grid_min: torch.Tensor, iscale: torch.Tensor) -> torch.Tensor:
+        return (x - grid_min).mul_(iscale).round_().clamp_(0, nmax)
+
     iscale = rdiv(float(nmax), torch.where(flat, one, vmax - vmin))
     scale = rdiv(1.0, iscale)
-    L = torch.round(iscale * (x - vmin)).clamp_(0, nmax)
-    best_error = error(scale, vmin, L)
+    best_error = error(scale, vmin, levels(vmin, iscale))
+    # L is rebuilt once at the end from the grid (min, iscale) of each lane's best step: a per-step
+    # where() over all of L would cost more than a whole step's sums
+    best_grid_min, best_iscale = vmin, iscale
     products = torch.empty(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
     for step in range(nstep + 1):
         # (rmin + rdelta*is + nmax) in float32, as C evaluates it
         numer = np.float32(np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax)
         iscale = torch.div(_f32(float(numer)), torch.where(flat, one, vmax - vmin))
-        Laux = (x - vmin).mul_(iscale).round_().clamp_(0, nmax)
+        Laux = levels(vmin, iscale)
         wl = torch.mul(w, Laux, out=products[:, 0])
         torch.mul(wl, Laux, out=products[:, 1])
         torch.mul(wl, x, out=products[:, 2])
@@ -98,10 +103,12 @@ def make_qkx2_quants(
         this_scale = torch.where(clip, sum_xl / _where_nonzero(sum_l2), this_scale)
         cur_error = error(this_scale, this_min, Laux)
         better = (D > 0) & (cur_error < best_error)
-        L = torch.where(better, Laux, L)
+        best_grid_min = torch.where(better, vmin, best_grid_min)
+        best_iscale = torch.where(better, iscale, best_iscale)
         best_error = torch.where(better, cur_error, best_error)
         scale = torch.where(better, this_scale, scale)
         vmin = torch.where(better, this_min, vmin)
+    L = levels(best_grid_min, best_iscale)
     L = torch.where(flat, torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     return L, scale, -torch.where(flat, flat_min, vmin)
@@ -167,7 +174,9 @@ def _quantize_qkx(blocks: torch.Tensor, nmax: int, rmin: float, nstep: int):
     """Shared Q4_K/Q5_K body. blocks (n, 256) -> (d/dmin/scales bytes (n, 16), L (n, 8, 32) uint8)."""
     n = blocks.shape[0]
     sub = blocks.reshape(n, 8, 32)
-    x = sub.permute(2, 0, 1).reshape(32, n * 8)  # lanes = (block, sub-block)
+    # lanes = (block, sub-block). contiguous(): the reshape is a strided view, and every op of the
+    # search would inherit its (1, 32) strides (3-10x slower ops, and a copy in each numpy sum)
+    x = sub.permute(2, 0, 1).reshape(32, n * 8).contiguous()
     sum_x2 = _seq_sum(x * x)
     av_x = torch.sqrt(sum_x2 / 32)
     L, scales, mins = make_qkx2_quants(x, av_x + x.abs(), nmax, rmin, 0.1, nstep)
@@ -242,7 +251,8 @@ def quantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     """(n, 256) float32 -> (n, 210) uint8, as quantize_row_q6_K_ref."""
     n = blocks.shape[0]
     sub = blocks.reshape(n, 16, 16)
-    L, scales = make_qx_quants_rmse1(sub.permute(2, 0, 1).reshape(16, n * 16), nmax=32)
+    lanes = sub.permute(2, 0, 1).reshape(16, n * 16).contiguous()  # contiguous: see _quantize_qkx
+    L, scales = make_qx_quants_rmse1(lanes, nmax=32)
     L = L.reshape(16, n, 16).permute(1, 2, 0)
     scales = scales.reshape(n, 16)
     imax = scales.abs().argmax(dim=-1, keepdim=True)
