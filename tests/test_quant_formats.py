@@ -298,6 +298,21 @@ def test_fp8_round_trip_within_half_ulp(per_channel):
     assert dequantize_fp8(q, scale, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    ("shape", "per_channel"),
+    [((100, 96), False), ((100, 96), True), ((5000,), False), ((30, 4, 8), False), ((30, 4, 8), True)],
+)
+def test_fp8_slabs_equal_one_cast(shape, per_channel, monkeypatch):
+    """The cast runs a slab of rows at a time; the bytes are those of one (w / scale).clamp().to()."""
+    from zimage_lite.quant import fp8
+
+    monkeypatch.setattr(fp8, "_SLAB_ELEMENTS", 96 * 7)  # several slabs and a ragged last one
+    w = torch.distributions.StudentT(3.0).sample(shape) * 0.02
+    q, scale = quantize_fp8(w, per_channel=per_channel)
+    one = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    assert torch.equal(q.view(torch.uint8), one.view(torch.uint8))
+
+
 def test_fp8_zero_guard_and_bad_input():
     q, scale = quantize_fp8(torch.zeros(4, 8))
     assert scale.item() == 1.0 and not q.float().any()
