@@ -9,7 +9,9 @@ in the page cache for all runs alike; ours and gguf-py runs alternate, each afte
 medians of `--repeats` are reported.
 
 `--full`: write a synthetic full-size FP32 Z-Image transformer (24.6 GB, streamed to disk) and convert it
-with `zimage_lite.convert.converter.convert` (`--full-quant`, default q4_k), reporting time and peak RSS.
+with `zimage_lite.convert.converter.convert` to each of `--full-quant` (comma-separated, default q8_0,q4_k),
+reporting time and peak RSS. The input is larger than the page cache of a 24 GB machine, so these runs
+read it from disk.
 
 Run: `python benchmarks/convert.py [--full] [--out benchmarks/results/convert-cpu.json]`.
 """
@@ -131,6 +133,12 @@ def write_full_input(path: Path) -> dict:
 def worker_full(src: Path, out: Path, quant: str, threads: int | None) -> dict:
     from zimage_lite.convert.converter import convert
 
+    quant, _, variant = quant.partition(":")
+    if variant == "no-prefetch":  # the A/B of --full-prefetch-ab: no read-ahead hints to the kernel
+        import zimage_lite.convert.stream as stream
+
+        stream._prefetch = lambda job: None
+
     r = convert(src, out, quant, force=True, progress=True, threads=threads)
     return {"seconds": r.seconds, "in_bytes": r.in_bytes, "out_bytes": r.out_bytes, "types": r.types}
 
@@ -190,7 +198,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per tool and format; the median is reported")
     ap.add_argument("--threads", type=int, default=0, help="encoder threads (0: all cores)")
     ap.add_argument("--full", action="store_true", help="also convert a synthetic full-size FP32 transformer")
-    ap.add_argument("--full-quant", default="q4_k")
+    ap.add_argument("--full-quant", default="q8_0,q4_k")
+    ap.add_argument("--full-prefetch-ab", action="store_true", help="also run each without read-ahead hints")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -241,10 +250,13 @@ def main() -> None:
             full_src = tmp / "z_image_fp32.safetensors"
             report["full_input"] = _run_keep("full-write", full_src)
             print(f"wrote full-size input: {report['full_input']['bytes'] / 1e9:.1f} GB", flush=True)
-            out = tmp / "z_image.gguf"
-            report["full"] = r = _run("full", full_src, out, args.full_quant, args.threads)
-            report["full"]["quant"] = args.full_quant
-            print(_line("full", args.full_quant, r), flush=True)
+            report["full"] = {}
+            for quant in [q.strip() for q in args.full_quant.split(",") if q.strip()]:
+                out = tmp / ("z_image.safetensors" if quant == "fp8" else "z_image.gguf")
+                for variant in [":no-prefetch", ""] if args.full_prefetch_ab else [""]:
+                    name = quant + variant
+                    report["full"][name] = r = _run("full", full_src, out, name, args.threads)
+                    print(_line("full", name, r), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

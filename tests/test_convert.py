@@ -327,6 +327,50 @@ def test_interrupt_leaves_nothing(tiny, tmp_path, monkeypatch, threads):
     assert GGUFSource(tmp_path / "t.gguf").architecture == "lumina2" and _listing(tmp_path) == ["t.gguf"]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_job_is_prefetched_before_it_is_encoded(tiny, tmp_path, monkeypatch, threads):
+    events = []
+    real_encode, real_prefetch = stream.encode, stream._prefetch
+
+    def encode(job, *args):
+        events.append(("encode", job.name))
+        return real_encode(job, *args)
+
+    def prefetch(job):
+        assert job.prefetch is not None  # safetensors input: the source can read ahead
+        events.append(("prefetch", job.name))
+        real_prefetch(job)
+
+    monkeypatch.setattr(stream, "encode", encode)
+    monkeypatch.setattr(stream, "_prefetch", prefetch)
+    convert(tiny / "transformer", tmp_path / "t.gguf", "q8_0", progress=False, threads=threads)
+    order = {event: i for i, event in enumerate(events)}
+    names = {name for _, name in events}
+    assert len(events) == 2 * len(names) > 2
+    assert all(order[("prefetch", n)] < order[("encode", n)] for n in names)
+
+
+def test_paging_hints_keep_the_data(tiny, tmp_path):
+    """Read-ahead and dropping pages change residency only: views read the same values afterwards."""
+    from zimage_lite.weights.fp8_io import MappedSafetensors
+
+    files = sorted((tiny / "transformer").glob("*.safetensors"))
+    mapped = MappedSafetensors(files)
+    reference = {k: v.clone() for f in files for k, v in load_file(str(f)).items()}
+    for name, value in reference.items():
+        mapped.prefetch(name)
+        assert torch.equal(mapped.view(name), value)
+        mapped.release(name)
+        assert torch.equal(mapped.view(name), value)
+    convert(tiny / "transformer", tmp_path / "t.gguf", "bf16", progress=False)
+    source = GGUFSource(tmp_path / "t.gguf")
+    for name in source.keys():
+        before = source.get(name)
+        source.prefetch(name)
+        source.release(name)
+        assert torch.equal(source.get_view(name), before)
+
+
 def test_flat_pad_tokens_become_1_by_dim(tiny, tmp_path):
     def flatten(t):
         for k in ("x_pad_token", "cap_pad_token"):

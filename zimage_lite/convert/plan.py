@@ -51,10 +51,11 @@ def _view(source, key: str) -> torch.Tensor:
     return source.get_view(key) if hasattr(source, "get_view") else source.get(key)
 
 
-def _releaser(source, keys: tuple[str, ...]):
-    if not hasattr(source, "release"):
+def _paging(source, method: str, keys: tuple[str, ...]):
+    """`source.<method>(key)` for every key (release: drop pages; prefetch: read ahead), or None."""
+    if not hasattr(source, method):
         return None
-    return lambda: [source.release(k) for k in keys]
+    return lambda: [getattr(source, method)(k) for k in keys]
 
 
 def _outputs(name: str, shape: tuple[int, ...], qtype: str) -> list[OutTensor]:
@@ -78,7 +79,15 @@ def _job(source, name: str, keys: tuple[str, ...], shape: tuple[int, ...], qtype
 
     in_bytes = sum(source.nbytes(k) for k in keys)
     return Job(
-        name, shape, qtype, load, in_bytes, _outputs(name, shape, qtype), _releaser(source, keys), origin
+        name,
+        shape,
+        qtype,
+        load,
+        in_bytes,
+        _outputs(name, shape, qtype),
+        _paging(source, "release", keys),
+        origin,
+        _paging(source, "prefetch", keys),
     )
 
 

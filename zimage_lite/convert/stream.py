@@ -38,7 +38,7 @@ class OutTensor:
 @dataclass
 class Job:
     """Make `outputs` from one logical weight: `load()` returns it dense (shape `shape`), `release()` lets
-    the source drop its pages afterwards."""
+    the source drop its pages afterwards, `prefetch()` asks it to start reading them ahead of `load()`."""
 
     name: str
     shape: tuple[int, ...]
@@ -48,6 +48,7 @@ class Job:
     outputs: list[OutTensor] = field(default_factory=list)
     release: Callable[[], None] | None = None
     origin: str = ""  # where the weight comes from, for error messages
+    prefetch: Callable[[], None] | None = None
 
 
 def encode(job: Job, device: str | None = None) -> dict[str, torch.Tensor]:
@@ -96,6 +97,11 @@ def _encode_values(job: Job, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {job.name: w.to(DENSE[job.qtype]).contiguous()}
 
 
+def _prefetch(job: Job) -> None:
+    if job.prefetch is not None:
+        job.prefetch()
+
+
 @contextmanager
 def _torch_threads(n: int):
     """One intra-op thread per worker while the pool runs: the pool is the parallelism, and nested
@@ -139,7 +145,9 @@ def run_jobs(
 
     try:
         if threads == 1:
-            for job in jobs:
+            for i, job in enumerate(jobs):
+                for ahead in jobs[i : i + 2] if i == 0 else jobs[i + 1 : i + 2]:
+                    _prefetch(ahead)  # the next job's reads overlap this one's work
                 for name, tensor in encode(job, *args).items():
                     write(name, tensor)
                 if bar is not None:
@@ -150,6 +158,7 @@ def run_jobs(
                 for job in jobs:
                     if len(pending) > threads:
                         drain_one()
+                    _prefetch(job)  # its disk reads overlap the work of the jobs ahead of it
                     pending.append((job, pool.submit(encode, job, *args)))
                 while pending:
                     drain_one()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from zimage_lite.errors import CheckpointError
+from zimage_lite.weights.mapping import advise
 from zimage_lite.weights.safetensors_io import _ST_DTYPES, SafetensorsSource, read_header
 
 FP8_FORMAT = "float8_e4m3fn"
@@ -91,17 +92,15 @@ class MappedSafetensors:
             return raw.clone().view(dtype).reshape(shape)
 
     def release(self, name: str) -> None:
-        """Drop the tensor's pages from the resident set (best effort; a no-op where madvise is missing)."""
+        """Drop the tensor's pages from the resident set (best effort)."""
         index, _, _, begin, end = self._where[name]
-        mm = self._maps[index]
-        advice = getattr(mmap, "MADV_DONTNEED", None)
-        if mm is None or advice is None or end == begin:
-            return
-        start = begin - begin % mmap.PAGESIZE
-        try:
-            mm.madvise(advice, start, min(end, len(mm)) - start)
-        except (OSError, ValueError):
-            pass
+        advise(self._maps[index], begin, end, "MADV_DONTNEED")
+
+    def prefetch(self, name: str) -> None:
+        """Start reading the tensor's pages in the background (best effort)."""
+        index, _, _, begin, end = self._where[name]
+        if end > begin:
+            advise(self._map(index), begin, end, "MADV_WILLNEED")
 
 
 def fp8_variant(keys: list[str], dtypes: dict[str, torch.dtype], metadata: dict[str, str]) -> str | None:
@@ -238,6 +237,9 @@ class SafetensorsCheckpoint:
 
     def release(self, name: str) -> None:
         self._map.release(name)
+
+    def prefetch(self, name: str) -> None:
+        self._map.prefetch(name)
 
 
 def _comfy_quant_format(marker: torch.Tensor) -> str | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from zimage_lite.config import Qwen3Config
 from zimage_lite.errors import CheckpointError
+from zimage_lite.weights.mapping import advise
 
 log = logging.getLogger(__name__)
 
@@ -230,17 +230,23 @@ class GGUFSource:
         """Drop the pages of one tensor from this process's resident set (they stay in the page cache).
 
         Reading a 12 GB file through a mapping would otherwise keep every touched page counted in RSS."""
-        mm = getattr(self._reader.data, "_mmap", None)
-        advice = getattr(mmap, "MADV_DONTNEED", None)
-        if mm is None or advice is None:
-            return
         t = self._t(name)
-        start = t.data_offset - t.data_offset % mmap.PAGESIZE
-        end = min(t.data_offset + t.n_bytes, len(mm))
-        try:
-            mm.madvise(advice, start, end - start)
-        except (OSError, ValueError):  # best effort: an RSS optimisation, never a correctness issue
-            pass
+        advise(
+            getattr(self._reader.data, "_mmap", None),
+            t.data_offset,
+            t.data_offset + t.n_bytes,
+            "MADV_DONTNEED",
+        )
+
+    def prefetch(self, name: str) -> None:
+        """Start reading one tensor's pages in the background (best effort)."""
+        t = self._t(name)
+        advise(
+            getattr(self._reader.data, "_mmap", None),
+            t.data_offset,
+            t.data_offset + t.n_bytes,
+            "MADV_WILLNEED",
+        )
 
 
 def _f32(value: float) -> float:
