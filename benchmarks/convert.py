@@ -10,8 +10,8 @@ medians of `--repeats` are reported.
 
 `--full`: write a synthetic full-size FP32 Z-Image transformer (24.6 GB, streamed to disk) and convert it
 with `zimage_lite.convert.converter.convert` to each of `--full-quant` (comma-separated, default q8_0,q4_k),
-reporting time and peak RSS. The input is larger than the page cache of a 24 GB machine, so these runs
-read it from disk.
+reporting time and peak RSS. On a 24 GB machine the input does not fit the page cache, so part of it is
+read from disk.
 
 Run: `python benchmarks/convert.py [--full] [--out benchmarks/results/convert-cpu.json]`.
 """
