@@ -230,23 +230,15 @@ class GGUFSource:
         """Drop the pages of one tensor from this process's resident set (they stay in the page cache).
 
         Reading a 12 GB file through a mapping would otherwise keep every touched page counted in RSS."""
-        t = self._t(name)
-        advise(
-            getattr(self._reader.data, "_mmap", None),
-            t.data_offset,
-            t.data_offset + t.n_bytes,
-            "MADV_DONTNEED",
-        )
+        self._advise(name, "MADV_DONTNEED")
 
     def prefetch(self, name: str) -> None:
         """Start reading one tensor's pages in the background (best effort)."""
+        self._advise(name, "MADV_WILLNEED")
+
+    def _advise(self, name: str, advice: str) -> None:
         t = self._t(name)
-        advise(
-            getattr(self._reader.data, "_mmap", None),
-            t.data_offset,
-            t.data_offset + t.n_bytes,
-            "MADV_WILLNEED",
-        )
+        advise(getattr(self._reader.data, "_mmap", None), t.data_offset, t.data_offset + t.n_bytes, advice)
 
 
 def _f32(value: float) -> float:
