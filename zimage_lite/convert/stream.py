@@ -145,9 +145,11 @@ def run_jobs(
 
     try:
         if threads == 1:
+            if jobs:
+                _prefetch(jobs[0])
             for i, job in enumerate(jobs):
-                for ahead in jobs[i : i + 2] if i == 0 else jobs[i + 1 : i + 2]:
-                    _prefetch(ahead)  # the next job's reads overlap this one's work
+                if i + 1 < len(jobs):
+                    _prefetch(jobs[i + 1])  # the next job's reads overlap this one's work
                 for name, tensor in encode(job, *args).items():
                     write(name, tensor)
                 if bar is not None:

@@ -136,12 +136,13 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
             f"cannot store shape {tuple(w.shape)} as {qtype}: rows must be multiples of {q.block_size}"
         )
     blocks = w.detach().to(torch.float32).reshape(-1, q.block_size)
+    non_finite = f"cannot quantize a tensor holding NaN or infinity to {qtype}"
+    if not q.checks_finite and not all_finite(blocks):
+        raise NonFiniteError(non_finite)
     try:
-        if not q.checks_finite and not all_finite(blocks):
-            raise NonFiniteError("NaN or infinity among the values")
         raw = _by_chunks(q.quantize, blocks, q.type_size, q.chunk_blocks)
-    except NonFiniteError:
-        raise NonFiniteError(f"cannot quantize a tensor holding NaN or infinity to {qtype}") from None
+    except NonFiniteError:  # found by the quantizer itself
+        raise NonFiniteError(non_finite) from None
     return raw.reshape(*w.shape[:-1], w.shape[-1] // q.block_size * q.type_size)
 
 
