@@ -27,7 +27,7 @@ from zimage_lite.weights.names_vae import (
     vae_to_original,
 )
 
-REFERENCE_CONFIG = Path("/work/shared/reference-configs/vae.json")
+REFERENCE_CONFIG = Path(__file__).parent / "data" / "reference-configs" / "vae.json"  # see data/README.md
 LATENT_HW = (6, 10)  # non-square on purpose
 
 

@@ -1,21 +1,25 @@
 """The GGUF block formats zimage-lite reads and writes, and one entry point to (de)quantize any of them.
 
-`quantize` returns the exact GGUF byte layout (rows of blocks), byte-identical to ggml's reference
-quantizers; `dequantize` is bit-identical to gguf-py's `gguf.quants.dequantize` (float32), then cast.
-Both run on whatever device the input lives on.
+`quantize` returns the GGUF byte layout (rows of blocks). On the CPU it runs ggml's own reference
+quantizers (ggml_lib.py: ggml's bytes by construction) where the libggml-python wheel is installed, else
+our torch emulation of them (legacy.py, kquants.py), which also runs on GPUs: Q8_0 / Q4_0 bytes equal
+ggml's, K-quant bytes nearly all (a one-ulp difference in an fp16 scale can flip a rounding; the error
+is the same). `dequantize` is bit-identical to gguf-py's `gguf.quants.dequantize` (float32), then cast,
+on whatever device the input lives on.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import gguf
 import torch
 
 from zimage_lite.errors import NonFiniteError, UsageError
-from zimage_lite.quant import kquants, legacy
+from zimage_lite.quant import ggml_lib, kquants, legacy
 
 BlockFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -26,6 +30,11 @@ BlockFn = Callable[[torch.Tensor], torch.Tensor]
 _CHUNK_ELEMENTS = 1 << 19
 _LEGACY_CHUNK_ELEMENTS = 1 << 21  # 8 MB: the scale stage's ops then run on 65536 blocks each
 _DEQUANT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 out per dequantize call
+# Elements per ggml call: the float32 copy each worker holds (4 MB), and the unit of work that the
+# converter's threads share (~50 ms of Q4_K per thread, so a tensor's chunks spread evenly).
+_GGML_CHUNK_ELEMENTS = 1 << 20
+
+QUANTIZERS = ("ggml", "torch")  # what `quantizer=` may force; None picks ggml where usable
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -121,10 +130,79 @@ def _by_chunks(fn: BlockFn, blocks: torch.Tensor, out_width: int, step: int) -> 
     return out
 
 
-def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
+def pick_quantizer(device: torch.device | str = "cpu", quantizer: str | None = None) -> str:
+    """Which quantizer `quantize` runs for a tensor on `device`: "ggml" (CPU, where its library loads) or
+    "torch". `quantizer` forces one; forcing ggml where it cannot run is a UsageError saying why."""
+    if quantizer not in (None, *QUANTIZERS):
+        raise UsageError(f"unknown quantizer {quantizer!r} (choose {' or '.join(QUANTIZERS)})")
+    on_cpu = torch.device(device).type == "cpu"
+    if quantizer == "ggml":
+        if not on_cpu:
+            raise UsageError(f"ggml's quantizers run on the CPU, not on {device}")
+        if not ggml_lib.available():
+            raise UsageError(f"ggml's quantizers are unavailable: {ggml_lib.unavailable_reason()}")
+        return "ggml"
+    if quantizer == "torch" or not on_cpu:
+        return "torch"
+    return "ggml" if ggml_lib.available() else "torch"
+
+
+def quantizer_version(quantizer: str) -> str:
+    """What wrote the bytes, for file metadata (`zimage_lite.quantizer`)."""
+    if quantizer == "ggml":
+        return ggml_lib.load().version
+    return f"torch {torch.__version__} (zimage-lite's emulation of ggml's quantizers)"
+
+
+def _run_all(pool: Executor, fn: Callable[[int], None], args: range) -> None:
+    futures = [pool.submit(fn, a) for a in args]
+    try:
+        for f in futures:
+            f.result()
+    finally:  # after a failure, chunks not yet started are dropped
+        for f in futures:
+            f.cancel()
+
+
+def _quantize_ggml(w: torch.Tensor, q: QuantType, pool: Executor | None) -> torch.Tensor:
+    """ggml's bytes, one chunk of blocks per call (in `pool` when given). Each chunk is copied to float32
+    (bounded temporaries) and checked for NaN/Inf there: ggml would quantize them silently."""
+    flat = w.detach().reshape(-1)
+    n_blocks = flat.numel() // q.block_size
+    out = torch.empty(n_blocks, q.type_size, dtype=torch.uint8)
+    step = max(1, _GGML_CHUNK_ELEMENTS // q.block_size)
+
+    def one_chunk(start: int) -> None:
+        stop = min(start + step, n_blocks)
+        values = flat[start * q.block_size : stop * q.block_size].to(torch.float32).contiguous()
+        if not all_finite(values):
+            raise NonFiniteError("NaN or infinity among the values")
+        ggml_lib.quantize_blocks(values, out[start:stop], int(q.ggml_type), q.block_size)
+
+    starts = range(0, n_blocks, step)
+    if pool is None or len(starts) == 1:
+        for start in starts:
+            one_chunk(start)
+    else:
+        _run_all(pool, one_chunk, starts)
+    return out
+
+
+def _quantize_torch(w: torch.Tensor, q: QuantType) -> torch.Tensor:
+    blocks = w.detach().to(torch.float32).reshape(-1, q.block_size)
+    if not q.checks_finite and not all_finite(blocks):
+        raise NonFiniteError("NaN or infinity among the values")
+    return _by_chunks(q.quantize, blocks, q.type_size, q.chunk_blocks)
+
+
+def quantize(
+    w: torch.Tensor, qtype: str, quantizer: str | None = None, pool: Executor | None = None
+) -> torch.Tensor:
     """w (..., n) float of any dtype, n a multiple of the block size -> uint8 (..., n/block * type_size).
 
-    Computed in float32 on w's device; the bytes are what ggml's reference quantizer writes.
+    Computed in float32. `quantizer`: None picks ggml's (CPU tensors, library present), else the torch
+    emulation on w's device; "ggml" or "torch" forces one (see pick_quantizer). `pool`: threads that
+    share ggml's chunks (the converter's); the torch quantizers ignore it.
     Raises NonFiniteError when w holds NaN or infinity."""
     q = _lookup(qtype)
     if q.quantize is None:
@@ -135,14 +213,11 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
         raise UsageError(
             f"cannot store shape {tuple(w.shape)} as {qtype}: rows must be multiples of {q.block_size}"
         )
-    blocks = w.detach().to(torch.float32).reshape(-1, q.block_size)
-    non_finite = f"cannot quantize a tensor holding NaN or infinity to {qtype}"
-    if not q.checks_finite and not all_finite(blocks):
-        raise NonFiniteError(non_finite)
+    use_ggml = pick_quantizer(w.device, quantizer) == "ggml"
     try:
-        raw = _by_chunks(q.quantize, blocks, q.type_size, q.chunk_blocks)
-    except NonFiniteError:  # found by the quantizer itself
-        raise NonFiniteError(non_finite) from None
+        raw = _quantize_ggml(w, q, pool) if use_ggml else _quantize_torch(w, q)
+    except NonFiniteError:  # one message, wherever it was found
+        raise NonFiniteError(f"cannot quantize a tensor holding NaN or infinity to {qtype}") from None
     return raw.reshape(*w.shape[:-1], w.shape[-1] // q.block_size * q.type_size)
 
 

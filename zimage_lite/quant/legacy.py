@@ -114,15 +114,17 @@ def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
 
 def _signed_absmax(blocks: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
     """(n, 32) with its block extrema (n, 1) -> (n, 1): the value of largest magnitude, the first one
-    when +m and -m both occur. An all-zero block gives its first element (+0.0 or -0.0), as gguf-py's
-    argmax does (ggml's C loop would keep +0.0; gguf-py is the reference we match). From amax/amin
-    rather than argmax(|x|), which is ~6x slower over 32 lanes; the rare ties take the argmax path."""
+    when +m and -m both occur. An all-zero block gives +0.0 whatever its zeros' signs, as ggml's C loop
+    (`max` starts at 0.0f and only a larger |x| replaces it), so d = -0.0 there; gguf-py's argmax takes
+    the first element instead and writes d = +0.0 for a block of -0.0. From amax/amin rather than
+    argmax(|x|), which is ~6x slower over 32 lanes; the rare ties take the argmax path."""
     neg = mn.neg()
     vmax = torch.where(mx >= neg, mx, mn)
     special = (mx == neg).squeeze(-1)  # a tie of both signs, or an all-zero block
     if bool(special.any()):
         sub = blocks[special]
-        vmax[special] = torch.gather(sub, -1, sub.abs().argmax(dim=-1, keepdim=True))
+        tied = torch.gather(sub, -1, sub.abs().argmax(dim=-1, keepdim=True))
+        vmax[special] = torch.where(tied == 0, torch.zeros_like(tied), tied)  # -0.0 -> +0.0
     return vmax
 
 
