@@ -280,7 +280,9 @@ def test_gpu_bytes_equal_ggml_bytes(vectors, matrix, qtype):
     x = torch.from_numpy(vectors[f"{matrix}/input"])
     gpu = quantize(x.cuda(), qtype)
     np.testing.assert_array_equal(gpu.cpu().numpy(), vectors[f"{matrix}/{qtype}"])
-    assert torch.equal(dequantize(gpu, qtype, tuple(x.shape)).cpu(), dequantize(gpu.cpu(), qtype, tuple(x.shape)))
+    assert torch.equal(
+        dequantize(gpu, qtype, tuple(x.shape)).cpu(), dequantize(gpu.cpu(), qtype, tuple(x.shape))
+    )
 
 
 @pytest.mark.gpu
