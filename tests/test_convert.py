@@ -3,6 +3,7 @@ bad inputs fail with one clear error and leave nothing behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import gguf
@@ -17,7 +18,7 @@ from zimage_lite.config import DiTConfig, Qwen3Config
 from zimage_lite.convert.converter import convert
 from zimage_lite.errors import CheckpointError, UsageError, ZImageError
 from zimage_lite.models.dit import ZImageDiT
-from zimage_lite.quant.formats import quantize
+from zimage_lite.quant.formats import QUANTIZER_KEY, quantize
 from zimage_lite.quant.fp8 import quantize_fp8
 from zimage_lite.synthetic import write_synthetic_model, write_transformer
 from zimage_lite.weights.checkpoint import detect, open_checkpoint
@@ -215,12 +216,55 @@ def test_threads_and_device_do_not_change_bytes(k_transformer, tmp_path):
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "c.gguf").read_bytes()
 
 
+def _tensor_bytes(path):
+    source = GGUFSource(path)
+    return {k: source.raw(k).numpy().tobytes() for k in source.keys()}
+
+
+def _quantizer_key(path):
+    return GGUFSource(path).metadata.get(QUANTIZER_KEY)
+
+
 @pytest.mark.gpu
-def test_cuda_quantization_gives_the_same_file(k_transformer, tmp_path):
-    for quant in ("q8_0", "q4_k"):
+def test_cuda_quantization_gives_the_same_tensors(k_transformer, tmp_path):
+    for quant in ("q8_0", "q4_0"):
         convert(k_transformer, tmp_path / f"cpu-{quant}.gguf", quant, progress=False)
         convert(k_transformer, tmp_path / f"gpu-{quant}.gguf", quant, progress=False, device="cuda")
-        assert (tmp_path / f"cpu-{quant}.gguf").read_bytes() == (tmp_path / f"gpu-{quant}.gguf").read_bytes()
+        cpu, gpu = tmp_path / f"cpu-{quant}.gguf", tmp_path / f"gpu-{quant}.gguf"
+        assert _tensor_bytes(cpu) == _tensor_bytes(gpu)
+        assert _quantizer_key(gpu).startswith("torch ")  # the file says who wrote it
+
+
+def test_k_quants_are_refused_off_the_cpu_before_anything_is_written(k_transformer, tmp_path):
+    """No GPU needed: the plan is refused before any tensor reaches a device."""
+    for quant in ("q4_k", "q6_k", "q4_k_m"):
+        with pytest.raises(UsageError, match="quantizes Q8_0, Q4_0, FP8 and BF16 only.*convert on the CPU"):
+            convert(k_transformer, tmp_path / "t.gguf", quant, progress=False, device="cuda")
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q4_k_m"])
+def test_files_say_which_quantizer_wrote_them(k_transformer, tmp_path, monkeypatch, quant):
+    from zimage_lite.quant import formats
+
+    monkeypatch.setattr(formats, "_GGML_CHUNK_ELEMENTS", 256 * 16)  # several chunks per tensor, shared
+    convert(k_transformer, tmp_path / "torch.gguf", quant, progress=False, quantizer="torch")
+    assert _quantizer_key(tmp_path / "torch.gguf").startswith(f"torch {torch.__version__}")
+    if importlib.util.find_spec("libggml") is None:
+        return  # no ggml wheel for this platform: the default is the torch fallback, checked above
+    convert(k_transformer, tmp_path / "ggml.gguf", quant, progress=False, threads=2)
+    assert _quantizer_key(tmp_path / "ggml.gguf").startswith("ggml 0.")
+    convert(k_transformer, tmp_path / "one.gguf", quant, progress=False, threads=1, quantizer="ggml")
+    assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "ggml.gguf").read_bytes()
+    ggml, ours = _tensor_bytes(tmp_path / "ggml.gguf"), _tensor_bytes(tmp_path / "torch.gguf")
+    assert ggml.keys() == ours.keys()
+    if quant == "q4_0":  # the K-quants promise less of the fallback (test_quant_ggml.py)
+        assert ggml == ours
+
+
+def test_bf16_files_name_no_quantizer(k_transformer, tmp_path):
+    convert(k_transformer, tmp_path / "t.gguf", "bf16", progress=False)
+    assert _quantizer_key(tmp_path / "t.gguf") is None
 
 
 def _single_transformer_file(tiny, path, edit=None):

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from zimage_lite.convert.converter import convert
 from zimage_lite.errors import CheckpointError
 from zimage_lite.inspect import format_report, inspect_path
+from zimage_lite.quant.formats import pick_quantizer, quantizer_version
 from zimage_lite.synthetic import write_synthetic_model
 
 
@@ -39,6 +40,10 @@ def test_model_folder_report(converted):
     json.dumps(report)  # JSON-able
     text = format_report(report)
     assert "lumina2" in text and "Q8_0" in text and "layers: 2 blocks" in text and "embedded" in text
+    # which quantizer wrote the Q8_0 bytes: ggml's library where installed, else the torch fallback
+    expected = quantizer_version(pick_quantizer("cpu"))
+    assert dit["quantizer"] == te["quantizer"] == expected and f"quantizer:    {expected}" in text
+    assert report["components"]["vae"]["quantizer"] is None  # BF16: nothing quantized
     diffusers = inspect_path(converted / "model")
     assert (
         diffusers["format"] == "diffusers"
@@ -50,6 +55,7 @@ def test_fp8_and_foreign_files(converted, tmp_path):
     fp8 = inspect_path(converted / "t.safetensors")
     assert fp8["format"] == "safetensors-fp8" and fp8["fp8_variant"] == "comfy_quant"
     assert "FP8_E4M3" in fp8["types"] and fp8["component"] == "transformer"
+    assert fp8["quantizer"] == f"torch {torch.__version__} (float8_e4m3fn cast)"
     flux = tmp_path / "flux.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(flux))
     report = inspect_path(flux)

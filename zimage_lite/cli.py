@@ -120,6 +120,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result = convert(
         Path(args.src), Path(args.output), args.quant, force=args.force, progress=not args.quiet,
         threads=args.threads, tokenizer=Path(args.tokenizer) if args.tokenizer else None, device=args.device,
+        quantizer=args.quantizer,
     )  # fmt: skip
     ratio = result.out_bytes / max(result.in_bytes, 1)
     print(
@@ -193,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
     c.add_argument("--tokenizer", help="tokenizer folder to embed in a text-encoder GGUF")
-    c.add_argument("--device", default=None, help="quantize on this torch device (e.g. cuda); same bytes")
+    c.add_argument(
+        "--device", default=None, help="quantize on this torch device (e.g. cuda: q8_0, q4_0, fp8, bf16 only)"
+    )
+    c.add_argument(
+        "--quantizer", choices=["ggml", "torch"], default=None,
+        help="force ggml's own quantizers (CPU) or zimage-lite's torch fallback (default: ggml where installed)",
+    )  # fmt: skip
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 

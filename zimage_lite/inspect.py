@@ -2,7 +2,8 @@
 
 `inspect_path(path)` returns a JSON-able dict: format, detected component (or why it is not one),
 architecture key, tensor count and bytes per storage type, bytes per transformer block, metadata (long
-lists summarised). `format_report(report)` renders it as text.
+lists summarised), and which quantizer wrote the file (`zimage_lite.quantizer`: ggml's library or
+zimage-lite's torch fallback; absent in files others wrote). `format_report(report)` renders it as text.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_lite.errors import CheckpointError
+from zimage_lite.quant.formats import QUANTIZER_KEY
 from zimage_lite.weights.checkpoint import classify_keys, is_model_folder, open_checkpoint, read_manifest
 from zimage_lite.weights.components import COMPONENTS, MANIFEST, resolve_model
 from zimage_lite.weights.gguf_io import GGUFSource, is_gguf_file
@@ -93,6 +95,7 @@ def _file_report(path: Path) -> dict[str, Any]:
         report.update(component=None, problem=str(exc))
     if is_gguf:
         report["has_tokenizer"] = source.field("tokenizer.ggml.tokens") is not None
+    report["quantizer"] = source.metadata.get(QUANTIZER_KEY)
     report["metadata"] = {k: _summarise(v) for k, v in source.metadata.items()}
     return report
 
@@ -141,6 +144,8 @@ def _file_lines(r: dict[str, Any], indent: str = "") -> list[str]:
         lines.append(
             f"{indent}  {group}: {b['count']} blocks, {_gb(b['bytes_per_block'])} per block (max {_gb(b['max_bytes'])})"
         )
+    if r.get("quantizer"):
+        lines.append(f"{indent}  quantizer:    {r['quantizer']}")
     if r.get("has_tokenizer"):
         lines.append(f"{indent}  tokenizer:    embedded (tokenizer.ggml.*)")
     if r.get("metadata"):

@@ -65,14 +65,53 @@ def _check_quant(quant: str) -> str:
     return q
 
 
+# Formats the torch quantizers write exactly and fast on a GPU; K-quants are ggml's job, on the CPU.
+DEVICE_STORAGE = ("Q8_0", "Q4_0", "FP8_E4M3", "BF16", "F16", "F32", "U8")
+
+
+def check_device(plan: ComponentPlan, quant: str, device: str | None) -> None:
+    """Refuse K-quants off the CPU: there our torch emulation is slow and its bytes are not always ggml's."""
+    import torch
+
+    if device is None or torch.device(device).type == "cpu":
+        return
+    refused = sorted({o.storage for o in plan.outputs} - set(DEVICE_STORAGE))
+    if refused:
+        raise UsageError(
+            f"--device {device} quantizes Q8_0, Q4_0, FP8 and BF16 only, and {quant} needs "
+            f"{', '.join(refused)}: convert on the CPU (leave out --device), where ggml's quantizers write them"
+        )
+
+
+def quantizer_metadata(plan: ComponentPlan, device: str | None, quantizer: str | None) -> dict[str, str]:
+    """{QUANTIZER_KEY: what writes this file's quantized tensors}, or {} when it has none.
+    Raises UsageError where a forced quantizer cannot run."""
+    from zimage_lite.quant.formats import QUANT_TYPES, QUANTIZER_KEY, pick_quantizer, quantizer_version
+
+    storages = {o.storage for o in plan.outputs}
+    if storages & set(QUANT_TYPES):
+        return {QUANTIZER_KEY: quantizer_version(pick_quantizer(device or "cpu", quantizer))}
+    if "FP8_E4M3" in storages:
+        import torch
+
+        return {QUANTIZER_KEY: f"torch {torch.__version__} (float8_e4m3fn cast)"}
+    return {}
+
+
 def write_plan(
-    plan: ComponentPlan, path: Path, threads: int | None, progress: bool, device: str | None = None
+    plan: ComponentPlan,
+    path: Path,
+    threads: int | None,
+    progress: bool,
+    device: str | None = None,
+    quantizer: str | None = None,
 ) -> int:
     """Write one component file at `path` (already a temporary name); returns bytes written."""
+    metadata = {**plan.metadata, **quantizer_metadata(plan, device, quantizer)}
     if plan.container == "gguf":
         from zimage_lite.weights.gguf_io import GGUFStreamWriter
 
-        writer = GGUFStreamWriter(path, plan.architecture, plan.metadata)
+        writer = GGUFStreamWriter(path, plan.architecture, metadata)
         for o in plan.outputs:
             writer.add(o.name, o.shape, o.storage)
     else:
@@ -81,12 +120,12 @@ def write_plan(
         from zimage_lite.weights.fp8_io import SafetensorsStreamWriter
 
         dtypes = {**DENSE, "FP8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8}
-        writer = SafetensorsStreamWriter(path, {k: str(v) for k, v in plan.metadata.items()})
+        writer = SafetensorsStreamWriter(path, {k: str(v) for k, v in metadata.items()})
         for o in plan.outputs:
             writer.add(o.name, o.shape, dtypes[o.storage])
     try:
         writer.begin()
-        run_jobs(plan.jobs, writer.write, threads, progress, desc=plan.component, device=device)
+        run_jobs(plan.jobs, writer.write, threads, progress, plan.component, device, quantizer)
     except BaseException:
         writer.abort()
         raise
@@ -132,10 +171,13 @@ def _convert_one(
     threads: int | None,
     tokenizer: Path | None,
     device: str | None,
+    quantizer: str | None,
 ) -> ConvertResult:
     detected = detect(src)
     source = open_checkpoint(src)
     plan = _plan_for(detected.component, source, src, quant, tokenizer or _sibling_tokenizer(src))
+    check_device(plan, quant, device)
+    quantizer_metadata(plan, device, quantizer)  # a forced quantizer that cannot run fails here
     if out.is_dir():  # an existing folder: put the file in it, named after the input
         out = out / f"{src.stem if src.is_file() else src.name}-{quant}{_suffix(plan)}"
     elif not out.suffix:
@@ -146,13 +188,20 @@ def _convert_one(
         )
     result = ConvertResult(out, quant)
     with atomic_path(out, force) as tmp:
-        _account(result, plan, write_plan(plan, tmp, threads, progress, device))
+        _account(result, plan, write_plan(plan, tmp, threads, progress, device, quantizer))
     result.components[detected.component] = out
     return result
 
 
 def _convert_model(
-    src: Path, out: Path, quant: str, force: bool, progress: bool, threads: int | None, device: str | None
+    src: Path,
+    out: Path,
+    quant: str,
+    force: bool,
+    progress: bool,
+    threads: int | None,
+    device: str | None,
+    quantizer: str | None,
 ) -> ConvertResult:
     paths = resolve_model(src)
     result = ConvertResult(out, quant)
@@ -167,6 +216,8 @@ def _convert_model(
             )
         tok_dir = paths.tokenizer if paths.tokenizer.is_dir() else None
         plans[component] = _plan_for(component, open_checkpoint(path), path, quant, tok_dir)
+        check_device(plans[component], quant, device)
+        quantizer_metadata(plans[component], device, quantizer)  # a forced quantizer that cannot run
     with atomic_path(out, force, folder=True) as tmp:
         manifest: dict[str, str] = {}
         for component, plan in plans.items():
@@ -179,7 +230,7 @@ def _convert_model(
             else:
                 name = component + _suffix(plan)
                 manifest[component] = name
-            _account(result, plan, write_plan(plan, tmp / name, threads, progress, device))
+            _account(result, plan, write_plan(plan, tmp / name, threads, progress, device, quantizer))
         for extra in ("tokenizer", "scheduler"):
             folder = paths.tokenizer if extra == "tokenizer" else src / "scheduler"
             if folder.is_dir():
@@ -202,12 +253,15 @@ def convert(
     threads: int | None = None,
     tokenizer: Path | None = None,
     device: str | None = None,
+    quantizer: str | None = None,
 ) -> ConvertResult:
     """Convert a model folder, a component folder or a single file; see the module docstring.
 
     `threads`: encoder threads (default: all cores). `tokenizer`: a tokenizer folder to embed in a text
     encoder GGUF when converting a lone text encoder (default: a `tokenizer/` folder next to it).
-    `device`: quantize there (e.g. "cuda": same bytes, much faster K-quant search); default the CPU."""
+    `device`: quantize there (e.g. "cuda": Q8_0, Q4_0, FP8 and BF16 only); default the CPU.
+    `quantizer`: "ggml" or "torch" forces one (formats.quantize); default ggml's on the CPU where its
+    library is installed. GGUF and FP8 files record it under `zimage_lite.quantizer`."""
     from zimage_lite.weights.checkpoint import is_model_folder
 
     start = time.perf_counter()
@@ -219,9 +273,9 @@ def convert(
         raise UsageError(f"{out}: the output must not be the input or inside it")
     if is_model_folder(src):
         refuse_existing(out, force)
-        result = _convert_model(src, out, quant, force, progress, threads, device)
+        result = _convert_model(src, out, quant, force, progress, threads, device, quantizer)
     else:
-        result = _convert_one(src, out, quant, force, progress, threads, tokenizer, device)
+        result = _convert_one(src, out, quant, force, progress, threads, tokenizer, device, quantizer)
     result.seconds = time.perf_counter() - start
     log.info(
         "converted %s -> %s (%s): %d tensors, %.2f GB -> %.2f GB in %.1f s",

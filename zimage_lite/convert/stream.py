@@ -3,7 +3,10 @@
 A `Job` makes the output tensor(s) of one logical weight. `run_jobs` encodes jobs in a small thread pool
 (torch's kernels release the GIL) with at most `threads + 1` jobs in flight, and hands the results to the
 writer strictly in job order, so memory stays at a few tensors whatever the model size and the file is
-written front to back. A tqdm bar counts input bytes (with rate and ETA).
+written front to back. With ggml's quantizers a second pool of `threads` runs the chunks of every
+quantized tensor (formats.quantize; ctypes releases the GIL), first come first served: all threads work
+on the oldest tensor, a large one included, and each holds one chunk's float32 copy. A tqdm bar counts
+input bytes (with rate and ETA).
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,10 +54,13 @@ class Job:
     prefetch: Callable[[], None] | None = None
 
 
-def encode(job: Job, device: str | None = None) -> dict[str, torch.Tensor]:
+def encode(
+    job: Job, device: str | None = None, quantizer: str | None = None, pool: Executor | None = None
+) -> dict[str, torch.Tensor]:
     """Load, validate (shape, finite values) and encode one job -> {output name: CPU tensor}.
 
-    `device` (e.g. "cuda"): where to quantize; the quantizers give the same bytes on any device."""
+    `device` (e.g. "cuda"): where to quantize (the torch quantizers there). `quantizer`, `pool`: as
+    formats.quantize (None: ggml's on the CPU where installed; threads that share its chunks)."""
     try:
         w = job.load()
         if device is not None:
@@ -64,7 +70,7 @@ def encode(job: Job, device: str | None = None) -> dict[str, torch.Tensor]:
                 f"{job.origin}tensor {job.name} has shape {tuple(w.shape)}, expected {job.shape}"
             )
         try:  # the quantizers check the values themselves, in passing where they can
-            out = _encode_values(job, w)
+            out = _encode_values(job, w, quantizer, pool)
         except NonFiniteError:
             raise CheckpointError(f"{job.origin}tensor {job.name} holds NaN or infinite values") from None
     finally:
@@ -73,12 +79,14 @@ def encode(job: Job, device: str | None = None) -> dict[str, torch.Tensor]:
     return {name: t.cpu() for name, t in out.items()} if device is not None else out
 
 
-def _encode_values(job: Job, w: torch.Tensor) -> dict[str, torch.Tensor]:
+def _encode_values(
+    job: Job, w: torch.Tensor, quantizer: str | None, pool: Executor | None
+) -> dict[str, torch.Tensor]:
     """One loaded weight -> its output tensors; NonFiniteError on NaN/Inf."""
     from zimage_lite.quant.formats import QUANT_TYPES, all_finite, quantize
 
     if job.qtype in QUANT_TYPES:
-        return {job.name: quantize(w, job.qtype)}
+        return {job.name: quantize(w, job.qtype, quantizer, pool)}
     if job.qtype == "FP8_E4M3":
         from zimage_lite.quant.fp8 import quantize_fp8
         from zimage_lite.weights.fp8_io import comfy_quant_marker
@@ -129,10 +137,14 @@ def run_jobs(
     progress: bool = True,
     desc: str = "convert",
     device: str | None = None,
+    quantizer: str | None = None,
 ) -> None:
-    """Encode every job (on `device`, default the CPU) and `write(name, tensor)` each output, in job order."""
-    args = () if device is None else (device,)
+    """Encode every job (on `device`, default the CPU; with `quantizer`, see formats.quantize) and
+    `write(name, tensor)` each output, in job order."""
+    from zimage_lite.quant.formats import pick_quantizer
+
     threads = max(1, threads or os.cpu_count() or 1)
+    chunked = threads > 1 and pick_quantizer(device or "cpu", quantizer) == "ggml"
     bar = _progress(sum(j.in_bytes for j in jobs), desc, progress)
     pending: deque[tuple[Job, Future]] = deque()
 
@@ -150,18 +162,23 @@ def run_jobs(
             for i, job in enumerate(jobs):
                 if i + 1 < len(jobs):
                     _prefetch(jobs[i + 1])  # the next job's reads overlap this one's work
-                for name, tensor in encode(job, *args).items():
+                for name, tensor in encode(job, device, quantizer).items():
                     write(name, tensor)
                 if bar is not None:
                     bar.update(job.in_bytes)
             return
-        with _torch_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="zimage-convert") as pool:
+        with ExitStack() as stack:
+            stack.enter_context(_torch_threads(1))
+            pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="zimage-convert"))
+            chunks = ThreadPoolExecutor(threads, thread_name_prefix="zimage-ggml") if chunked else None
+            if chunks is not None:  # closed first; on an error its queued chunks are dropped, not run
+                stack.callback(chunks.shutdown, wait=True, cancel_futures=True)
             try:
                 for job in jobs:
                     if len(pending) > threads:
                         drain_one()
                     _prefetch(job)  # its disk reads overlap the work of the jobs ahead of it
-                    pending.append((job, pool.submit(encode, job, *args)))
+                    pending.append((job, pool.submit(encode, job, device, quantizer, chunks)))
                 while pending:
                     drain_one()
             except BaseException:

@@ -35,6 +35,7 @@ _DEQUANT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 out per dequantize call
 _GGML_CHUNK_ELEMENTS = 1 << 20
 
 QUANTIZERS = ("ggml", "torch")  # what `quantizer=` may force; None picks ggml where usable
+QUANTIZER_KEY = "zimage_lite.quantizer"  # file metadata: what wrote the quantized bytes
 
 
 def all_finite(t: torch.Tensor) -> bool:
