@@ -19,6 +19,7 @@ from zimage_lite.bench import sources
 from zimage_lite.bench.runner import add_bench_arguments, config_from_args, run_bench_from_args
 from zimage_lite.bench.schema import validate_report
 from zimage_lite.errors import UsageError
+from zimage_lite.quant.formats import pick_quantizer, quantizer_version
 
 QUANTS = ("q8_0", "q4_k")
 
@@ -119,6 +120,17 @@ def test_timings_and_files(bench):
     assert all(f"| **{r['name']}** |" in md for r in done if r["kind"] == "zimage-lite")
     grid, plot = Image.open(out / "grid.png"), Image.open(out / "plot.png")
     assert grid.size[1] > len(done) * 128 and plot.size == (900, 560)  # a row of 128 px tiles per row
+
+
+def test_rows_say_which_quantizer_wrote_their_files(bench):
+    _, report, out, _ = bench
+    expected = quantizer_version(pick_quantizer("cpu"))  # ggml's library where installed
+    assert [_row(report, q)["quantizer"] for q in QUANTS] == [expected] * len(QUANTS)
+    assert _row(report, "bf16")["quantizer"] is None  # the source weights: nobody quantized them
+    assert (
+        "| q4_k | " in (out / "report.md").read_text()
+        and f"| {expected} |" in (out / "report.md").read_text()
+    )
 
 
 def test_conversions_are_cached(bench):

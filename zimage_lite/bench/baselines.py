@@ -138,6 +138,7 @@ class DiffusersEngine:
         self.device = str(self.torch_device)
         self.vram = {"requested": cfg.vram, "applied": False, "note": "diffusers takes no VRAM cap"}
         self.transformer_types = None
+        self.quantizer = None
 
     def _sync(self) -> float:
         import torch

@@ -76,6 +76,24 @@ def tensor_types(path: Path | None) -> dict[str, int] | None:
     return dict(Counter(types).most_common())
 
 
+def file_quantizer(path: Path | None) -> str | None:
+    """What wrote a converted file's quantized tensors (its `zimage_lite.quantizer` metadata), or None."""
+    if path is None or not path.is_file():
+        return None
+    from zimage_lite.quant.formats import QUANTIZER_KEY
+
+    try:
+        if path.suffix == ".gguf":
+            from zimage_lite.weights.gguf_io import GGUFSource
+
+            return GGUFSource(path).field(QUANTIZER_KEY)
+        from zimage_lite.weights.safetensors_io import SafetensorsSource
+
+        return SafetensorsSource.open(path).metadata.get(QUANTIZER_KEY)
+    except Exception:  # a report detail: an unreadable header must not cost the row
+        return None
+
+
 def free_device_memory() -> None:
     import torch
 
@@ -137,6 +155,7 @@ class OursEngine:
         self.device = str(self.pipe.device)
         self.files = component_bytes(self.pipe.paths)
         self.transformer_types = tensor_types(self.pipe.paths.transformer)
+        self.quantizer = file_quantizer(self.pipe.paths.transformer)
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()

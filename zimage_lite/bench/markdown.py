@@ -113,8 +113,10 @@ def render_markdown(report: dict) -> str:
     if typed:
         lines += ["", "Transformer tensors by storage type (a K-quant whose 256-block does not divide a row "]
         lines[-1] += "falls back to Q8_0 / Q4_0; small and 1-D tensors stay F32):"
-        lines += ["", "| row | tensors |", "|---|---|"]
-        lines += [f"| {r['name']} | {_types(r['transformer_types'])} |" for r in typed]
+        lines += ["", "| row | tensors | written by |", "|---|---|---|"]
+        lines += [
+            f"| {r['name']} | {_types(r['transformer_types'])} | {r.get('quantizer') or '–'} |" for r in typed
+        ]
     lines += ["", "![images per row](grid.png)", "", "![quality vs time](plot.png)", "", "## Environment", ""]
     lines += _environment(env, s, report["created_utc"])
     lines += ["", "## Prompts", ""]

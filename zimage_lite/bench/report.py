@@ -83,6 +83,7 @@ def build_row(row) -> dict:
         "load_s": info.get("load_s"),
         "files": info.get("files"),
         "transformer_types": info.get("transformer_types"),
+        "quantizer": info.get("quantizer"),
         "vram_cap": info.get("vram_cap"),
         "timing": _timing(row.samples),
         "memory": {
