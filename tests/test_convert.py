@@ -238,9 +238,28 @@ def test_cuda_quantization_gives_the_same_tensors(k_transformer, tmp_path):
 def test_k_quants_are_refused_off_the_cpu_before_anything_is_written(k_transformer, tmp_path):
     """No GPU needed: the plan is refused before any tensor reaches a device."""
     for quant in ("q4_k", "q6_k", "q4_k_m"):
-        with pytest.raises(UsageError, match="quantizes Q8_0, Q4_0, FP8 and BF16 only.*convert on the CPU"):
+        with pytest.raises(UsageError, match=f"quantizes q8_0, q4_0, fp8 and bf16 only, not {quant}: .* CPU"):
             convert(k_transformer, tmp_path / "t.gguf", quant, progress=False, device="cuda")
     assert _listing(tmp_path) == []
+
+
+def test_k_quant_stragglers_of_device_presets_are_ggmls_on_the_cpu():
+    """q4_0's text encoder keeps its token table Q6_K (llama.cpp's choice): with --device cuda that
+    tensor is quantized on the CPU, and the file names both quantizers."""
+    from zimage_lite.convert.converter import quantizer_metadata
+    from zimage_lite.convert.plan import ComponentPlan
+    from zimage_lite.convert.stream import Job, OutTensor
+    from zimage_lite.quant.formats import pick_quantizer, quantize_on, quantizer_version
+
+    jobs = [
+        Job(n, (8, 256), q, None, 0, [OutTensor(n, (8, 256), q)]) for n, q in [("a", "Q4_0"), ("b", "Q6_K")]
+    ]
+    plan = ComponentPlan("text_encoder", "gguf", jobs)
+    assert quantize_on("Q4_0", "cuda") == "cuda" and quantize_on("Q6_K", "cuda") == "cpu"
+    gpu, cpu = quantizer_version("torch"), quantizer_version(pick_quantizer("cpu"))
+    expected = f"{gpu} for Q4_0; {cpu} for Q6_K" if gpu != cpu else gpu
+    assert quantizer_metadata(plan, "cuda", None) == {QUANTIZER_KEY: expected}
+    assert quantizer_metadata(plan, None, None) == {QUANTIZER_KEY: cpu}
 
 
 @pytest.mark.parametrize("quant", ["q4_0", "q4_k_m"])

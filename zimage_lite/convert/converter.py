@@ -65,32 +65,46 @@ def _check_quant(quant: str) -> str:
     return q
 
 
-# Formats the torch quantizers write exactly and fast on a GPU; K-quants are ggml's job, on the CPU.
-DEVICE_STORAGE = ("Q8_0", "Q4_0", "FP8_E4M3", "BF16", "F16", "F32", "U8")
+# Presets whose bulk a GPU quantizes exactly and fast (the torch Q8_0 / Q4_0 quantizers give ggml's
+# bytes anywhere; FP8 and BF16 are casts). The K-quant presets are ggml's job, on the CPU.
+DEVICE_PRESET_TYPES = ("Q8_0", "Q4_0", "FP8_E4M3", "BF16")
 
 
-def check_device(plan: ComponentPlan, quant: str, device: str | None) -> None:
-    """Refuse K-quants off the CPU: there our torch emulation is slow and its bytes are not always ggml's."""
+def check_device(quant: str, device: str | None) -> None:
+    """Refuse K-quant presets off the CPU: there our torch emulation is slow and its bytes are not always
+    ggml's. (The few K-quant tensors of other presets, e.g. q4_0's Q6_K token table, stay on the CPU.)"""
     import torch
 
-    if device is None or torch.device(device).type == "cpu":
+    from zimage_lite.quant.policy import PRESETS
+
+    if device is None or torch.device(device).type == "cpu" or PRESETS[quant]["base"] in DEVICE_PRESET_TYPES:
         return
-    refused = sorted({o.storage for o in plan.outputs} - set(DEVICE_STORAGE))
-    if refused:
-        raise UsageError(
-            f"--device {device} quantizes Q8_0, Q4_0, FP8 and BF16 only, and {quant} needs "
-            f"{', '.join(refused)}: convert on the CPU (leave out --device), where ggml's quantizers write them"
-        )
+    raise UsageError(
+        f"--device {device} quantizes q8_0, q4_0, fp8 and bf16 only, not {quant}: convert it on the CPU "
+        "(leave out --device), where ggml's own quantizers write the K-quants"
+    )
 
 
 def quantizer_metadata(plan: ComponentPlan, device: str | None, quantizer: str | None) -> dict[str, str]:
-    """{QUANTIZER_KEY: what writes this file's quantized tensors}, or {} when it has none.
-    Raises UsageError where a forced quantizer cannot run."""
-    from zimage_lite.quant.formats import QUANT_TYPES, QUANTIZER_KEY, pick_quantizer, quantizer_version
+    """{QUANTIZER_KEY: what writes this file's quantized tensors}, or {} when it has none; "<one> for
+    Q4_0; <other> for Q6_K" when two do. Raises UsageError where a forced quantizer cannot run."""
+    from zimage_lite.quant.formats import (
+        QUANT_TYPES,
+        QUANTIZER_KEY,
+        pick_quantizer,
+        quantize_on,
+        quantizer_version,
+    )
 
     storages = {o.storage for o in plan.outputs}
-    if storages & set(QUANT_TYPES):
-        return {QUANTIZER_KEY: quantizer_version(pick_quantizer(device or "cpu", quantizer))}
+    writers: dict[str, list[str]] = {}
+    for qtype in sorted(storages & set(QUANT_TYPES)):
+        version = quantizer_version(pick_quantizer(quantize_on(qtype, device), quantizer))
+        writers.setdefault(version, []).append(qtype)
+    if len(writers) == 1:
+        return {QUANTIZER_KEY: next(iter(writers))}
+    if writers:
+        return {QUANTIZER_KEY: "; ".join(f"{v} for {', '.join(types)}" for v, types in writers.items())}
     if "FP8_E4M3" in storages:
         import torch
 
@@ -176,7 +190,6 @@ def _convert_one(
     detected = detect(src)
     source = open_checkpoint(src)
     plan = _plan_for(detected.component, source, src, quant, tokenizer or _sibling_tokenizer(src))
-    check_device(plan, quant, device)
     quantizer_metadata(plan, device, quantizer)  # a forced quantizer that cannot run fails here
     if out.is_dir():  # an existing folder: put the file in it, named after the input
         out = out / f"{src.stem if src.is_file() else src.name}-{quant}{_suffix(plan)}"
@@ -216,7 +229,6 @@ def _convert_model(
             )
         tok_dir = paths.tokenizer if paths.tokenizer.is_dir() else None
         plans[component] = _plan_for(component, open_checkpoint(path), path, quant, tok_dir)
-        check_device(plans[component], quant, device)
         quantizer_metadata(plans[component], device, quantizer)  # a forced quantizer that cannot run
     with atomic_path(out, force, folder=True) as tmp:
         manifest: dict[str, str] = {}
@@ -266,6 +278,7 @@ def convert(
 
     start = time.perf_counter()
     quant = _check_quant(quant)
+    check_device(quant, device)
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")

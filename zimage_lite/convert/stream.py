@@ -61,6 +61,10 @@ def encode(
 
     `device` (e.g. "cuda"): where to quantize (the torch quantizers there). `quantizer`, `pool`: as
     formats.quantize (None: ggml's on the CPU where installed; threads that share its chunks)."""
+    from zimage_lite.quant.formats import QUANT_TYPES, quantize_on
+
+    if device is not None and job.qtype in QUANT_TYPES:
+        device = quantize_on(job.qtype, device)  # K-quants stay on the CPU (ggml's)
     try:
         w = job.load()
         if device is not None:

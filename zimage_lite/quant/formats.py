@@ -36,6 +36,9 @@ _GGML_CHUNK_ELEMENTS = 1 << 20
 
 QUANTIZERS = ("ggml", "torch")  # what `quantizer=` may force; None picks ggml where usable
 QUANTIZER_KEY = "zimage_lite.quantizer"  # file metadata: what wrote the quantized bytes
+# Types whose torch quantizer gives ggml's bytes on any device (fast on a GPU). The K-quant emulation
+# misses 1-2 blocks in 256 on some CPUs and GPUs and is slow there: ggml's job, on the CPU.
+EXACT_ON_ANY_DEVICE = ("Q8_0", "Q4_0")
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -146,6 +149,11 @@ def pick_quantizer(device: torch.device | str = "cpu", quantizer: str | None = N
     if quantizer == "torch" or not on_cpu:
         return "torch"
     return "ggml" if ggml_lib.available() else "torch"
+
+
+def quantize_on(qtype: str, device: str | None) -> str:
+    """Where a converter asked for `device` quantizes `qtype`: there for the exact types, else the CPU."""
+    return device if device is not None and qtype in EXACT_ON_ANY_DEVICE else "cpu"
 
 
 def quantizer_version(quantizer: str) -> str:
