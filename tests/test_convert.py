@@ -246,8 +246,8 @@ def test_k_quants_are_refused_off_the_cpu_before_anything_is_written(k_transform
 def test_k_quant_stragglers_of_device_presets_are_ggmls_on_the_cpu():
     """q4_0's text encoder keeps its token table Q6_K (llama.cpp's choice): with --device cuda that
     tensor is quantized on the CPU, and the file names both quantizers."""
-    from zimage_lite.convert.converter import quantizer_metadata
     from zimage_lite.convert.plan import ComponentPlan
+    from zimage_lite.convert.quantizers import quantizer_metadata
     from zimage_lite.convert.stream import Job, OutTensor
     from zimage_lite.quant.formats import pick_quantizer, quantize_on, quantizer_version
 
