@@ -76,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
-        tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype,
+        tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
     )  # fmt: skip
     bar = None
 
@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--vram",
         default=None,
         help="VRAM budget (4GB, 6GB, 8GB, auto): weights stream from host memory to fit it",
+    )
+    g.add_argument(
+        "--card",
+        default=None,
+        help="run as on a card of this size (4GB, 6GB, 8GB): caps the GPU allocator as such a card would "
+        "and plans in its budget, so a big GPU shows what a small one will do",
     )
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("-o", "--output", default="out.png")
