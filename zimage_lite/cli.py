@@ -152,7 +152,10 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise UsageError(f"{out}: already exists (use --force to overwrite)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    write_synthetic_model(out, size=args.size, seed=args.seed, dtype=dtype)
+    from zimage_lite.pipeline import resolve_device
+
+    device = str(resolve_device(args.device or "cpu"))
+    write_synthetic_model(out, size=args.size, seed=args.seed, dtype=dtype, device=device)
     print(f"wrote synthetic {args.size} model to {out}")
     return 0
 
@@ -219,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None,
+        help="draw the values there (cuda: the full model in seconds; other values for the same seed)",
+    )  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
     return parser
