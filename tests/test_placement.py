@@ -137,3 +137,14 @@ def test_ledger_counts_until_the_storage_is_freed():
     param.data = torch.zeros(4)
     gc.collect()
     assert ledger.live == 0 and ledger.peak == 600 and not ledger.holds(param)
+
+
+def test_load_strict_leaves_tensors_where_they_are():
+    """The first GPU crash: `load_strict` moved every tensor of a device load back to a default
+    "cpu". Tensors on another device (meta here, which cannot be copied to the host) stay there."""
+    from zimage_lite.weights.load import build_meta, load_strict
+
+    model = build_meta(lambda: torch.nn.Linear(4, 3))
+    tensors = {"weight": torch.empty(3, 4, device="meta"), "bias": torch.empty(3, device="meta")}
+    load_strict(model, tensors, "test")
+    assert all(p.device.type == "meta" for p in model.parameters())
