@@ -254,6 +254,7 @@ class Pipeline:
             self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width,
             height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
         )  # fmt: skip
+        self.runtime.prepare(self._plans)
         self.last_stats.streaming["plans"] = self._plans.to_dict()
 
     def _phase(self, name: str):
