@@ -10,8 +10,8 @@ Times are medians of CUDA-event timings; L2 is flushed before every timed call s
 DRAM as they do in real inference. Weights are random valid blocks (speed does not depend on values);
 each config also records the max relative difference between fused and deq+cuBLAS as a sanity check.
 
-Run: `python benchmarks/kernels.py [--qtypes Q8_0 Q4_K] [--m 1 16 64] [--out benchmarks/results/...]`
-(default output benchmarks/results/kernels-<gpu>.json). `--dry-run` exercises the code on the CPU
+Run: `python benchmarks/kernel_speed.py [--qtypes Q8_0 Q4_K] [--m 1 16 64] [--out benchmarks/results/...]`
+(default output benchmarks/results/kernel-speed-<gpu>.json). `--dry-run` exercises the code on the CPU
 with tiny shapes and the torch backend (add TRITON_INTERPRET=1 to run the Triton paths interpreted);
 its numbers mean nothing. Without CUDA and without --dry-run the script exits with one line.
 """
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--fused-max-m", type=int, default=1024, help="largest M to time the fused kernel at")
-    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels-<gpu>.json)")
+    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernel-speed-<gpu>.json)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, torch backend")
     args = ap.parse_args(argv)
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not torch.cuda.is_available():
             print(
-                "benchmarks/kernels.py needs a CUDA GPU (none found); --dry-run runs it on the CPU",
+                "benchmarks/kernel_speed.py needs a CUDA GPU (none found); --dry-run runs it on the CPU",
                 file=sys.stderr,
             )
             return 2
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is None and not args.dry_run:
         out = (
             Path("benchmarks/results")
-            / f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
+            / f"kernel-speed-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
         )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
