@@ -172,8 +172,9 @@ def test_auto_on_cpu_uses_torch(monkeypatch):
     w = dispatch.dequantize(raw, "Q4_K", (2, 256))
     assert torch.equal(w, formats.dequantize(raw, "Q4_K", (2, 256)))
     assert dispatch.select_path(1, "Q4_K", torch.device("cpu")) == "torch"
-    assert dispatch.select_path(1, "Q4_K", torch.device("cpu"), "triton") == "fused"
-    assert dispatch.select_path(65, "Q4_K", torch.device("cpu"), "triton") == "dequant"
+    assert dispatch.candidate_paths(1, "Q4_K", torch.device("cpu")) == ("torch",)
+    assert dispatch.candidate_paths(16, "Q4_K", torch.device("cpu"), "triton") == ("dequant", "gemv")
+    assert dispatch.candidate_paths(17, "Q4_K", torch.device("cpu"), "triton") == ("dequant",)
 
 
 def test_dispatch_refuses_what_triton_cannot_do():
