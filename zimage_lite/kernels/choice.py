@@ -100,6 +100,10 @@ def tuning_enabled() -> bool:
     return os.environ.get("ZIMAGE_LITE_KERNEL_TUNING", "1") != "0"
 
 
+def _default(candidates: dict[str, Callable[[], object]]) -> str:
+    return DEFAULT_PATH if DEFAULT_PATH in candidates else next(iter(candidates))
+
+
 class PathChooser:
     """Remembers, per device label and Problem, which path was measured fastest (module docstring)."""
 
@@ -130,7 +134,7 @@ class PathChooser:
         if remembered in candidates:
             return remembered
         if device.type not in self.measured_on or not tuning_enabled():
-            return DEFAULT_PATH if DEFAULT_PATH in candidates else next(iter(candidates))
+            return _default(candidates)
         best = self._measure(device, problem, candidates)
         self._remember(device, problem, best)
         return best
@@ -145,7 +149,7 @@ class PathChooser:
             except Exception as exc:  # a candidate that cannot run is simply not chosen
                 log.warning("kernel path %s failed on %s (%s): %s", name, problem.key(), device, exc)
         if not seconds:
-            return DEFAULT_PATH
+            return _default(candidates)
         fastest = min(seconds.values())
         # The default wins ties: a new path must be measurably faster to be used.
         best = DEFAULT_PATH if seconds.get(DEFAULT_PATH) == fastest else min(seconds, key=seconds.get)
