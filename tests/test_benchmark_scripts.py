@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,20 @@ def test_script_imports_as_a_run_would(script):
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_kernel_speed_dry_run(tmp_path):
+    """The kernel benchmark's CPU dry run: every path that can run is timed and checked for error."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(BENCHMARKS / "kernel_speed.py"), "--dry-run", "--shapes", "qwen.k/v",
+           "--qtypes", "Q8_0", "FP8_E4M3", "--m", "1", "64", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["qtype"], r["M"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("Q8_0", 1), ("Q8_0", 64), ("FP8_E4M3", 1), ("FP8_E4M3", 64)}
+    for (qtype, m), r in rows.items():
+        assert ("gemv_s" in r) == (m <= 16)
+        assert r["dequant_rel_err"] < 1e-5 and r.get("gemv_rel_err", 0) < 1e-5  # float32 on the CPU
+        assert ("fp8_native_rel_err" in r) == (qtype == "FP8_E4M3")
+        assert r["fastest_path"] in ("dequant", "gemv")
