@@ -53,12 +53,16 @@ def m_bucket(m: int) -> int:
 def event_timer(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 2) -> float:
     """Median seconds of fn() on `device` (CUDA events on a GPU, perf_counter elsewhere).
 
-    The warm-up runs include Triton's first-call compilation, which must not count."""
+    The warm-up runs include Triton's first-call compilation, which must not count. On a GPU the L2
+    cache is flushed before each timed run: in a real forward a layer's weight comes from DRAM, and a
+    small weight left in L2 by the previous repeat would flatter whichever path reads it most."""
     for _ in range(warmup):
         fn()
+    flush = _l2_flush_buffer(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
+            flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -70,6 +74,14 @@ def event_timer(fn: Callable[[], object], device: torch.device, repeats: int = 5
             fn()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor | None:
+    """Twice the L2 size in bytes (zeroing it evicts the cache), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
+    return torch.empty(2 * l2_bytes, dtype=torch.uint8, device=device)
 
 
 def device_label(device: torch.device) -> str:
@@ -98,6 +110,12 @@ def cache_file() -> Path:
 
 def tuning_enabled() -> bool:
     return os.environ.get("ZIMAGE_LITE_KERNEL_TUNING", "1") != "0"
+
+
+def _fastest(seconds: dict[str, float]) -> str:
+    """The fastest path; the default wins ties (a new path must be measurably faster to be used)."""
+    fastest = min(seconds.values())
+    return DEFAULT_PATH if seconds.get(DEFAULT_PATH) == fastest else min(seconds, key=seconds.get)
 
 
 def _default(candidates: dict[str, Callable[[], object]]) -> str:
@@ -135,27 +153,27 @@ class PathChooser:
             return remembered
         if device.type not in self.measured_on or not tuning_enabled():
             return _default(candidates)
-        best = self._measure(device, problem, candidates)
-        self._remember(device, problem, best)
+        seconds = self._measure(device, problem, candidates)
+        if not seconds:
+            return _default(candidates)
+        best = _fastest(seconds)
+        times = ", ".join(f"{n} {s * 1e6:.1f} us" for n, s in seconds.items())
+        log.info("kernel choice for %s on %s: %s (%s)", problem.key(), self.label(device), best, times)
+        # A failure may be passing (out of memory): then the answer holds for this process only.
+        self._remember(device, problem, best, persist=len(seconds) == len(candidates))
         return best
 
     def _measure(
         self, device: torch.device, problem: Problem, candidates: dict[str, Callable[[], object]]
-    ) -> str:
+    ) -> dict[str, float]:
+        """Seconds of each candidate that ran; a candidate that fails is simply not chosen."""
         seconds = {}
         for name, fn in candidates.items():
             try:
                 seconds[name] = self.timer(fn, device)
-            except Exception as exc:  # a candidate that cannot run is simply not chosen
+            except Exception as exc:
                 log.warning("kernel path %s failed on %s (%s): %s", name, problem.key(), device, exc)
-        if not seconds:
-            return _default(candidates)
-        fastest = min(seconds.values())
-        # The default wins ties: a new path must be measurably faster to be used.
-        best = DEFAULT_PATH if seconds.get(DEFAULT_PATH) == fastest else min(seconds, key=seconds.get)
-        times = ", ".join(f"{n} {s * 1e6:.1f} us" for n, s in seconds.items())
-        log.info("kernel choice for %s on %s: %s (%s)", problem.key(), self.label(device), best, times)
-        return best
+        return seconds
 
     def _load(self) -> dict[str, dict[str, str]]:
         if self._choices is None:
@@ -172,10 +190,10 @@ class PathChooser:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def _remember(self, device: torch.device, problem: Problem, best: str) -> None:
+    def _remember(self, device: torch.device, problem: Problem, best: str, persist: bool) -> None:
         label = self.label(device)
         self._load().setdefault(label, {})[problem.key()] = best
-        if self.path is None:
+        if self.path is None or not persist:
             return
         try:  # merge with what other processes wrote meanwhile, then replace atomically
             merged = self._read_file()
