@@ -120,7 +120,13 @@ class OursEngine:
     kind = "zimage-lite"
 
     def __init__(
-        self, source: Path, device: str | None, dtype: str | None, vram: str | None, card: str | None = None
+        self,
+        source: Path,
+        device: str | None,
+        dtype: str | None,
+        vram: str | None,
+        card: str | None = None,
+        fp8_matmul: str | None = None,
     ):
         from zimage_lite.pipeline import Pipeline
 
@@ -131,6 +137,11 @@ class OursEngine:
         self.device = str(self.pipe.device)
         self.files = component_bytes(self.pipe.paths)
         self.transformer_types = tensor_types(self.pipe.paths.transformer)
+        if fp8_matmul is not None:
+            from zimage_lite.runtime.quant_linear import set_fp8_matmul
+
+            for model in (self.pipe.text_encoder, self.pipe.transformer):
+                set_fp8_matmul(model, fp8_matmul)
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()

@@ -211,7 +211,10 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
     folder, convert_info = sources.precision_source(reference, row.precision, cfg.cache, cfg.progress)
     row.info["source"] = str(folder)
     row.info["convert"] = convert_info
-    return OursEngine(folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card)
+    _, options = sources.base_precision(row.precision)
+    return OursEngine(
+        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, **options
+    )
 
 
 def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar) -> None:
