@@ -15,6 +15,7 @@ ZIMAGE_LITE_KERNEL_TUNING=0, the default path is used unless the cache already s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -84,8 +85,10 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor | None:
     return torch.empty(2 * l2_bytes, dtype=torch.uint8, device=device)
 
 
+@functools.cache
 def device_label(device: torch.device) -> str:
-    """What a measurement is valid for: the GPU model and the torch/triton versions."""
+    """What a measurement is valid for: the GPU model and the torch/triton versions (asked on every
+    small-M matmul, hence cached)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
