@@ -42,20 +42,24 @@ GEMV_MAX_M = 16
 @triton.jit
 def _weight_tile(raw, row_off, n_ok, k0, K, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
                  SUB: tl.constexpr, NATIVE_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """W[rows, k0 : k0 + BLOCK_K] as float32 (BLOCK_N, BLOCK_K), zero outside the matrix."""
+    """W[rows, k0 : k0 + BLOCK_K] as float32 (BLOCK_N, BLOCK_K), zero outside the matrix.
+
+    One return at the end: the compiler resolves the constexpr branch, and an early return inside it
+    is not something every Triton version handles."""
     if QTYPE == 5:
         k = k0 + tl.arange(0, BLOCK_K)
         mask = n_ok[:, None] & (k < K)[None, :]
-        w = decode_fp8_e4m3fn(raw, row_off[:, None] + k[None, :], mask, NATIVE_FP8)
-        return tl.where(mask, w, 0.0)
-    # (rows, sub-blocks, elements): scales are read once per (row, sub-block). K is a whole number of
-    # blocks, so masking whole sub-blocks is exact; a K step may cover part of a 256-element block.
-    sb = k0 // SUB + tl.arange(0, BLOCK_K // SUB)[None, :, None]  # (1, S, 1) sub-block index in the row
-    mask = n_ok[:, None, None] & (sb * SUB < K)  # (BN, S, 1)
-    base = row_off[:, None, None] + (sb // (QK // SUB)) * TS  # (BN, S, 1) byte offset of the block
-    i = tl.arange(0, SUB)[None, None, :]  # (1, 1, SUB)
-    w = decode_block_element(QTYPE, raw, base, sb % (QK // SUB), i, mask)  # (BN, S, SUB)
-    return tl.reshape(tl.where(mask, w, 0.0), (BLOCK_N, BLOCK_K))
+        w = tl.where(mask, decode_fp8_e4m3fn(raw, row_off[:, None] + k[None, :], mask, NATIVE_FP8), 0.0)
+    else:
+        # (rows, sub-blocks, elements): scales are read once per (row, sub-block). K is a whole number
+        # of blocks, so masking whole sub-blocks is exact; a K step may cover part of a 256-element block.
+        sb = k0 // SUB + tl.arange(0, BLOCK_K // SUB)[None, :, None]  # (1, S, 1) sub-block index in the row
+        mask = n_ok[:, None, None] & (sb * SUB < K)  # (BN, S, 1)
+        base = row_off[:, None, None] + (sb // (QK // SUB)) * TS  # (BN, S, 1) byte offset of the block
+        i = tl.arange(0, SUB)[None, None, :]  # (1, 1, SUB)
+        w = decode_block_element(QTYPE, raw, base, sb % (QK // SUB), i, mask)  # (BN, S, SUB)
+        w = tl.reshape(tl.where(mask, w, 0.0), (BLOCK_N, BLOCK_K))
+    return w
 
 
 @triton.jit
