@@ -173,6 +173,7 @@ def settings(cfg, reference: Path) -> dict:
         "device": cfg.device,
         "dtype": cfg.dtype,
         "vram": cfg.vram,
+        "cards": cfg.cards,
     }
 
 
