@@ -1,7 +1,9 @@
 """`zimage-lite` command line: generate | convert | inspect | bench | synthetic.
 
-Only this module prints. A user error (ZImageError) ends with one line on stderr and exit code 2; outputs
-are written under a temporary name and renamed when complete, so a failure leaves nothing half-written.
+Only this module prints. Every failure ends with one line on stderr (cli_errors.py: exit code 2 for what a
+user or the machine caused, 130 for Ctrl-C, 1 for a bug; `-v` adds the traceback). Arguments are checked
+where they are parsed (cli_args.py), resources before the work (preflight.py); outputs are written under a
+temporary name and renamed when complete, so a failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from zimage_lite.errors import UsageError, ZImageError
-
-EXIT_USAGE = 2
+from zimage_lite import cli_args
+from zimage_lite.cli_errors import EXIT_USAGE, describe, one_line
+from zimage_lite.errors import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {one_line(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -48,6 +51,8 @@ def check_output(path: Path, force: bool = True) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{parent}: output folder does not exist")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give a file name")
     if path.exists() and not force:
         raise UsageError(f"{path}: already exists (use --force to overwrite)")
 
@@ -64,6 +69,7 @@ def _png_info(meta: dict[str, str]):
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from zimage_lite import preflight
     from zimage_lite.pipeline import Pipeline, check_size
 
     out = Path(args.output)
@@ -74,10 +80,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stats:
         check_output(Path(args.stats))
     start = time.perf_counter()
+    preflight.before_load(
+        args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer, args.device, args.dtype,
+        args.vram,
+    )  # fmt: skip
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
         tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
     )  # fmt: skip
+    size = (args.width, args.height, args.batch, preflight.caption_tokens(pipe, args.prompt))
+    preflight.check_generation(pipe, *size)
     bar = None
 
     def on_step(i: int, n: int) -> None:
@@ -87,10 +99,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.update(1)
 
     try:
-        images = pipe.generate(
-            args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
-            batch=args.batch, on_step=on_step,
-        )  # fmt: skip
+        with preflight.device_oom_as_error(pipe, *size):
+            images = pipe.generate(
+                args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
+                batch=args.batch, on_step=on_step,
+            )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
@@ -162,7 +175,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zimage-lite", description="Z-Image-Turbo on 4-8 GB GPUs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="make images from a prompt")
@@ -172,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", help="text encoder file or folder (overrides the model's)")
     g.add_argument("--vae", help="VAE file or folder (overrides the model's)")
     g.add_argument("--tokenizer", help="tokenizer.json or its folder (not needed with a GGUF text encoder)")
-    g.add_argument("--steps", type=int, default=8)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    g.add_argument("--steps", type=cli_args.steps, default=8)
+    g.add_argument("--seed", type=cli_args.seed, default=0, help=f"0 to {cli_args.SEED_MAX}")
+    g.add_argument("--width", type=cli_args.image_size, default=1024, help="pixels, a multiple of 16")
+    g.add_argument("--height", type=cli_args.image_size, default=1024, help="pixels, a multiple of 16")
+    g.add_argument("--batch", type=cli_args.batch, default=1, help="images per prompt")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     g.add_argument(
         "--vram",
@@ -190,19 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
         "and plans in its budget, so a big GPU shows what a small one will do",
     )
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
-    g.add_argument("-o", "--output", default="out.png")
-    g.add_argument("--stats", help="write timings and memory as JSON here")
+    g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png")
+    g.add_argument("--stats", type=cli_args.output_file, help="write timings and memory as JSON here")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="quantize a checkpoint to GGUF / FP8 (a model folder or one file)")
     c.add_argument("src", help="diffusers model folder, component folder, .safetensors or .gguf file")
-    c.add_argument("-o", "--output", required=True, help="output folder (for a model) or file")
+    c.add_argument(
+        "-o",
+        "--output",
+        type=cli_args.convert_output,
+        required=True,
+        help="output folder (for a model) or file",
+    )
     c.add_argument("--quant", required=True, help="bf16, q8_0, q6_k, q5_k, q4_k, q4_0, fp8, q4_k_m, q5_k_m")
     c.add_argument("--force", action="store_true", help="replace an existing output")
-    c.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
+    c.add_argument(
+        "--threads", type=cli_args.threads, default=None, help="quantization threads (default: all cores)"
+    )
     c.add_argument("--tokenizer", help="tokenizer folder to embed in a text-encoder GGUF")
-    c.add_argument("--device", default=None, help="quantize on this torch device (e.g. cuda); same bytes")
+    c.add_argument(
+        "--device", type=cli_args.torch_device, default=None, help="quantize on this torch device (e.g. cuda)"
+    )
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
@@ -218,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("synthetic", help="write a random-weight model of the real architecture (tests, demo)")
-    s.add_argument("output")
+    s.add_argument("output", type=cli_args.output_folder)
     s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=cli_args.seed, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument(
         "--device", choices=["cpu", "cuda"], default=None,
@@ -228,20 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
+    for command in (g, c, i, b, s):  # -v after the command too; SUPPRESS keeps a -v given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit code (0, 2 for a failure the user or machine caused, 130 for
+    Ctrl-C, 1 for a bug), having printed one line on stderr for any failure."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a bad argument whose one line _Parser.error printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except ZImageError as exc:
-        print(f"zimage-lite: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("zimage-lite: interrupted", file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as exc:
+        message, code = describe(exc)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"zimage-lite: error: {one_line(message)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

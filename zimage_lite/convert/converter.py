@@ -27,6 +27,7 @@ from zimage_lite.convert.plan import (
 )
 from zimage_lite.convert.stream import DENSE, run_jobs
 from zimage_lite.errors import CheckpointError, UsageError
+from zimage_lite.preflight import check_disk, convert_output_bytes
 from zimage_lite.weights.checkpoint import detect, open_checkpoint
 from zimage_lite.weights.components import MANIFEST, resolve_model
 
@@ -145,6 +146,7 @@ def _convert_one(
             f"{out}: a {detected.component.replace('_', ' ')} converted to {quant} is a {_suffix(plan)} file"
         )
     result = ConvertResult(out, quant)
+    check_disk(out, convert_output_bytes([plan]))
     with atomic_path(out, force) as tmp:
         _account(result, plan, write_plan(plan, tmp, threads, progress, device))
     result.components[detected.component] = out
@@ -167,6 +169,7 @@ def _convert_model(
             )
         tok_dir = paths.tokenizer if paths.tokenizer.is_dir() else None
         plans[component] = _plan_for(component, open_checkpoint(path), path, quant, tok_dir)
+    check_disk(out, convert_output_bytes(plans.values(), [paths.tokenizer, src / "scheduler"]))
     with atomic_path(out, force, folder=True) as tmp:
         manifest: dict[str, str] = {}
         for component, plan in plans.items():
