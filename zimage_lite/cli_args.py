@@ -50,6 +50,16 @@ seed = bounded_int(0, SEED_MAX)
 steps = bounded_int(1, STEPS_MAX)
 batch = bounded_int(1, BATCH_MAX)
 threads = bounded_int(1, THREADS_MAX)
+repeats = bounded_int(1, 1000)
+warmup = bounded_int(0, 1000)
+
+
+def seed_list(text: str) -> str:
+    """A comma list of seeds, each as `seed` accepts; returned as given (the bench splits it)."""
+    for part in text.split(","):
+        if part.strip():
+            seed(part)
+    return text
 
 
 def image_size(text: str) -> int:
@@ -76,7 +86,7 @@ def output_file(text: str) -> str:
         raise argparse.ArgumentTypeError("empty path")
     path = Path(text).expanduser()
     if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is a folder: give a file name, e.g. {path / 'out.png'}")
+        raise argparse.ArgumentTypeError(f"{path} is a folder: give a file name (inside it, say)")
     _writable_folder(path.parent, "output folder")
     return str(path)
 

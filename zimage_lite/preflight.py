@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from zimage_lite.errors import UsageError
-from zimage_lite.runtime.budget import GIB, MIB, format_bytes
+from zimage_lite.runtime.budget import GIB, KIB, MIB, format_bytes
 
 log = logging.getLogger(__name__)
 
-DISK_SLACK_BYTES = 1 * MIB  # per output file: headers, metadata, alignment padding
+FILE_SLACK_BYTES = 64 * KIB  # per output file: header, metadata, file-system blocks
+TENSOR_SLACK_BYTES = 256  # per tensor: its name and shape in the header, alignment padding
 HOST_RESERVE_BYTES = 512 * MIB  # left to the OS and to Python's own allocations
 DENSE_QTYPES = frozenset({"F32", "F16", "BF16", "F64"})
 _SAFETENSORS_ITEM = {"F32": 4, "F16": 2, "BF16": 2, "FP8_E4M3": 1, "U8": 1}
@@ -74,15 +75,16 @@ def output_tensor_bytes(container: str, shape: tuple[int, ...], storage: str) ->
 
 
 def convert_output_bytes(plans: Iterable, copied: Iterable[Path] = ()) -> int:
-    """Size of a conversion's output: every planned tensor, a slack per file, and copied folders
+    """Size of a conversion's output: every planned tensor, header slack, and copied folders
     (tokenizer, scheduler; a tokenizer also lands in the text encoder's GGUF metadata, so it counts
     twice when copied)."""
     plans = list(plans)
-    tensors = sum(output_tensor_bytes(p.container, o.shape, o.storage) for p in plans for o in p.outputs)
+    outputs = [(p.container, o) for p in plans for o in p.outputs]
+    tensors = sum(output_tensor_bytes(c, o.shape, o.storage) + TENSOR_SLACK_BYTES for c, o in outputs)
     files = sum(
         f.stat().st_size for folder in copied if folder.is_dir() for f in folder.rglob("*") if f.is_file()
     )
-    return tensors + 2 * files + DISK_SLACK_BYTES * (len(plans) + 1)
+    return tensors + 2 * files + FILE_SLACK_BYTES * (len(plans) + 1)  # one file per plan, a manifest
 
 
 def check_disk(out: Path, need_bytes: int) -> None:

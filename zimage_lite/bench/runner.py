@@ -71,6 +71,8 @@ class RowResult:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The `zimage-lite bench` options (see docs/bench-report-schema.md for what they produce)."""
+    from zimage_lite import cli_args
+
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="the reference: a diffusers-layout model folder (BF16 or FP32 weights)")
     src.add_argument(
@@ -80,12 +82,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--precisions", help="comma list, e.g. bf16,q8_0,q4_k (default: all available)")
     parser.add_argument("--prompts", type=int, help="use the first N prompts of the fixed set (default all)")
-    parser.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--width", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny/small)")
-    parser.add_argument("--height", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny/small)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed generations per prompt and seed")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed generations per row first")
+    parser.add_argument(
+        "--seeds", type=cli_args.seed_list, default="0", help="comma list of seeds (default 0)"
+    )
+    parser.add_argument("--steps", type=cli_args.steps, default=8)
+    size_help = f"default 1024 ({TINY_SIZE} with --synthetic tiny/small)"
+    parser.add_argument("--width", type=cli_args.image_size, help=size_help)
+    parser.add_argument("--height", type=cli_args.image_size, help=size_help)
+    parser.add_argument(
+        "--repeats", type=cli_args.repeats, default=1, help="timed generations per prompt and seed"
+    )
+    parser.add_argument("--warmup", type=cli_args.warmup, default=1, help="untimed generations per row first")
     parser.add_argument("--vram", help="VRAM cap passed to the runtime, e.g. 6GB")
     parser.add_argument(
         "--card",
@@ -94,8 +101,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
-    parser.add_argument("--out", default="bench-out", help="report folder (default bench-out)")
-    parser.add_argument("--cache", help=f"converted-model cache (default {sources.default_cache_dir()})")
+    out_help = "report folder (default bench-out)"
+    parser.add_argument("--out", type=cli_args.output_folder, default="bench-out", help=out_help)
+    parser.add_argument(
+        "--cache",
+        type=cli_args.output_folder,
+        help=f"converted-model cache (default {sources.default_cache_dir()})",
+    )
     parser.add_argument("--baselines", default="", help="'diffusers': add diffusers rows when installed")
     parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
