@@ -34,9 +34,13 @@ PHASES = {
 }
 
 
+# every character str.splitlines() breaks at -> its escape
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def one_line(text: str) -> str:
     """`text` with its line breaks escaped (a path or prompt may hold them)."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    return text.translate(_LINE_BREAKS)
 
 
 def phase_of(tb: TracebackType | None) -> str:
