@@ -181,14 +181,27 @@ def test_streaming_counters_are_summed_over_phases():
     [
         (["--precisions", "bf16,q9_9"], "unknown precision q9_9"),
         (["--prompts", "0"], "--prompts must be >= 1"),
-        (["--seeds", "a"], "comma list of integers"),
-        (["--repeats", "0"], "--repeats must be >= 1"),
         (["--baselines", "comfy"], "unknown baseline"),
     ],
 )
 def test_usage_errors(argv, match):
     with pytest.raises(UsageError, match=match):
         config_from_args(_args("--synthetic", "tiny", *argv))
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--seeds", "1,a"], "argument --seeds: not an integer: 'a'"),
+        (["--seeds", "-1"], "argument --seeds: must be from 0 to"),
+        (["--repeats", "0"], "argument --repeats: must be from 1 to 1000 (got 0)"),
+        (["--out", __file__], "argument --out: "),
+    ],
+)
+def test_argument_errors_when_parsed(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        _args("--synthetic", "tiny", *argv)
+    assert match in capsys.readouterr().err
 
 
 def test_defaults():
