@@ -81,7 +81,7 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return str(exc), EXIT_USAGE
     if is_device_oom(exc):
         phase = phase_of(exc.__traceback__)
-        return f"out of device memory in phase {phase}: try --vram with a smaller budget", EXIT_USAGE
+        return f"out of device memory in phase {phase}: try --vram auto, or a smaller --vram", EXIT_USAGE
     if is_host_oom(exc):
         phase = phase_of(exc.__traceback__)
         return (

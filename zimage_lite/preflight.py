@@ -27,6 +27,7 @@ FILE_SLACK_BYTES = 64 * KIB  # per output file: header, metadata, file-system bl
 TENSOR_SLACK_BYTES = 256  # per tensor: its name and shape in the header, alignment padding
 HOST_RESERVE_BYTES = 512 * MIB  # left to the OS and to Python's own allocations
 DENSE_QTYPES = frozenset({"F32", "F16", "BF16", "F64"})
+SMALLER = "try a smaller --width/--height/--batch, or close other programs"
 _SAFETENSORS_ITEM = {"F32": 4, "F16": 2, "BF16": 2, "FP8_E4M3": 1, "U8": 1}
 
 
@@ -126,18 +127,21 @@ def check_load(paths, device: torch.device, dtype: torch.dtype, streaming: bool)
                 f"{format_bytes(free)} free: try --vram auto (weights stream from host memory)"
             )
         return
-    _check_host(need, "loading the model")
+    _check_host(
+        need,
+        "loading the model",
+        "use a quantized model (convert it to GGUF or FP8), or close other programs",
+    )
 
 
-def _check_host(need: int, what: str) -> None:
+def _check_host(need: int, what: str, advice: str = SMALLER) -> None:
     available = available_host_bytes()
     log.info("host memory: %s needs about %s, %s available", what, format_bytes(need),
              "unknown" if available is None else format_bytes(available))  # fmt: skip
     if available is not None and need + HOST_RESERVE_BYTES > available:
         raise ResourceError(
             f"not enough host memory: {what} needs about {format_bytes(need)}, "
-            f"{format_bytes(available)} is available; try a smaller --width/--height/--batch, "
-            "a quantized model, or close other programs"
+            f"{format_bytes(available)} is available: {advice}"
         )
 
 
@@ -167,6 +171,8 @@ def check_generation(pipe, width: int, height: int, images: int, caption_tokens:
     """Refuse a generation whose activations and images cannot fit, with the numbers. Under a VRAM
     budget the planner checks the device side itself (Pipeline._plan), so only the host is left."""
     acts = activation_bytes(pipe, width, height, images, caption_tokens)
+    if pipe.budget is not None and pipe.budget.total_bytes is not None:
+        acts = min(acts, pipe.budget.total_bytes)  # the planner keeps each phase (VAE tiles too) inside it
     results = output_bytes(pipe, width, height, images)
     if pipe.device.type != "cuda":
         _check_host(acts + results, f"generating {images} image(s) of {width}x{height}")
