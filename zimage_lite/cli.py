@@ -159,6 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_synthetic(args: argparse.Namespace) -> int:
     import torch
 
+    from zimage_lite.convert.atomic import atomic_path
     from zimage_lite.synthetic import write_synthetic_model
 
     out = Path(args.output)
@@ -168,7 +169,8 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     from zimage_lite.pipeline import resolve_device
 
     device = str(resolve_device(args.device or "cpu"))
-    write_synthetic_model(out, size=args.size, seed=args.seed, dtype=dtype, device=device)
+    with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
+        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)
     print(f"wrote synthetic {args.size} model to {out}")
     return 0
 
