@@ -226,3 +226,22 @@ def test_vram_suggestion_is_the_planner_minimum(tiny):
     assert n is not None and n <= 1 * GIB
     assert preflight._plans(pipe, n, 64, 64, 1, 8)
     assert not preflight._plans(pipe, n - 64 * MIB, 64, 64, 1, 8)
+
+
+def test_interrupted_synthetic_leaves_nothing(tmp_path, capsys, monkeypatch):
+    def half_then_interrupt(out, **kwargs):
+        (Path(out) / "transformer").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("zimage_lite.synthetic.write_synthetic_model", half_then_interrupt)
+    code, err = run(capsys, "synthetic", tmp_path / "model")
+    one_line(code, err, "interrupted; nothing was kept", exit_code=130)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verbose_before_or_after_the_command():
+    from zimage_lite.cli import build_parser
+
+    assert build_parser().parse_args(["inspect", "x", "-v"]).verbose
+    assert build_parser().parse_args(["-v", "inspect", "x"]).verbose
+    assert not build_parser().parse_args(["inspect", "x"]).verbose

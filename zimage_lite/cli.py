@@ -71,6 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from zimage_lite import preflight
     from zimage_lite.pipeline import Pipeline, check_size
+    from zimage_lite.text import MAX_PROMPT_TOKENS
 
     out = Path(args.output)
     check_size(args.width, args.height)
@@ -88,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
         tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
     )  # fmt: skip
-    size = (args.width, args.height, args.batch, preflight.caption_tokens(pipe, args.prompt))
+    size = (args.width, args.height, args.batch, MAX_PROMPT_TOKENS)  # upper bounds: the longest caption
     preflight.check_generation(pipe, *size)
     bar = None
 

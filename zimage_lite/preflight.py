@@ -253,10 +253,6 @@ def before_load(model, transformer, text_encoder, vae, tokenizer, device: str | 
     check_load(paths, dev, compute, streaming=vram is not None and dev.type == "cuda")
 
 
-def caption_tokens(pipe, prompt: str) -> int:
-    return max(len(row) for row in pipe.tokenizer.encode([prompt]))
-
-
 @contextmanager
 def device_oom_as_error(pipe, width: int, height: int, images: int, tokens: int) -> Iterator[None]:
     """Turn a CUDA out-of-memory error inside the block into a ResourceError naming the phase and a
