@@ -82,9 +82,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_output(Path(args.stats))
     start = time.perf_counter()
     preflight.before_load(
-        args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer, args.device, args.dtype,
-        args.vram,
-    )  # fmt: skip
+        args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer, args.device, args.dtype
+    )
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
         tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,

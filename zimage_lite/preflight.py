@@ -57,14 +57,6 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(existing).free
 
 
-def free_device_bytes(device: torch.device) -> int | None:
-    """Device memory free now, counting this process's cached blocks as free; None on the CPU."""
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device)
-
-
 # -- conversion ----------------------------------------------------------------------------------------
 def output_tensor_bytes(container: str, shape: tuple[int, ...], storage: str) -> int:
     """Bytes one declared output tensor takes in its file."""
@@ -115,23 +107,12 @@ def held_weight_bytes(paths, dtype: torch.dtype) -> int:
     return total
 
 
-def check_load(paths, device: torch.device, dtype: torch.dtype, streaming: bool) -> None:
-    """Refuse to load weights that cannot fit where they will be held (the host under a VRAM budget
-    or on the CPU, the device otherwise)."""
+def check_load(paths, dtype: torch.dtype) -> None:
+    """Refuse to load weights that cannot fit in host memory (where the pipeline holds them; each
+    phase places its share on the device per its plan)."""
     need = held_weight_bytes(paths, dtype)
-    if device.type == "cuda" and not streaming:
-        free = free_device_bytes(device)
-        if free is not None and need > free:
-            raise ResourceError(
-                f"the model needs about {format_bytes(need)} of device memory, the GPU has "
-                f"{format_bytes(free)} free: try --vram auto (weights stream from host memory)"
-            )
-        return
-    _check_host(
-        need,
-        "loading the model",
-        "use a quantized model (convert it to GGUF or FP8), or close other programs",
-    )
+    advice = "use a quantized model (convert it to GGUF or FP8), or close other programs"
+    _check_host(need, "loading the model", advice)
 
 
 def _check_host(need: int, what: str, advice: str = SMALLER) -> None:
@@ -168,34 +149,34 @@ def output_bytes(pipe, width: int, height: int, images: int) -> int:
 
 
 def check_generation(pipe, width: int, height: int, images: int, caption_tokens: int) -> None:
-    """Refuse a generation whose activations and images cannot fit, with the numbers. Under a VRAM
-    budget the planner checks the device side itself (Pipeline._plan), so only the host is left."""
-    acts = activation_bytes(pipe, width, height, images, caption_tokens)
-    if pipe.budget is not None and pipe.budget.total_bytes is not None:
-        acts = min(acts, pipe.budget.total_bytes)  # the planner keeps each phase (VAE tiles too) inside it
-    results = output_bytes(pipe, width, height, images)
+    """Refuse a generation whose host memory cannot hold its results (and, on the CPU, its
+    activations), with the numbers. The device side is the planner's (Pipeline._plan, before any work)."""
+    need = output_bytes(pipe, width, height, images)
     if pipe.device.type != "cuda":
-        _check_host(acts + results, f"generating {images} image(s) of {width}x{height}")
-        return
-    _check_host(results, f"holding {images} image(s) of {width}x{height}")
-    free = free_device_bytes(pipe.device)
-    if pipe.budget is None and free is not None and acts > free:
-        n = vram_suggestion(pipe, width, height, images, caption_tokens)
-        raise ResourceError(
-            f"generating {images} image(s) of {width}x{height} needs about {format_bytes(acts)} of device "
-            f"memory beyond the weights, {format_bytes(free)} is free: {_try_vram(n)}"
-        )
+        acts = activation_bytes(pipe, width, height, images, caption_tokens)
+        if pipe.budget.total_bytes is not None:
+            acts = min(acts, pipe.budget.total_bytes)  # the planner keeps each phase (VAE tiles too) in it
+        need += acts
+    _check_host(need, f"generating {images} image(s) of {width}x{height}")
 
 
 # -- what to suggest -----------------------------------------------------------------------------------
+def _explicit_budget(total: int, device: torch.device):
+    """The budget `--vram <total bytes>` gives on `device` (as budget.resolve_budget makes it, without
+    clamping to what is free now)."""
+    from zimage_lite.runtime.budget import DEFAULT_CUDA_CONTEXT_BYTES, VramBudget, allocator_margin
+
+    if device.type != "cuda":
+        return VramBudget(total, 0, "explicit")
+    return VramBudget(total, DEFAULT_CUDA_CONTEXT_BYTES, "explicit", allocator_margin(total))
+
+
 def _plans(pipe, total: int, width: int, height: int, images: int, caption_tokens: int) -> bool:
-    from zimage_lite.runtime.budget import DEFAULT_CUDA_CONTEXT_BYTES, VramBudget
     from zimage_lite.runtime.phases import plan_phases
 
-    ctx = DEFAULT_CUDA_CONTEXT_BYTES if pipe.device.type == "cuda" else 0
     try:
         plan_phases(
-            pipe.text_encoder, pipe.transformer, pipe.vae, VramBudget(total, ctx, "explicit"), pipe.device,
+            pipe.text_encoder, pipe.transformer, pipe.vae, _explicit_budget(total, pipe.device), pipe.device,
             width=width, height=height, images=images, caption_tokens=caption_tokens, dtype=pipe.dtype,
         )  # fmt: skip
     except UsageError:
@@ -222,7 +203,7 @@ def vram_suggestion(pipe, width: int, height: int, images: int, caption_tokens: 
     """A --vram value to suggest: the planner's minimum, or a quarter less than the budget that just
     failed when that budget was already above the minimum (the estimate was short, or others use the GPU)."""
     minimum = vram_minimum(pipe, width, height, images, caption_tokens)
-    current = pipe.budget.total_bytes if pipe.budget is not None else None
+    current = pipe.budget.total_bytes
     if minimum is not None and current is not None and current > minimum:
         return max(minimum, current * 3 // 4)
     return minimum
@@ -241,16 +222,15 @@ def device_oom_message(pipe, phase: str, width: int, height: int, images: int, c
 
 
 # -- the two calls the command line makes --------------------------------------------------------------
-def before_load(model, transformer, text_encoder, vae, tokenizer, device: str | None, dtype: str | None,
-                vram: str | None) -> None:  # fmt: skip
+def before_load(
+    model, transformer, text_encoder, vae, tokenizer, device: str | None, dtype: str | None
+) -> None:
     """`check_load` for Pipeline.load's arguments, resolved the way it resolves them."""
     from zimage_lite.pipeline import DTYPES, default_dtype, resolve_device
     from zimage_lite.weights.components import resolve_model
 
-    dev = resolve_device(device)
-    compute = DTYPES[dtype] if dtype in DTYPES else default_dtype(dev)
-    paths = resolve_model(model, transformer, text_encoder, vae, tokenizer)
-    check_load(paths, dev, compute, streaming=vram is not None and dev.type == "cuda")
+    compute = DTYPES[dtype] if dtype in DTYPES else default_dtype(resolve_device(device))
+    check_load(resolve_model(model, transformer, text_encoder, vae, tokenizer), compute)
 
 
 @contextmanager
