@@ -43,20 +43,11 @@ def one_line(text: str) -> str:
     return text.translate(_LINE_BREAKS)
 
 
-# runtime.phases.DeviceRuntime.phase(name, ...) runs each phase: its `name` is authoritative
-RUNTIME_PHASES = {"text_encoder": "text encoder", "transformer": "transformer", "vae": "VAE decode"}
-
-
 def phase_of(tb: TracebackType | None) -> str:
-    """The phase a traceback went through: the runtime's phase context if it is on the traceback, else
-    the innermost frame whose function names a phase."""
+    """The phase a traceback went through last: the innermost frame whose function names a phase."""
     phase = "unknown"
     while tb is not None:
-        frame = tb.tb_frame
-        name = frame.f_code.co_name
-        if name == "phase" and frame.f_globals.get("__name__") == "zimage_lite.runtime.phases":
-            return RUNTIME_PHASES.get(frame.f_locals.get("name"), "unknown")
-        phase = PHASES.get(name, phase)
+        phase = PHASES.get(tb.tb_frame.f_code.co_name, phase)
         tb = tb.tb_next
     return phase
 

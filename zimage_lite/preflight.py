@@ -233,6 +233,16 @@ def before_load(
     check_load(resolve_model(model, transformer, text_encoder, vae, tokenizer), compute)
 
 
+# Pipeline.last_stats.phases gets each phase's time when it completes: the first one missing was running
+_PHASE_ORDER = (("text_encoder", "text encoder"), ("denoise", "transformer"), ("vae", "VAE decode"))
+
+
+def running_phase(pipe) -> str | None:
+    """The phase of `pipe`'s generation that was running when it stopped (None: all had finished)."""
+    done = pipe.last_stats.phases
+    return next((label for key, label in _PHASE_ORDER if key not in done), None)
+
+
 @contextmanager
 def device_oom_as_error(pipe, width: int, height: int, images: int, tokens: int) -> Iterator[None]:
     """Turn a CUDA out-of-memory error inside the block into a ResourceError naming the phase and a
@@ -244,5 +254,5 @@ def device_oom_as_error(pipe, width: int, height: int, images: int, tokens: int)
     except Exception as exc:
         if not is_device_oom(exc):
             raise
-        phase = phase_of(exc.__traceback__)
+        phase = running_phase(pipe) or phase_of(exc.__traceback__)
         raise ResourceError(device_oom_message(pipe, phase, width, height, images, tokens)) from exc
