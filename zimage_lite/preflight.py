@@ -1,10 +1,12 @@
-"""Resources checked before the work: disk space for a conversion, host and device memory for a generation.
+"""Resources checked before the work: disk space for a conversion, host memory for a generation.
 
 Each check compares an estimate with what the machine has now and raises `ResourceError` with both
 numbers and what to do, so a run that cannot finish is refused in a second instead of dying half-way.
 The estimates are the runtime's own (the planner's activation formulas, the VAE decode bytes, the
 tensors the loaders will hold); a check whose measurement is unavailable (no /proc/meminfo, no psutil)
-is skipped rather than guessed.
+is skipped rather than guessed. Device memory is the planner's to check (Pipeline._plan refuses a budget
+too small before any work); when CUDA runs out anyway, `device_oom_as_error` names the phase and a
+`--vram` the planner accepts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 FILE_SLACK_BYTES = 64 * KIB  # per output file: header, metadata, file-system blocks
 TENSOR_SLACK_BYTES = 256  # per tensor: its name and shape in the header, alignment padding
 HOST_RESERVE_BYTES = 512 * MIB  # left to the OS and to Python's own allocations
-DENSE_QTYPES = frozenset({"F32", "F16", "BF16", "F64"})
+DENSE_QTYPES = frozenset({"F32", "F16", "BF16", "F64"})  # loaded in the compute dtype (weights/loaders.py)
 SMALLER = "try a smaller --width/--height/--batch, or close other programs"
 _SAFETENSORS_ITEM = {"F32": 4, "F16": 2, "BF16": 2, "FP8_E4M3": 1, "U8": 1}
 
