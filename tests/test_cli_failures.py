@@ -233,3 +233,23 @@ def test_verbose_before_or_after_the_command():
     assert build_parser().parse_args(["inspect", "x", "-v"]).verbose
     assert build_parser().parse_args(["-v", "inspect", "x"]).verbose
     assert not build_parser().parse_args(["inspect", "x"]).verbose
+
+
+def test_output_path_types(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    assert cli_args.output_file(str(tmp_path / "a.png")) == str(tmp_path / "a.png")
+    assert cli_args.output_folder(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
+    assert cli_args.convert_output(str(tmp_path / "dir")) == str(tmp_path / "dir")
+    bad = [
+        (cli_args.output_file, tmp_path / "dir", "is a folder"),
+        (cli_args.output_file, tmp_path / "missing" / "a.png", "output folder does not exist"),
+        (cli_args.output_folder, tmp_path / "file", "is a file, not a folder"),
+        (cli_args.output_folder, tmp_path / "file" / "sub", "is a file, not a folder"),
+        (cli_args.convert_output, tmp_path / "file" / "x.gguf", "is a file, not a folder"),
+        (cli_args.output_file, " ", "empty path"),
+    ]
+    for parse, path, message in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(str(path))
+    assert not (tmp_path / "new").exists()  # checking never creates anything

@@ -80,11 +80,23 @@ def _writable_folder(folder: Path, what: str) -> None:
         raise argparse.ArgumentTypeError(f"{folder}: {what} is not writable")
 
 
-def output_file(text: str) -> str:
-    """A file to write: not an existing folder, in an existing writable folder."""
+def _path(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("empty path")
-    path = Path(text).expanduser()
+    return Path(text).expanduser()
+
+
+def _creatable(path: Path) -> None:
+    """`path` can be made: what exists above it is a writable folder (missing folders get created)."""
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent} is a file, not a folder")
+    _writable_folder(parent, "folder")
+
+
+def output_file(text: str) -> str:
+    """A file to write: not an existing folder, in an existing writable folder."""
+    path = _path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a folder: give a file name (inside it, say)")
     _writable_folder(path.parent, "output folder")
@@ -92,40 +104,21 @@ def output_file(text: str) -> str:
 
 
 def output_folder(text: str) -> str:
-    """A folder to write into (created if missing): not an existing file, its parent writable."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path")
-    path = Path(text).expanduser()
+    """A folder to write into (created if missing): not an existing file."""
+    path = _path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
     if path.is_dir():
         _writable_folder(path, "output folder")
-        return str(path)
-    parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{parent} is a file, not a folder")
-    _writable_folder(parent, "folder")
+    else:
+        _creatable(path)
     return str(path)
 
 
 def convert_output(text: str) -> str:
-    """convert -o: a file or a folder (made by the converter); what exists above it must be a writable
-    folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path")
-    path = Path(text).expanduser()
-    parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{parent} is a file, not a folder")
-    _writable_folder(parent, "folder")
-    return str(path)
-
-
-def existing_path(text: str) -> str:
-    """An input file or folder that exists."""
-    path = Path(text).expanduser()
-    if not text.strip() or not path.exists():
-        raise argparse.ArgumentTypeError(f"{text!r}: no such file or folder")
+    """convert -o: a file or a folder, which the converter names and checks against its input."""
+    path = _path(text)
+    _creatable(path)
     return str(path)
 
 
