@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,19 @@ def test_fault_while_converting_leaves_nothing(
     code, err = run(capsys, "convert", tiny, "-o", tmp_path / "out", "--quant", "q8_0", "-q")
     one_line(code, err, pattern, exit_code)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_while_converting_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
+    def write(self, name, data):
+        os.kill(os.getpid(), signal.SIGTERM)  # `kill PID`, delivered to this (main) thread
+        time.sleep(5)  # the handler raises before this ends
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(GGUFStreamWriter, "write", write)
+    code, err = run(capsys, "convert", tiny, "-o", tmp_path / "out", "--quant", "q8_0", "-q")
+    one_line(code, err, "terminated; nothing was kept", 143)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is previous  # main() put the handler back
 
 
 def test_disk_estimate_covers_the_real_output(tiny, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from zimage_lite import cli_args
-from zimage_lite.cli_errors import EXIT_USAGE, describe, one_line
+from zimage_lite.cli_errors import EXIT_USAGE, Terminated, describe, one_line, sigterm_raises
 from zimage_lite.errors import UsageError
 
 
@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return args.func(args)
-    except (Exception, KeyboardInterrupt) as exc:
+        with sigterm_raises():
+            return args.func(args)
+    except (Exception, KeyboardInterrupt, Terminated) as exc:
         message, code = describe(exc)
         if args.verbose:
             traceback.print_exc()

@@ -1,14 +1,18 @@
 """Any exception that ends a command -> one line for stderr and an exit code.
 
 A user's mistake (ZImageError) and what the machine runs out of (disk, host memory, device memory, an
-interrupt) each get a line that says what happened and what to do, exit code 2 (130 for Ctrl-C). Anything
-else is a bug: one line that says so, exit code 1; `-v` prints the traceback as well.
+interrupt) each get a line that says what happened and what to do, exit code 2 (130 for Ctrl-C, 143 for
+SIGTERM, which `sigterm_raises` turns into an exception so outputs in progress are removed as for Ctrl-C).
+Anything else is a bug: one line that says so, exit code 1; `-v` prints the traceback as well.
 """
 
 from __future__ import annotations
 
 import errno
 import re
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from zimage_lite.errors import ZImageError
@@ -16,6 +20,7 @@ from zimage_lite.errors import ZImageError
 EXIT_BUG = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # numpy's tofile (gguf-py writes tensors with it) reports a short write without an errno
@@ -36,6 +41,29 @@ PHASES = {
 
 # every character str.splitlines() breaks at -> its escape
 _LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, like KeyboardInterrupt: `except Exception` must not swallow it)."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside the block SIGTERM raises Terminated, so cleanup (atomic outputs) runs; outside the main
+    thread, where signal handlers cannot be set, it does nothing."""
+
+    def handler(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(text: str) -> str:
@@ -77,6 +105,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
     """(one line without the program name, exit code) for an exception that ended a command."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted; nothing was kept", EXIT_INTERRUPTED
+    if isinstance(exc, Terminated):
+        return "terminated; nothing was kept", EXIT_TERMINATED
     if isinstance(exc, ZImageError):
         return str(exc), EXIT_USAGE
     if is_device_oom(exc):
