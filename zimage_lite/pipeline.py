@@ -102,6 +102,7 @@ class Pipeline:
         self.last_stats = Stats()
         self.load_seconds = 0.0
         self._vae_tile: int | None = None
+        self.loras: list[tuple[str, dict, float]] = []  # (file, {layer: LowRank}, scale), in load order
 
     @classmethod
     def load(
@@ -147,6 +148,24 @@ class Pipeline:
         )
         pipe.load_seconds = time.perf_counter() - start
         return pipe
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Add a LoRA file's low-rank updates, times `scale`, beside the transformer's linears (any weight
+        format; nothing is dequantized or merged). A file that does not fit raises and changes nothing."""
+        from zimage_lite.runtime.lora import apply_loras
+        from zimage_lite.weights.lora import read_lora
+
+        updates = read_lora(path, self.transformer)
+        loras = [*self.loras, (str(path), updates, float(scale))]
+        added = apply_loras(self.transformer, [(u, s) for _, u, s in loras], self.dtype)
+        self.loras = loras
+        log.info("LoRA %s (scale %g): %d layers, %.1f MiB in all", path, scale, len(updates), added / 2**20)
+
+    def unload_loras(self) -> None:
+        from zimage_lite.runtime.lora import remove_loras
+
+        remove_loras(self.transformer)
+        self.loras = []
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """One (L_i, hidden) tensor per prompt: real tokens only (causal attention needs no padding)."""
