@@ -17,7 +17,15 @@ import torch
 from PIL import Image
 
 from zimage_lite.errors import UsageError, ZImageError
-from zimage_lite.sampling import euler_sample, initial_noise
+from zimage_lite.init_image import image_tensor, init_latents, mask_tensor
+from zimage_lite.sampling import (
+    euler_sample,
+    initial_noise,
+    keep_unmasked,
+    noised,
+    strength_start,
+    turbo_sigmas,
+)
 from zimage_lite.weights.components import ModelPaths, resolve_model
 
 log = logging.getLogger(__name__)
@@ -196,11 +204,23 @@ class Pipeline:
         height: int = 1024,
         batch: int = 1,
         on_step: Callable[[int, int], None] | None = None,
+        image: Image.Image | None = None,
+        strength: float | None = None,
+        mask: Image.Image | None = None,
     ) -> torch.Tensor:
-        """Final float32 latents (B*batch, C, H/8, W/8) before VAE decoding."""
+        """Final float32 latents (B*batch, C, H/8, W/8) before VAE decoding.
+
+        With `image` (resized to width x height): image-to-image from the schedule cut by `strength`
+        (default 0.6); with `mask` too, inpainting (white = re-generate; strength default 1.0).
+        `on_step(i, n)` counts the steps that run (fewer than `steps` when strength < 1)."""
         check_size(width, height)
         if steps < 1 or batch < 1:
             raise UsageError("steps and batch must be >= 1")
+        if image is None and (mask is not None or strength is not None):
+            raise UsageError("a mask or a strength needs an init image")
+        if image is not None:
+            strength = (0.6 if mask is None else 1.0) if strength is None else strength
+        start = 0 if image is None else strength_start(steps, strength)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         stats = self.last_stats = Stats()
         timer = _Timer(self.device)
@@ -215,8 +235,8 @@ class Pipeline:
         t1 = timer.now()
         stats.phases["text_encoder"] = t1 - t0
 
-        scale = self.vae.config.scale_factor
-        noise = initial_noise(len(captions), self.transformer.config.in_channels, height, width, seed, scale)
+        latents, blend = self._start(image, mask, start, steps, seed, len(captions), width, height)
+        t1 = timer.now()
         last = [t1]
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -234,13 +254,46 @@ class Pipeline:
             stats.steps.append(now - last[0])
             last[0] = now
             if on_step is not None:
-                on_step(i, steps)
+                on_step(i - start, steps - start)
 
         with self._phase("transformer", plans):
-            latents = euler_sample(denoise, noise.to(self.device), steps, on_step=step_done)
+            latents = euler_sample(denoise, latents, steps, on_step=step_done, start=start, blend=blend)
         stats.phases["denoise"] = timer.now() - t1
         self._vae_tile = plans.vae_tile if plans is not None else None
         return latents
+
+    def _start(self, image, mask, start, steps, seed, images, width, height):
+        """(start latents on the device, inpainting blend or None) for the schedule entered at `start`."""
+        scale = self.vae.config.scale_factor
+        if image is None:
+            noise = initial_noise(images, self.transformer.config.in_channels, height, width, seed, scale)
+            return noise.to(self.device), None
+        cfg = self.vae.config
+        init = init_latents(
+            self.encode_image(image, width, height), images, seed, cfg.scaling_factor, cfg.shift_factor
+        )
+        clean, noise = init.image.to(self.device), init.noise.to(self.device)
+        latents = noised(clean, noise, turbo_sigmas(steps)[start].to(self.device))
+        if mask is None:
+            return latents, None
+        return latents, keep_unmasked(clean, noise, mask_tensor(mask, width, height, scale).to(self.device))
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """VAE encoder moments (1, 2C, H/8, W/8), float32 on the CPU, of `image` resized to width x height
+        (Lanczos). Under a budget the encoder visits the device for this call only."""
+        timer = _Timer(self.device)
+        t0 = timer.now()
+        encoder = self.vae.encoder
+        if self.budget is not None:
+            encoder.to(self.device)
+        try:
+            moments = encoder(image_tensor(image, width, height).to(self.device, self.vae.dtype))
+        finally:
+            if self.budget is not None:
+                encoder.to("cpu")
+        self.last_stats.phases["vae_encode"] = timer.now() - t0
+        return moments.float().cpu()
 
     def _plan(self, ids: list[list[int]], width: int, height: int, images: int):
         """All phases planned before any work, so a budget too small fails first (None: no budget)."""
