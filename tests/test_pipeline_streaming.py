@@ -52,6 +52,8 @@ def test_streamed_generation_is_bit_identical(quantized, resident):
     assert dit["streamed_blocks"] > 0 and dit["h2d_bytes"] > 0 and dit["prefetch_misses"] == 0
     plan = stats["plans"]["transformer"]
     assert plan["total_bytes"] <= budget
+    memory = pipe.last_stats.device_memory  # each phase within the budget, and given back
+    assert all(m["before"] == m["after"] == 0 and m["peak"] <= budget for m in memory.values())
 
 
 def test_budget_below_minimum_is_refused_before_any_work(quantized):
@@ -76,7 +78,8 @@ def test_cli_stats_report_streaming(quantized, tmp_path, capsys):
     assert code == 0
     data = json.loads(stats.read_text())
     assert data["streaming"]["transformer"]["h2d_bytes"] > 0
-    assert set(data["streaming"]["plans"]) == {"text_encoder", "transformer", "vae_tile"}
+    assert set(data["streaming"]["plans"]) == {"text_encoder", "transformer", "vae", "vae_tile", "keep"}
+    assert set(data["device_memory"]) == {"text_encoder", "transformer", "vae"}
 
 
 def test_minimum_budget_is_exact_and_still_identical(quantized, resident):

@@ -11,9 +11,16 @@ from zimage_lite.config import DiTConfig, Qwen3Config
 from zimage_lite.models.dit import ZImageDiT
 from zimage_lite.models.qwen3 import Qwen3Encoder
 from zimage_lite.runtime.device import CpuDevice, device_layer_for
-from zimage_lite.runtime.planner import Plan, block_bytes, dit_blocks, plan_blocks, qwen3_blocks
+from zimage_lite.runtime.planner import (
+    Plan,
+    block_bytes,
+    dit_blocks,
+    outside_tensors,
+    plan_blocks,
+    qwen3_blocks,
+)
 from zimage_lite.runtime.quant_linear import swap_linears
-from zimage_lite.runtime.streamer import BlockStreamer, move_outside_blocks
+from zimage_lite.runtime.streamer import BlockStreamer
 from zimage_lite.synthetic import random_tensor
 from zimage_lite.weights.load import build_meta, load_strict
 
@@ -234,9 +241,13 @@ def test_plan_mismatch_and_outside_weights():
     plan = all_streamed(blocks[:-1], 1)
     with pytest.raises(ValueError):
         BlockStreamer(blocks, plan, CpuDevice())
-    outside = move_outside_blocks(model, blocks, torch.device("cpu"))
+    outside = sum(t.nbytes for _, _, t in outside_tensors(model, blocks))
     every = sum(t.nbytes for t in model.state_dict().values())
     assert outside == every - sum(sum(t.nbytes for t in b.state_dict().values()) for b in blocks)
+    no_embedder = outside_tensors(model, blocks, host_only=[model.x_embedder])
+    assert outside - sum(t.nbytes for _, _, t in no_embedder) == sum(
+        t.nbytes for t in model.x_embedder.state_dict().values()
+    )
     assert isinstance(device_layer_for("cpu"), CpuDevice)
 
 
@@ -253,10 +264,10 @@ def test_cuda_streaming_matches_resident(pin):
     model = random_model(lambda: ZImageDiT(DIT))
     ref = dit_steps(copy.deepcopy(model).to(cuda), steps=(0.1, 0.5, 0.9), device=cuda)
     blocks = dit_blocks(model)
-    move_outside_blocks(model, blocks, cuda)
     sizes = [block_bytes(b) for b in blocks]
     plan = Plan(1 << 40, tuple(sizes), (1,), (0, 2, 3, 4, 5, 6), 2, max(sizes))
-    streamer = BlockStreamer(blocks, plan, CudaDevice(cuda, pin=pin), poison_after_use=True)
+    fixed = outside_tensors(model, blocks)
+    streamer = BlockStreamer(blocks, plan, CudaDevice(cuda, pin=pin), fixed=fixed, poison_after_use=True)
     with streamer:
         out = dit_steps(model, steps=(0.1, 0.5, 0.9), device=cuda)
         stats = streamer.stats()

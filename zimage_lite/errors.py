@@ -19,3 +19,7 @@ class UsageError(ZImageError):
 
 class NonFiniteError(UsageError):
     """A tensor to quantize holds NaN or infinity (ggml asserts on these; its bytes would be meaningless)."""
+
+
+class DeviceMemoryError(UsageError):
+    """The device (or the card being emulated) has no room for what a phase needs."""

@@ -6,7 +6,6 @@ per-step timings land in `pipe.last_stats` as plain JSON-able values.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -52,6 +51,24 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if major >= 8 else torch.float16 if major == 7 else torch.float32
 
 
+def _budget(vram, card, device: torch.device):
+    """The VramBudget for `vram` / `card` on `device` (see Pipeline.load): a `vram` under a `card`
+    plans in less than the emulated card gives."""
+    from dataclasses import replace
+
+    from zimage_lite.runtime.budget import emulate_card, parse_vram, resolve_budget
+
+    if card is None:
+        return resolve_budget("auto" if vram is None else vram, device)
+    budget = emulate_card(card, device)
+    n = parse_vram(vram)
+    if n is None:
+        return budget
+    if n > budget.total_bytes:
+        raise UsageError(f"--vram {vram} is larger than the emulated --card {card}")
+    return replace(budget, total_bytes=n)
+
+
 def check_size(width: int, height: int) -> None:
     for name, v in (("width", width), ("height", height)):
         if v < 16 or v % 16:
@@ -60,18 +77,23 @@ def check_size(width: int, height: int) -> None:
 
 @dataclass
 class Stats:
-    """Timings in seconds; bytes as integers. `streaming` holds each streamed phase's streamer stats
-    (host-to-device bytes, pinned host bytes, copy time hidden behind compute, ...) and the plans."""
+    """Timings in seconds; bytes as integers. `streaming` holds each phase's streamer stats
+    (host-to-device bytes, pinned host bytes, copy time hidden behind compute, ...) and the plans;
+    `device_memory` each phase's device bytes before it, at its peak and after it (CUDA: the
+    allocator's; CPU: the device ledger's, with the planned activations reserved)."""
 
     phases: dict[str, float] = field(default_factory=dict)
     steps: list[float] = field(default_factory=list)
     peak_device_bytes: int | None = None
     streaming: dict = field(default_factory=dict)
+    device_memory: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = {"phases_s": self.phases, "steps_s": self.steps, "peak_device_bytes": self.peak_device_bytes}
         if self.streaming:
             out["streaming"] = self.streaming
+        if self.device_memory:
+            out["device_memory"] = self.device_memory
         return out
 
 
@@ -86,7 +108,11 @@ class _Timer:
 
 
 class Pipeline:
-    """Z-Image-Turbo text-to-image. Build with `Pipeline.load(...)`, call `generate(...)`."""
+    """Z-Image-Turbo text-to-image. Build with `Pipeline.load(...)`, call `generate(...)`.
+
+    Weights are loaded into host memory; each phase places what its plan says on the device
+    (`runtime.phases`), whatever the budget: with no `vram` the plan is made against the card's free
+    memory (CUDA) or no limit (CPU), and everything that fits stays on the device across images."""
 
     def __init__(
         self,
@@ -99,8 +125,11 @@ class Pipeline:
         dtype,
         budget=None,
     ):
+        from zimage_lite.runtime.budget import VramBudget
+        from zimage_lite.runtime.phases import DeviceRuntime, phase_models
+
         self.paths = paths
-        self.budget = budget  # VramBudget with a total: weights live on the host and stream per phase
+        self.budget = budget or VramBudget(None, 0, "unlimited")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.transformer = transformer
@@ -109,7 +138,9 @@ class Pipeline:
         self.dtype = dtype
         self.last_stats = Stats()
         self.load_seconds = 0.0
-        self._vae_tile: int | None = None
+        capacity = self.budget.total_bytes if self.budget.source == "card" and device.type == "cpu" else None
+        self.runtime = DeviceRuntime(device, phase_models(text_encoder, transformer, vae), capacity)
+        self._plans = None
         self.loras: list[tuple[str, dict, float]] = []  # (file, {layer: LowRank}, scale), in load order
 
     @classmethod
@@ -124,10 +155,11 @@ class Pipeline:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         vram: str | int | None = None,
+        card: str | int | None = None,
     ) -> Pipeline:
-        """`vram` ("6GB", "auto", bytes; None = everything resident on the device) turns on streaming:
-        the models stay in host memory and each phase streams its blocks inside that budget."""
-        from zimage_lite.runtime.budget import resolve_budget
+        """`vram` ("6GB", "auto", bytes): the device budget every phase is planned in; None plans
+        against the free memory of a GPU (no limit on the CPU). `card` ("6GB"): run as on a card of
+        that size (the allocator capped as it would be, and that budget; see budget.emulate_card)."""
         from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
 
         start = time.perf_counter()
@@ -139,17 +171,15 @@ class Pipeline:
         dtype = dtype or default_dtype(dev)
         if dev.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev)[0] < 8:
             raise UsageError("this GPU (sm < 8.0) has no bfloat16 support: use --dtype float16 or float32")
-        budget = resolve_budget(vram, dev) if vram is not None else None
-        if budget is not None and budget.total_bytes is None:
-            budget = None  # "auto" on the CPU: nothing to limit
+        budget = _budget(vram, card, dev)
         paths = resolve_model(model, transformer, text_encoder, vae, tokenizer)
-        home = torch.device("cpu") if budget is not None else dev
+        host = torch.device("cpu")  # phases place weights on the device per their plan
         pipe = cls(
             paths,
             tokenizer=load_tokenizer(paths.tokenizer),
-            text_encoder=load_text_encoder(paths.text_encoder, dtype, home).eval(),
-            transformer=load_transformer(paths.transformer, dtype, home).eval(),
-            vae=load_vae(paths.vae, dtype, home).eval(),
+            text_encoder=load_text_encoder(paths.text_encoder, dtype, host).eval(),
+            transformer=load_transformer(paths.transformer, dtype, host).eval(),
+            vae=load_vae(paths.vae, dtype, host).eval(),
             device=dev,
             dtype=dtype,
             budget=budget,
@@ -165,6 +195,7 @@ class Pipeline:
 
         updates = read_lora(path, self.transformer)
         loras = [*self.loras, (str(path), updates, float(scale))]
+        self._forget_placement("transformer")
         added = apply_loras(self.transformer, [(u, s) for _, u, s in loras], self.dtype)
         self.loras = loras
         log.info("LoRA %s (scale %g): %d layers, %.1f MiB in all", path, scale, len(updates), added / 2**20)
@@ -172,8 +203,16 @@ class Pipeline:
     def unload_loras(self) -> None:
         from zimage_lite.runtime.lora import remove_loras
 
+        self._forget_placement("transformer")
         remove_loras(self.transformer)
         self.loras = []
+
+    def _forget_placement(self, name: str) -> None:
+        """Give back phase `name`'s placed weights and drop its streamer: its tensors are about to change
+        (LoRA buffers), and the next phase packs them anew."""
+        streamer = self.runtime.streamers.pop(name, None)
+        if streamer is not None:
+            streamer.detach()
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """One (L_i, hidden) tensor per prompt: real tokens only (causal attention needs no padding)."""
@@ -181,16 +220,12 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_ids(self, ids: list[list[int]]) -> list[torch.Tensor]:
-        """Text-encoder features of token ids. Under a budget the embedding table stays on the host:
-        rows are gathered there, then moved."""
+        """Text-encoder features of token ids. The embedding table stays in host memory: rows are
+        gathered there, then moved (the text encoder's weights must be placed: see `_phase`)."""
         out = []
         for row in ids:
-            x = torch.tensor([row], dtype=torch.long)
-            if self.budget is None:
-                out.append(self.text_encoder(x.to(self.device))[0])
-            else:
-                emb = self.text_encoder.embed_tokens(x)
-                out.append(self.text_encoder.forward_embeddings(emb.to(self.device))[0])
+            emb = self.text_encoder.embed_tokens(torch.tensor([row], dtype=torch.long))
+            out.append(self.text_encoder.forward_embeddings(emb.to(self.device))[0])
         return out
 
     @torch.no_grad()
@@ -224,13 +259,11 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         stats = self.last_stats = Stats()
         timer = _Timer(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
 
         ids = self.tokenizer.encode(prompts)
-        plans = self._plan(ids, width, height, len(prompts) * batch)
+        self._plan(ids, width, height, len(prompts) * batch, encode=image is not None)
         t0 = timer.now()
-        with self._phase("text_encoder", plans):
+        with self._phase("text_encoder"):
             captions = [c for c in self.encode_ids(ids) for _ in range(batch)]
         t1 = timer.now()
         stats.phases["text_encoder"] = t1 - t0
@@ -256,10 +289,9 @@ class Pipeline:
             if on_step is not None:
                 on_step(i - start, steps - start)
 
-        with self._phase("transformer", plans):
+        with self._phase("transformer"):
             latents = euler_sample(denoise, latents, steps, on_step=step_done, start=start, blend=blend)
         stats.phases["denoise"] = timer.now() - t1
-        self._vae_tile = plans.vae_tile if plans is not None else None
         return latents
 
     def _start(self, image, mask, start, steps, seed, images, width, height):
@@ -269,9 +301,8 @@ class Pipeline:
             noise = initial_noise(images, self.transformer.config.in_channels, height, width, seed, scale)
             return noise.to(self.device), None
         cfg = self.vae.config
-        init = init_latents(
-            self.encode_image(image, width, height), images, seed, cfg.scaling_factor, cfg.shift_factor
-        )
+        moments = self.encode_image(image, width, height)
+        init = init_latents(moments, images, seed, cfg.scaling_factor, cfg.shift_factor)
         clean, noise = init.image.to(self.device), init.noise.to(self.device)
         latents = noised(clean, noise, turbo_sigmas(steps)[start].to(self.device))
         if mask is None:
@@ -281,66 +312,48 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """VAE encoder moments (1, 2C, H/8, W/8), float32 on the CPU, of `image` resized to width x height
-        (Lanczos). Under a budget the encoder visits the device for this call only."""
+        (Lanczos), in the "vae_encoder" phase (planned by generate_latents, or now for this size)."""
+        if self._plans is None or self._plans.vae_encoder is None:
+            self._plan([[0]], width, height, 1, encode=True)
         timer = _Timer(self.device)
         t0 = timer.now()
-        encoder = self.vae.encoder
-        if self.budget is not None:
-            encoder.to(self.device)
-        try:
-            moments = encoder(image_tensor(image, width, height).to(self.device, self.vae.dtype))
-        finally:
-            if self.budget is not None:
-                encoder.to("cpu")
-        self.last_stats.phases["vae_encode"] = timer.now() - t0
+        s = self.last_stats
+        with self.runtime.phase("vae_encoder", self._plans.vae_encoder, False, s.streaming, s.device_memory):
+            moments = self.vae.encoder(image_tensor(image, width, height).to(self.device, self.vae.dtype))
+        s.phases["vae_encode"] = timer.now() - t0
         return moments.float().cpu()
 
-    def _plan(self, ids: list[list[int]], width: int, height: int, images: int):
-        """All phases planned before any work, so a budget too small fails first (None: no budget)."""
-        if self.budget is None:
-            return None
+    def _plan(self, ids: list[list[int]], width: int, height: int, images: int, encode: bool = False) -> None:
+        """All phases planned before any work, so a budget too small fails first (`encode`: with the
+        VAE encoder, for an init image)."""
         from zimage_lite.runtime.phases import plan_phases
 
-        plans = plan_phases(
-            self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width, height=height,
-            images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
+        self._plans = plan_phases(
+            self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width,
+            height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
+            encode=encode,
         )  # fmt: skip
-        self.last_stats.streaming["plans"] = plans.to_dict()
-        return plans
+        self.last_stats.streaming["plans"] = self._plans.to_dict()
 
-    def _phase(self, name: str, plans):
-        """Streams the phase's blocks under a budget; a no-op context otherwise."""
-        if plans is None:
-            return contextlib.nullcontext()
-        from zimage_lite.runtime.phases import streamed
-        from zimage_lite.runtime.planner import dit_blocks, qwen3_blocks
-
-        if name == "text_encoder":
-            te = self.text_encoder
-            return streamed(
-                te, qwen3_blocks(te), plans.text_encoder, self.device, self.last_stats.streaming, name, False
-            )
-        dit = self.transformer
-        return streamed(dit, dit_blocks(dit), plans.transformer, self.device, self.last_stats.streaming, name)
+    def _phase(self, name: str):
+        """Places phase `name`'s weights per its plan for the duration (runtime.phases)."""
+        s = self.last_stats
+        plans = self._plans
+        return self.runtime.phase(name, plans.of(name), plans.keep, s.streaming, s.device_memory)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        from zimage_lite.runtime.vae_tiling import decode_to_uint8_tiled
+
+        if self._plans is None:
+            raise UsageError("decode() needs the plans of a generate_latents() call first")
         timer = _Timer(self.device)
         t0 = timer.now()
-        if self.budget is None:
-            pixels = self.vae.decode_to_uint8(latents.to(self.device))
-        else:
-            from zimage_lite.runtime.vae_tiling import decode_to_uint8_tiled
-
-            self.vae.decoder.to(self.device)
-            try:
-                pixels = decode_to_uint8_tiled(self.vae, latents.to(self.device), self._vae_tile)
-            finally:
-                self.vae.decoder.to("cpu")
+        with self._phase("vae"):
+            pixels = decode_to_uint8_tiled(self.vae, latents.to(self.device), self._plans.vae_tile)
         pixels = pixels.cpu().numpy()  # (B, H, W, 3) uint8
         self.last_stats.phases["vae"] = timer.now() - t0
-        if self.device.type == "cuda":
-            self.last_stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
+        self.last_stats.peak_device_bytes = max(m["peak"] for m in self.last_stats.device_memory.values())
         return [Image.fromarray(p) for p in pixels]
 
     def generate(self, prompt: str | list[str], **kwargs) -> list[Image.Image]:

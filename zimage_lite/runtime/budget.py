@@ -37,6 +37,16 @@ _SPEC = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$")
 DEFAULT_CUDA_CONTEXT_BYTES = 400 * MIB
 # Kept free under an `auto` budget: other processes (the desktop) may grow while we run.
 DEFAULT_AUTO_MARGIN_BYTES = 256 * MIB
+# What `--card N` leaves outside PyTorch's allocator on an N GB card: the CUDA context and a display.
+CARD_CONTEXT_BYTES = 512 * MIB
+
+
+def allocator_margin(total_bytes: int) -> int:
+    """Bytes of a CUDA budget the planner leaves free for the caching allocator's rounding (blocks of
+    2 MB, 512-byte granules) and fragmentation: 1/32 of the budget, at least 128 MB. On the first 4 GB
+    run a plan using 4.23 of 4.29 GB died in the allocator. NOT MEASURED on a card yet: the GPU check
+    (benchmarks/gpu_check.py) reports the real peak under each --card cap, which decides this."""
+    return max(128 * MIB, total_bytes // 32)
 
 
 def parse_vram(spec: str | int | float | None) -> int | None:
@@ -74,11 +84,13 @@ def format_bytes(n: int, digits: int = 1) -> str:
 @dataclass(frozen=True)
 class VramBudget:
     """What the planner may use: `total_bytes` (None: unlimited, nothing streams) of which
-    `context_bytes` are taken by the CUDA context before any tensor exists."""
+    `context_bytes` are taken by the CUDA context before any tensor exists and `margin_bytes` are kept
+    free for the allocator (`allocator_margin`; 0 on the CPU, whose ledger is exact)."""
 
     total_bytes: int | None
     context_bytes: int
-    source: str  # "explicit", "auto" or "unlimited"
+    source: str  # "explicit", "auto", "card" or "unlimited"
+    margin_bytes: int = 0
 
 
 def resolve_budget(
@@ -102,11 +114,35 @@ def resolve_budget(
     ours = torch.cuda.memory_reserved(device)  # our cached blocks are reusable, count them as free
     available = free + ours
     if n is None:
-        return VramBudget(max(available - auto_margin_bytes, 0), 0, "auto")
+        total = max(available - auto_margin_bytes, 0)
+        return VramBudget(total, 0, "auto", allocator_margin(total))
     if n - context_bytes > available:
         log.warning(
             "--vram %s exceeds what this GPU has free (%s + context): using %s",
             format_bytes(n), format_bytes(available), format_bytes(available + context_bytes),
         )  # fmt: skip
         n = available + context_bytes
-    return VramBudget(n, context_bytes, "explicit")
+    return VramBudget(n, context_bytes, "explicit", allocator_margin(n))
+
+
+def emulate_card(spec: str | int, device: torch.device) -> VramBudget:
+    """`--card 6GB`: run as on a card of that size. On CUDA, PyTorch's allocator is capped at what such
+    a card leaves it (card - CARD_CONTEXT_BYTES), so an over-budget plan fails here as it would there;
+    on the CPU the device ledger gets the same capacity. Returns the budget to plan with."""
+    n = parse_vram(spec)
+    if n is None:
+        raise UsageError(f"--card needs a size like 4GB, 6GB or 8GB (got {spec!r})")
+    if device.type != "cuda":
+        return VramBudget(n, 0, "card")
+    if n <= CARD_CONTEXT_BYTES:
+        raise UsageError(
+            f"--card {spec}: a card is larger than its context ({format_bytes(CARD_CONTEXT_BYTES)})"
+        )
+    total = torch.cuda.get_device_properties(device).total_memory
+    if n > total:
+        raise UsageError(f"--card {spec} is larger than this GPU ({format_bytes(total)})")
+    torch.cuda.set_per_process_memory_fraction((n - CARD_CONTEXT_BYTES) / total, device)
+    log.info(
+        "emulating a %s card: allocator capped at %s", format_bytes(n), format_bytes(n - CARD_CONTEXT_BYTES)
+    )
+    return VramBudget(n, CARD_CONTEXT_BYTES, "card", allocator_margin(n))

@@ -20,8 +20,15 @@ CpuDevice: the "device" is the CPU. Buffers are distinct storage from the host s
 mapping gives wrong numbers, which the tests rely on); copies are synchronous, events are immediate,
 and nothing overlaps: stall == copy time.
 
-NOT RUN HERE: CudaDevice has never executed in this repository's CI (no GPU); it is written against
-torch's documented stream/event/pinned-memory API and needs a GPU test (tests marked `gpu`).
+Both layers keep a `DeviceLedger`: the CPU's view of device memory. On the CPU every buffer `alloc`
+hands out is backed by a numpy array whose finaliser runs when torch frees the storage, so the ledger's
+live bytes are the bytes really still referenced (a parameter left pointing into a freed phase's
+buffer keeps them live, as it would on a GPU), it knows which tensors live in device buffers
+(`holds`), and a `capacity` makes an over-budget allocation fail as a capped card's allocator would.
+On CUDA the allocator itself is the ledger (`memory_allocated`).
+
+CudaDevice ran on an H200 (copies hidden behind compute, DESIGN.md §8); CI has no GPU, so its own
+tests are marked `gpu` and the CPU layer carries the accounting tests.
 """
 
 from __future__ import annotations
@@ -29,10 +36,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+from zimage_lite.errors import DeviceMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +78,91 @@ def host_ram_bytes() -> int | None:
         return None
 
 
-class CpuDevice:
-    """Plain copies and immediate events on the CPU (module docstring)."""
+class DeviceLedger:
+    """Live and peak bytes of device buffers (module docstring), plus named reservations: the planner's
+    activation and scratch estimate for a phase is reserved while it runs, so `peak` is what the phase
+    may take in all. `capacity` (bytes, None = unlimited) refuses what a capped card would refuse."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self.live = 0
+        self.peak = 0
+        self._ranges: dict[int, tuple[int, int]] = {}  # key -> (address, nbytes) of live buffers
+        self._next_key = 0
+
+    def _grow(self, nbytes: int, what: str) -> None:
+        if self.capacity is not None and self.live + nbytes > self.capacity:
+            raise DeviceMemoryError(
+                f"out of device memory: {what} needs {nbytes} bytes, {self.live} of {self.capacity} in use"
+            )
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def _shrink(self, key: int | None, nbytes: int) -> None:
+        self.live -= nbytes
+        if key is not None:
+            self._ranges.pop(key, None)
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of `nbytes`, counted until torch frees its storage."""
+        self._grow(nbytes, "a buffer")
+        array = np.empty(max(nbytes, 1), dtype=np.uint8)
+        buf = torch.from_numpy(array)[:nbytes]
+        key, self._next_key = self._next_key, self._next_key + 1
+        self._ranges[key] = (array.ctypes.data, nbytes)
+        weakref.finalize(array, self._shrink, key, nbytes)  # runs when the storage is freed
+        return buf
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        self._grow(nbytes, what)
+
+    def release(self, nbytes: int) -> None:
+        self._shrink(None, nbytes)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """True when `t`'s memory lies inside a live buffer of this ledger (i.e. "on the device")."""
+        if t.numel() == 0 or t.device.type != "cpu":
+            return False
+        start = t.data_ptr()
+        return any(a <= start < a + n for a, n in self._ranges.values())
+
+
+class CpuDevice:
+    """Plain copies and immediate events on the CPU (module docstring); memory through `ledger`."""
+
+    def __init__(self, ledger: DeviceLedger | None = None) -> None:
         self.device = torch.device("cpu")
+        self.ledger = ledger or DeviceLedger()
         self.pinned_bytes = 0
         self.pageable_bytes = 0
         self._t = _Timings()
 
     def alloc(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return self.ledger.alloc(nbytes)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return self.ledger.holds(t)
+
+    def allocated_bytes(self) -> int:
+        return self.ledger.live
+
+    def peak_bytes(self) -> int:
+        return self.ledger.peak
+
+    def reset_peak(self) -> None:
+        self.ledger.reset_peak()
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        self.ledger.reserve(nbytes, what)
+
+    def release(self, nbytes: int) -> None:
+        self.ledger.release(nbytes)
+
+    def empty_cache(self) -> None:
+        pass
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         self.pageable_bytes += nbytes
@@ -136,6 +221,28 @@ class CudaDevice:
     # -- memory ---------------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return t.device == self.device
+
+    # the caching allocator is the ledger; reservations are the planner's, real tensors count themselves
+    def allocated_bytes(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak_bytes(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        pass
+
+    def release(self, nbytes: int) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         if self.pinned_bytes + nbytes <= self._pin_limit:
@@ -229,7 +336,9 @@ class CudaDevice:
         return {"h2d_bytes": t.h2d_bytes, "h2d_copies": t.copies, "copy_s": t.copy_s, "stall_s": t.stall_s}
 
 
-def device_layer_for(device: torch.device | str, **kwargs) -> CpuDevice | CudaDevice:
-    """CudaDevice for a CUDA device, CpuDevice otherwise."""
+def device_layer_for(
+    device: torch.device | str, ledger: DeviceLedger | None = None, **kwargs
+) -> CpuDevice | CudaDevice:
+    """CudaDevice for a CUDA device, CpuDevice (with `ledger`) otherwise."""
     device = torch.device(device)
-    return CudaDevice(device, **kwargs) if device.type == "cuda" else CpuDevice()
+    return CudaDevice(device, **kwargs) if device.type == "cuda" else CpuDevice(ledger)

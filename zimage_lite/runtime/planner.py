@@ -145,18 +145,20 @@ def plan_blocks(
     activation_bytes: int = 0,
     scratch_bytes: int = 0,
     context_bytes: int = 0,
+    margin_bytes: int = 0,
     prefetch_depth: int = 1,
     what: str = "model",
 ) -> Plan:
     """Keep as many blocks resident as fit in `budget_bytes`, stream the rest (module docstring).
 
     Raises UsageError naming the minimum budget when nothing fits. The minimum is exact: a budget of
-    `plan.minimum_bytes` plans, one byte less does not."""
+    `plan.minimum_bytes` plans, one byte less does not. `margin_bytes`: kept free for the allocator's
+    rounding and fragmentation (budget.allocator_margin)."""
     if prefetch_depth < 1:
         raise UsageError(f"prefetch depth must be >= 1 (got {prefetch_depth})")
     sizes = [int(b) for b in sizes]
     slots = prefetch_depth + 1
-    base = {"context": context_bytes, "fixed_weights": fixed_bytes,
+    base = {"context": context_bytes, "allocator_margin": margin_bytes, "fixed_weights": fixed_bytes,
             "activations": activation_bytes, "dequant_scratch": scratch_bytes}  # fmt: skip
     overhead = sum(base.values())
     candidates = _candidates(sizes, slots)
@@ -293,9 +295,24 @@ def qwen3_blocks(model: nn.Module) -> list[nn.Module]:
     return list(model.layers)
 
 
-def _outside_bytes(model: nn.Module, blocks: Sequence[nn.Module]) -> int:
-    inside = {id(t) for b in blocks for _, _, t in block_tensors(b)}
-    return sum(t.nbytes for _, _, t in block_tensors(model) if id(t) not in inside)
+def qwen3_host_only(model: nn.Module) -> list[nn.Module]:
+    """The embedding table: 389M parameters in the real model, of which a prompt needs a few rows."""
+    return [model.embed_tokens]
+
+
+def outside_tensors(
+    root: nn.Module, blocks: Sequence[nn.Module], host_only: Sequence[nn.Module] = ()
+) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Every parameter and buffer of `root` that is neither inside `blocks` nor inside `host_only`
+    (modules that stay on the host, like the text encoder's embedding table, gathered there): what a
+    phase places on the device beside its blocks, packed into one buffer (the streamer's `fixed`)."""
+    skip = {id(t) for b in [*blocks, *host_only] for _, _, t in block_tensors(b)}
+    return [(m, name, t) for m, name, t in block_tensors(root) if id(t) not in skip]
+
+
+def fixed_bytes(root: nn.Module, blocks: Sequence[nn.Module], host_only: Sequence[nn.Module] = ()) -> int:
+    """Device bytes of `outside_tensors` packed into one buffer, exactly what the streamer allocates."""
+    return packed_layout([t.nbytes for _, _, t in outside_tensors(root, blocks, host_only)])[1]
 
 
 def plan_transformer(
@@ -308,6 +325,7 @@ def plan_transformer(
     *,
     caption_tokens: int = 512,
     context_bytes: int = 0,
+    margin_bytes: int = 0,
     prefetch_depth: int = 1,
     attention: str = "efficient",
     torch_dequant: bool = False,
@@ -319,12 +337,13 @@ def plan_transformer(
     return plan_blocks(
         [block_bytes(b) for b in blocks],
         budget_bytes,
-        fixed_bytes=_outside_bytes(model, blocks),
+        fixed_bytes=fixed_bytes(model, blocks),
         activation_bytes=dit_activation_bytes(
             model.config, width, height, batch, dtype, caption_tokens, attention
         ),
         scratch_bytes=dequant_scratch_bytes([model], dtype, torch_dequant),
         context_bytes=context_bytes,
+        margin_bytes=margin_bytes,
         prefetch_depth=prefetch_depth,
         what=f"transformer at {width}x{height} batch {batch}",
     )
@@ -338,20 +357,22 @@ def plan_text_encoder(
     dtype: torch.dtype | None = None,
     *,
     context_bytes: int = 0,
+    margin_bytes: int = 0,
     prefetch_depth: int = 1,
     torch_dequant: bool = False,
 ) -> Plan:
     """Plan Qwen3Encoder's layers; the embedding table stays on the CPU (gather there, then move the
-    (B, S, hidden) embeddings), so only `model.layers` is accounted."""
+    (B, S, hidden) embeddings), so it is not accounted (`qwen3_host_only`)."""
     blocks = qwen3_blocks(model)
     dtype = dtype or model.layers[0].input_layernorm.weight.dtype
     return plan_blocks(
         [block_bytes(b) for b in blocks],
         budget_bytes,
-        fixed_bytes=0,
+        fixed_bytes=fixed_bytes(model, blocks, qwen3_host_only(model)),
         activation_bytes=qwen3_activation_bytes(model.config, tokens, batch, dtype),
         scratch_bytes=dequant_scratch_bytes(blocks, dtype, torch_dequant),
         context_bytes=context_bytes,
+        margin_bytes=margin_bytes,
         prefetch_depth=prefetch_depth,
         what=f"text encoder ({tokens} tokens, batch {batch})",
     )

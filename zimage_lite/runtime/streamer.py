@@ -17,8 +17,13 @@ whatever their dtypes (QuantLinear's raw uint8 / float8 weights included). `atta
 A block called out of the planned order is still correct: the streamer drains the ring, loads it
 synchronously and restarts the prefetch from there (counted as `prefetch_misses`).
 
-`detach()` removes the hooks and points every block back at host memory (resident blocks at their
-original tensors), freeing the ring and the resident device buffers.
+`fixed` tensors (a model's weights outside its blocks: embedders, final layer, a whole VAE decoder)
+are packed into one more device buffer on attach, like a resident block.
+
+`detach()` removes the hooks and points every tensor back at host memory (resident blocks and fixed
+tensors at their original host tensors), so the ring, the resident buffers and the fixed buffer are
+freed: nothing of the phase stays on the device. A detached streamer can be re-planned and attached
+again; the host store built the first time is reused.
 """
 
 from __future__ import annotations
@@ -55,15 +60,19 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
+TensorRef = tuple[nn.Module, str, torch.Tensor]  # (owner module, attribute name, tensor)
+
+
 class _Block:
-    def __init__(self, module: nn.Module):
-        found = block_tensors(module)
+    def __init__(self, found: Sequence[TensorRef]):
         offsets, self.nbytes = packed_layout([t.nbytes for _, _, t in found])
         self.tensors = [
             _Tensor(m, name, name in m._parameters, t.dtype, tuple(t.shape), off, t.nbytes)
             for (m, name, t), off in zip(found, offsets)
         ]
-        self.originals = [t for _, _, t in found]  # resident blocks return to these on detach
+        # Resident blocks return to these on detach. Plain tensors, not the Parameters: binding sets a
+        # Parameter's .data to the device buffer, and a kept Parameter would then point there too.
+        self.originals = [t.detach() for _, _, t in found]
         self.host: torch.Tensor | None = None  # streamed: the host-store buffer
         self.device_buf: torch.Tensor | None = None  # resident: the device buffer
 
@@ -99,6 +108,7 @@ class BlockStreamer:
     """Streams `blocks` (execution order, as planned) through a ring of device slots (module docstring).
 
     Use as `with BlockStreamer(blocks, plan, device_layer): model(...)`, or attach()/detach().
+    `fixed`: tensors outside the blocks, on the device while attached (module docstring).
     `poison_after_use` fills each slot with NaN bytes after its block ran (tests: a stale or wrong slot
     then shows up as NaN). `cyclic` prefetches the first blocks of the next call after the last block.
     """
@@ -109,16 +119,17 @@ class BlockStreamer:
         plan: Plan,
         device_layer,
         *,
+        fixed: Sequence[TensorRef] = (),
         cyclic: bool = True,
         poison_after_use: bool = False,
     ) -> None:
-        if len(blocks) != len(plan.block_bytes):
-            raise ValueError(f"plan is for {len(plan.block_bytes)} blocks, got {len(blocks)}")
         self.modules = list(blocks)
         self.plan = plan
         self.layer = device_layer
         self.cyclic = cyclic
         self.poison_after_use = poison_after_use
+        self._check_plan(plan)
+        self._fixed = _Block(fixed) if fixed else None
         self._blocks: list[_Block] = []
         self._hooks: list = []
         self._slots: list[torch.Tensor] = []
@@ -127,14 +138,31 @@ class BlockStreamer:
         self._resident_load_bytes = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------
+    def _check_plan(self, plan: Plan) -> None:
+        if len(self.modules) != len(plan.block_bytes):
+            raise ValueError(f"plan is for {len(plan.block_bytes)} blocks, got {len(self.modules)}")
+
+    def replan(self, plan: Plan) -> None:
+        """Use `plan` from the next attach on (detached only)."""
+        if self._attached:
+            raise RuntimeError("replan() needs a detached streamer")
+        self._check_plan(plan)
+        self.plan = plan
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
     def attach(self) -> BlockStreamer:
         if self._attached:
             return self
         if not self._blocks:  # a re-attach keeps the host store built the first time
-            self._blocks = [_Block(m) for m in self.modules]
+            self._blocks = [_Block(block_tensors(m)) for m in self.modules]
         for i, (b, planned) in enumerate(zip(self._blocks, self.plan.block_bytes)):
             if b.nbytes != planned:
                 raise ValueError(f"block {i} packs to {b.nbytes} bytes, the plan says {planned}")
+        if self._fixed is not None:
+            self._make_resident(self._fixed)
         for i in self.plan.resident:
             self._make_resident(self._blocks[i])
         for i in self.plan.streamed:
@@ -163,12 +191,12 @@ class BlockStreamer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for b in self._blocks:
+        for b in [*self._blocks, *([self._fixed] if self._fixed is not None else [])]:
             if b.host is not None:
                 b.bind(b.host)
-            elif b.device_buf is not None:
+            else:
                 b.bind_originals()
-                b.device_buf = None
+            b.device_buf = None
         self._slots = []
         self._where = {}
         self._attached = False
@@ -238,8 +266,9 @@ class BlockStreamer:
 
     # -- stats ----------------------------------------------------------------------------------------
     def device_weight_bytes(self) -> int:
-        """Device bytes held for block weights: resident buffers plus the ring."""
-        resident = sum(b.device_buf.numel() for b in self._blocks if b.device_buf is not None)
+        """Device bytes held for weights: fixed and resident buffers plus the ring."""
+        held = [*self._blocks, *([self._fixed] if self._fixed is not None else [])]
+        resident = sum(b.device_buf.numel() for b in held if b.device_buf is not None)
         return resident + sum(s.numel() for s in self._slots)
 
     def stats(self) -> dict:
@@ -261,19 +290,3 @@ class BlockStreamer:
             "overlap_fraction": hidden / t["copy_s"] if t["copy_s"] > 0 else None,
             "prefetch_misses": self._misses,
         }
-
-
-def move_outside_blocks(root: nn.Module, blocks: Sequence[nn.Module], device: torch.device) -> int:
-    """Move every parameter and buffer of `root` that is not inside `blocks` to `device` (dtypes
-    unchanged); returns their bytes. Blocks are left where they are, for the streamer to place."""
-    inside = {id(t) for b in blocks for _, _, t in block_tensors(b)}
-    moved = 0
-    for m, name, t in block_tensors(root):
-        if id(t) in inside:
-            continue
-        moved += t.nbytes
-        if name in m._parameters:
-            m._parameters[name].data = t.data.to(device)
-        else:
-            m._buffers[name] = t.to(device)
-    return moved

@@ -53,12 +53,14 @@ def load_strict(
     tensors: Mapping[str, torch.Tensor],
     what: str,
     dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Assign `tensors` to `model`'s parameters: every key must match by name and shape.
 
     Dense floating tensors are cast to `dtype` (if given); integer tensors (raw quantized bytes) and
-    float8 tensors (FP8 weights, whose scales come separately) are kept as they are.
+    float8 tensors (FP8 weights, whose scales come separately) are kept as they are. `device`: move
+    them there; None leaves each where it is (a default device here once moved every tensor of a
+    GPU load back to the host).
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     check_keys(expected, {k: tuple(v.shape) for k, v in tensors.items()}, what)
@@ -66,6 +68,6 @@ def load_strict(
     for name, t in tensors.items():
         if dtype is not None and t.dtype in _DENSE_FLOATS:
             t = t.to(dtype)
-        state[name] = t.to(device)
+        state[name] = t if device is None else t.to(device)
     model.load_state_dict(state, strict=True, assign=True)
     return model
