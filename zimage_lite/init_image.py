@@ -11,11 +11,29 @@ Differences: the posterior sample and the noise are drawn in float32 whatever th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from zimage_lite.errors import UsageError
+
+
+def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """A hires pass's size: each side times `scale`, to the nearest multiple of 16 (at least 16)."""
+    return tuple(max(16, round(side * scale / 16) * 16) for side in (width, height))
+
+
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """A PIL image fully read from `path`; UsageError with one line when it cannot be."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read the {what} ({exc})") from None
 
 
 def _resized(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -356,6 +356,19 @@ class Pipeline:
         self.last_stats.peak_device_bytes = max(m["peak"] for m in self.last_stats.device_memory.values())
         return [Image.fromarray(p) for p in pixels]
 
+    def hires_fix(
+        self, image: Image.Image, prompt: str, *, scale: float = 1.5, strength: float = 0.35, **kwargs
+    ) -> Image.Image:
+        """The hires fix: `image` upscaled by `scale` in pixel space (Lanczos; sides rounded to multiples of
+        16), then image-to-image at that size with `strength`: more detail, same composition. kwargs
+        (seed, steps, on_step) as `generate_latents`."""
+        from zimage_lite.init_image import upscaled_size
+
+        if scale <= 1.0:
+            raise UsageError(f"the hires scale must be above 1 (got {scale})")
+        width, height = upscaled_size(*image.size, scale)
+        return self.generate(prompt, width=width, height=height, image=image, strength=strength, **kwargs)[0]
+
     def generate(self, prompt: str | list[str], **kwargs) -> list[Image.Image]:
         """Images for `prompt` (a string or a list; `batch` images each). kwargs as `generate_latents`."""
         return self.decode(self.generate_latents(prompt, **kwargs))
