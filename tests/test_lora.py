@@ -211,9 +211,10 @@ def test_bad_lora_names_the_key_and_changes_nothing(tiny, linears, tmp_path, how
     assert np.array_equal(our_image(pipe), before)
 
 
-def test_lora_beside_q8_0_weights_has_the_same_effect(tiny, linears, tmp_path):
-    """On Q8_0 linears the LoRA runs beside the quantized matmul; its effect on the image (with minus
-    without) correlates with the float32 one."""
+@pytest.mark.parametrize("qtype", ["Q8_0", "FP8_E4M3"])
+def test_lora_beside_quantized_weights_has_the_same_effect(tiny, linears, tmp_path, qtype):
+    """On Q8_0 / FP8 linears the LoRA runs beside the quantized matmul; its effect on the image (with
+    minus without) correlates with the float32 one."""
     from zimage_lite.runtime.quant_linear import QuantLinear, swap_linears
 
     path = save(tmp_path, "style.safetensors", peft_layout(random_lora(linears, seed=7)))
@@ -222,7 +223,7 @@ def test_lora_beside_q8_0_weights_has_the_same_effect(tiny, linears, tmp_path):
         pipe = Pipeline.load(tiny, device="cpu", dtype="float32")
         if quantize:
             qtypes = {
-                n: "Q8_0"
+                n: qtype
                 for n, m in pipe.transformer.named_modules()
                 if isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0 and n.startswith("layers.")
             }
