@@ -8,14 +8,14 @@ must land on our reference latents (float32 on both sides).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 
 import pytest
 from PIL import Image
 
-from zimage_lite.bench import sources
+from zimage_lite.bench import runner, sources
+from zimage_lite.bench.prompts import bench_prompts
 from zimage_lite.bench.runner import add_bench_arguments, config_from_args, run_bench_from_args
 from zimage_lite.bench.schema import validate_report
 from zimage_lite.errors import UsageError
@@ -131,19 +131,34 @@ def test_conversions_are_cached(bench):
     assert sources.precision_source(src, "bf16", cache, progress=False)[0] == src
 
 
-def test_vram_cap_is_passed_or_recorded(bench):
+def test_vram_cap_is_passed_and_recorded(bench):
     from zimage_lite.bench.engines import OursEngine
-    from zimage_lite.pipeline import Pipeline
 
     src = sources.synthetic_model("tiny", bench[3])
     engine = OursEngine(src, "cpu", None, "6GB")
-    supported = "vram" in inspect.signature(Pipeline.load).parameters
-    assert engine.vram["requested"] == "6GB" and engine.vram["applied"] is supported
-    assert (engine.vram["note"] is None) is supported
-    if supported:  # a 6 GB budget holds the tiny model: everything resident, uploaded once per phase
-        gen = engine.generate("a cat", 0, steps=1, width=64, height=64)
-        assert gen.sample.h2d_bytes > 0 and engine.pinned_host_bytes() == 0  # the CPU pins nothing
+    assert engine.vram == {"requested": "6GB", "applied": True, "note": None, "card": None}
+    # a 6 GB budget holds the tiny model: everything resident, uploaded once
+    gen = engine.generate("a cat", 0, steps=1, width=64, height=64)
+    assert gen.sample.h2d_bytes > 0 and engine.pinned_host_bytes() == 0  # the CPU pins nothing
+    assert engine.generate("a cat", 0, steps=1, width=64, height=64).sample.h2d_bytes == 0  # kept
     engine.close()
+
+
+def test_card_rows_run_as_on_that_card(bench, tmp_path):
+    """--card adds one row per precision and card; the emulated card caps the device ledger, so a card
+    too small for a phase fails that row (recorded, the run goes on) while a large one runs."""
+    cfg = runner.BenchConfig(
+        out=tmp_path / "out", synthetic="tiny", precisions=["bf16"], prompts=bench_prompts(1), steps=1,
+        width=64, height=64, warmup=0, cards=["1MB", "64MB"], cache=bench[3], save_images=False,
+        progress=False,
+    )  # fmt: skip
+    report = runner.run_bench(cfg)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["bf16", "bf16@1MB", "bf16@64MB"]
+    assert rows["bf16@1MB"]["status"] == "failed" and "below the minimum" in rows["bf16@1MB"]["reason"]
+    assert rows["bf16@64MB"]["status"] == "ok" and rows["bf16@64MB"]["vram_cap"]["card"] == "64MB"
+    assert rows["bf16@64MB"]["memory"]["peak_vram_bytes"] <= 64 << 20
+    assert report["settings"]["cards"] == ["1MB", "64MB"] and validate_report(report) == []
 
 
 def test_streaming_counters_are_summed_over_phases():

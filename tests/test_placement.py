@@ -137,3 +137,27 @@ def test_ledger_counts_until_the_storage_is_freed():
     param.data = torch.zeros(4)
     gc.collect()
     assert ledger.live == 0 and ledger.peak == 600 and not ledger.holds(param)
+
+
+def test_load_strict_leaves_tensors_where_they_are():
+    """The first GPU crash: `load_strict` moved every tensor of a device load back to a default
+    "cpu". Tensors on another device (meta here, which cannot be copied to the host) stay there."""
+    from zimage_lite.weights.load import build_meta, load_strict
+
+    model = build_meta(lambda: torch.nn.Linear(4, 3))
+    tensors = {"weight": torch.empty(3, 4, device="meta"), "bias": torch.empty(3, device="meta")}
+    load_strict(model, tensors, "test")
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_a_larger_image_gives_back_what_a_smaller_one_kept(tiny):
+    """At 32x32 all phases fit an 8 MB card together (kept); at 80x80 they do not, so the weights
+    kept by the first image go back before the second starts (the card's ledger would refuse)."""
+    pipe = Pipeline.load(tiny, device="cpu", card="8MB")
+    pipe.generate("a lighthouse", seed=1, width=32, height=32, steps=1)
+    assert pipe.last_stats.streaming["plans"]["keep"] and pipe.runtime.layer.allocated_bytes() > 0
+    pipe.generate("a lighthouse", seed=1, width=80, height=80, steps=1)
+    assert not pipe.last_stats.streaming["plans"]["keep"]
+    assert pipe.last_stats.device_memory["text_encoder"]["before"] == 0
+    gc.collect()
+    assert pipe.runtime.layer.allocated_bytes() == 0

@@ -124,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
-        tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype,
+        tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
     )  # fmt: skip
     for spec in args.lora or []:
         pipe.load_lora(*parse_lora(spec))
@@ -218,7 +218,10 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise UsageError(f"{out}: already exists (use --force to overwrite)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    write_synthetic_model(out, size=args.size, seed=args.seed, dtype=dtype)
+    from zimage_lite.pipeline import resolve_device
+
+    device = str(resolve_device(args.device or "cpu"))
+    write_synthetic_model(out, size=args.size, seed=args.seed, dtype=dtype, device=device)
     print(f"wrote synthetic {args.size} model to {out}")
     return 0
 
@@ -245,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--vram",
         default=None,
         help="VRAM budget (4GB, 6GB, 8GB, auto): weights stream from host memory to fit it",
+    )
+    g.add_argument(
+        "--card",
+        default=None,
+        help="run as on a card of this size (4GB, 6GB, 8GB): caps the GPU allocator as such a card would "
+        "and plans in its budget, so a big GPU shows what a small one will do",
     )
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("--init-image", help="image-to-image from this picture (resized to the output size)")
@@ -288,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None,
+        help="draw the values there (cuda: the full model in seconds; other values for the same seed)",
+    )  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
     return parser

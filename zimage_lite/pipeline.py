@@ -333,6 +333,7 @@ class Pipeline:
             height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
             encode=encode,
         )  # fmt: skip
+        self.runtime.prepare(self._plans)
         self.last_stats.streaming["plans"] = self._plans.to_dict()
 
     def _phase(self, name: str):

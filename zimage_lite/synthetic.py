@@ -76,21 +76,23 @@ def random_tensor(
     """A plausible random value for a parameter, chosen by its role (name) and shape."""
     leaf = name.rsplit(".", 1)[-1]
     if len(shape) == 1 and ("norm" in name or leaf == "weight"):
-        t = 1.0 + 0.1 * torch.randn(shape, generator=gen)  # norm scales around 1
+        t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=gen.device)  # norm scales around 1
     elif leaf == "bias" or "pad_token" in name:
-        t = 0.05 * torch.randn(shape, generator=gen)
+        t = 0.05 * torch.randn(shape, generator=gen, device=gen.device)
     else:
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
-        t = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+        t = torch.randn(shape, generator=gen, device=gen.device) / math.sqrt(fan_in)
     return t.to(dtype)
 
 
 def _random_state(
-    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, device: str = "cpu"
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    gen = torch.Generator("cpu").manual_seed(seed)
+    """Values drawn on `device` (a GPU draws the full model's 10 B values in seconds, the CPU in many
+    minutes; the same seed gives other values there), returned in host memory."""
+    gen = torch.Generator(device).manual_seed(seed)
     for name in sorted(shapes):
-        yield name, random_tensor(name, shapes[name], gen, dtype)
+        yield name, random_tensor(name, shapes[name], gen, dtype).cpu()
 
 
 def _meta_shapes(factory: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
@@ -127,14 +129,16 @@ def _write_json(path: Path, values: dict) -> None:
     path.write_text(json.dumps(values, indent=2))
 
 
-def write_transformer(folder: Path, cfg: DiTConfig, seed: int, dtype: torch.dtype, shard_bytes: int) -> None:
+def write_transformer(
+    folder: Path, cfg: DiTConfig, seed: int, dtype: torch.dtype, shard_bytes: int, device: str = "cpu"
+) -> None:
     from zimage_lite.models.dit import ZImageDiT
     from zimage_lite.weights.names_dit import dit_to_diffusers
 
     shapes = _meta_shapes(lambda: ZImageDiT(cfg))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in _random_state(shapes, seed, dtype):
+        for name, t in _random_state(shapes, seed, dtype, device):
             yield from dit_to_diffusers({name: t}).items()
 
     _write_sharded(folder, tensors(), "diffusion_pytorch_model", shard_bytes)
@@ -142,7 +146,7 @@ def write_transformer(folder: Path, cfg: DiTConfig, seed: int, dtype: torch.dtyp
 
 
 def write_text_encoder(
-    folder: Path, cfg: Qwen3Config, seed: int, dtype: torch.dtype, shard_bytes: int
+    folder: Path, cfg: Qwen3Config, seed: int, dtype: torch.dtype, shard_bytes: int, device: str = "cpu"
 ) -> None:
     from zimage_lite.models.qwen3 import Qwen3Encoder
 
@@ -150,7 +154,7 @@ def write_text_encoder(
     full = dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1)
     shapes = _meta_shapes(lambda: Qwen3Encoder(full))
     shapes["norm.weight"] = (cfg.hidden_size,)
-    _write_sharded(folder, _random_state(shapes, seed, dtype), "model", shard_bytes)
+    _write_sharded(folder, _random_state(shapes, seed, dtype, device), "model", shard_bytes)
     values = cfg.to_dict()
     values.update(
         architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", attention_bias=False,
@@ -159,12 +163,13 @@ def write_text_encoder(
     _write_json(folder / "config.json", values)
 
 
-def write_vae(folder: Path, cfg: VAEConfig, seed: int, dtype: torch.dtype) -> None:
+def write_vae(folder: Path, cfg: VAEConfig, seed: int, dtype: torch.dtype, device: str = "cpu") -> None:
     from zimage_lite.models.vae import VAE
 
     shapes = _meta_shapes(lambda: VAE(cfg))
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(dict(_random_state(shapes, seed, dtype)), str(folder / "diffusion_pytorch_model.safetensors"))
+    state = dict(_random_state(shapes, seed, dtype, device))
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
     n = len(cfg.block_out_channels)
     values = cfg.to_dict()
     values.update(
@@ -180,8 +185,10 @@ def write_synthetic_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = 2 << 30,
+    device: str = "cpu",
 ) -> Path:
-    """Write a complete diffusers-layout Z-Image folder with random weights; returns its path."""
+    """Write a complete diffusers-layout Z-Image folder with random weights; returns its path.
+    `device`: where the values are drawn (see _random_state)."""
     from zimage_lite.synthetic_tokenizer import write_synthetic_tokenizer
 
     if size not in SIZES:
@@ -189,11 +196,10 @@ def write_synthetic_model(
     spec = SIZES[size]()
     out = Path(out)
     log.info("writing synthetic %s model to %s", size, out)
-    write_transformer(out / "transformer", spec.dit, seed + 1, dtype, shard_bytes)
-    write_text_encoder(
-        out / "text_encoder", spec.text, seed + 2, torch.bfloat16 if size == "full" else dtype, shard_bytes
-    )
-    write_vae(out / "vae", spec.vae, seed + 3, dtype)
+    write_transformer(out / "transformer", spec.dit, seed + 1, dtype, shard_bytes, device)
+    te_dtype = torch.bfloat16 if size == "full" else dtype
+    write_text_encoder(out / "text_encoder", spec.text, seed + 2, te_dtype, shard_bytes, device)
+    write_vae(out / "vae", spec.vae, seed + 3, dtype, device)
     write_synthetic_tokenizer(out / "tokenizer", vocab_size=spec.vocab_size)
     sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **SchedulerConfig().to_dict()}
     _write_json(out / "scheduler" / "scheduler_config.json", sched)

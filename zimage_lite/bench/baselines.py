@@ -136,7 +136,12 @@ class DiffusersEngine:
         self.load_seconds = time.perf_counter() - start
         self.compute_dtype = str(dtype).removeprefix("torch.")
         self.device = str(self.torch_device)
-        self.vram = {"requested": cfg.vram, "applied": False, "note": "diffusers takes no VRAM cap"}
+        self.vram = {
+            "requested": cfg.vram,
+            "applied": False,
+            "note": "diffusers takes no VRAM cap",
+            "card": None,
+        }
         self.transformer_types = None
 
     def _sync(self) -> float:

@@ -7,7 +7,6 @@ interface, so the measuring loop in runner.py is one piece of code for every row
 from __future__ import annotations
 
 import gc
-import inspect
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -120,18 +119,13 @@ class OursEngine:
 
     kind = "zimage-lite"
 
-    def __init__(self, source: Path, device: str | None, dtype: str | None, vram: str | None):
+    def __init__(
+        self, source: Path, device: str | None, dtype: str | None, vram: str | None, card: str | None = None
+    ):
         from zimage_lite.pipeline import Pipeline
 
-        kwargs = {}
-        self.vram = {"requested": vram, "applied": False, "note": None}
-        if vram is not None:
-            if "vram" in inspect.signature(Pipeline.load).parameters:
-                kwargs["vram"] = vram
-                self.vram["applied"] = True
-            else:
-                self.vram["note"] = "unsupported: this Pipeline.load takes no vram="
-        self.pipe = Pipeline.load(source, device=device, dtype=dtype, **kwargs)
+        self.vram = {"requested": vram, "applied": vram is not None, "note": None, "card": card}
+        self.pipe = Pipeline.load(source, device=device, dtype=dtype, vram=vram, card=card)
         self.load_seconds = self.pipe.load_seconds
         self.compute_dtype = str(self.pipe.dtype).removeprefix("torch.")
         self.device = str(self.pipe.device)
@@ -157,5 +151,10 @@ class OursEngine:
         return _stat(self.pipe.last_stats.to_dict(), self.pipe, "pinned_host_bytes")
 
     def close(self) -> None:
+        card = self.vram["card"] is not None and self.pipe.device.type == "cuda"
         del self.pipe
         free_device_memory()
+        if card:  # lift the emulated card's allocator cap for the next row
+            import torch
+
+            torch.cuda.set_per_process_memory_fraction(1.0)

@@ -73,6 +73,7 @@ def _environment(env: dict, s: dict, created: str) -> list[str]:
         ("zimage-lite", env["zimage_lite"] or "?"),
         ("python / platform", f"{env['python']} / {env['platform']}"),
         ("VRAM cap", s["vram"] or "none"),
+        ("cards emulated", ", ".join(s.get("cards") or []) or "none"),
     ]
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in items)]
 

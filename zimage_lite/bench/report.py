@@ -172,6 +172,7 @@ def settings(cfg, reference: Path) -> dict:
         "device": cfg.device,
         "dtype": cfg.dtype,
         "vram": cfg.vram,
+        "cards": cfg.cards,
     }
 
 

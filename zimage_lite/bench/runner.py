@@ -43,6 +43,7 @@ class BenchConfig:
     repeats: int = 1
     warmup: int = 1
     vram: str | None = None
+    cards: list[str] = field(default_factory=list)  # --card: extra rows per precision, run as on that card
     device: str | None = None
     dtype: str | None = None
     cache: Path = field(default_factory=sources.default_cache_dir)
@@ -58,6 +59,7 @@ class RowResult:
     name: str
     kind: str
     precision: str
+    card: str | None = None  # the card this row emulates (--card), None: the whole device or --vram
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
     engine: object | None = None  # filled while running; not reported
@@ -85,6 +87,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed generations per prompt and seed")
     parser.add_argument("--warmup", type=int, default=1, help="untimed generations per row first")
     parser.add_argument("--vram", help="VRAM cap passed to the runtime, e.g. 6GB")
+    parser.add_argument(
+        "--card",
+        help="comma list of card sizes, e.g. 4GB,6GB,8GB: every precision also runs as on such a card "
+        "(allocator capped as that card would cap it, planned in its budget); rows named q8_0@6GB",
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
     parser.add_argument("--out", default="bench-out", help="report folder (default bench-out)")
@@ -102,6 +109,16 @@ def _int_list(text: str, what: str) -> list[int]:
     if not values:
         raise UsageError(f"{what} is empty")
     return values
+
+
+def _cards(text: str | None) -> list[str]:
+    from zimage_lite.runtime.budget import parse_vram
+
+    cards = [c.strip() for c in (text or "").split(",") if c.strip()]
+    for c in cards:
+        if parse_vram(c) is None:
+            raise UsageError(f"--card takes sizes like 4GB,6GB,8GB (got {c!r})")
+    return cards
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -122,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         precisions=sources.parse_precisions(args.precisions), prompts=bench_prompts(args.prompts),
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
+        cards=_cards(args.card),
         device=args.device, dtype=args.dtype, cache=Path(args.cache) if args.cache else sources.default_cache_dir(),
         baselines=baselines, save_images=not args.no_images, progress=not args.quiet,
     )  # fmt: skip
@@ -169,6 +187,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
     rows = [RowResult(p, "zimage-lite", p) for p in cfg.precisions]
+    rows += [RowResult(f"{p}@{card}", "zimage-lite", p, card) for card in cfg.cards for p in cfg.precisions]
     if "diffusers" in cfg.baselines:
         from zimage_lite.bench.baselines import planned_baselines
 
@@ -192,7 +211,7 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
     folder, convert_info = sources.precision_source(reference, row.precision, cfg.cache, cfg.progress)
     row.info["source"] = str(folder)
     row.info["convert"] = convert_info
-    return OursEngine(folder, cfg.device, cfg.dtype, cfg.vram)
+    return OursEngine(folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card)
 
 
 def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar) -> None:

@@ -22,6 +22,7 @@ SETTINGS = {
     "model": OPT_STR, "synthetic": OPT_STR, "reference_folder": str, "reference_precision": str,
     "precisions": list, "baselines": list, "prompts": list, "seeds": list, "steps": int, "width": int,
     "height": int, "repeats": int, "warmup": int, "device": OPT_STR, "dtype": OPT_STR, "vram": OPT_STR,
+    "cards": list,
 }  # fmt: skip
 PROMPT = {"id": str, "kind": str, "text": str}
 ROW = {
@@ -37,7 +38,7 @@ FILES = {
     "vae_bytes": OPT_INT,
     "total_bytes": OPT_INT,
 }
-VRAM_CAP = {"requested": OPT_STR, "applied": bool, "note": OPT_STR}
+VRAM_CAP = {"requested": OPT_STR, "applied": bool, "note": OPT_STR, "card": OPT_STR}
 TIMING = {
     "samples": int,
     "s_per_step_median": OPT_NUM,

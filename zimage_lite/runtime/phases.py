@@ -234,8 +234,14 @@ class DeviceRuntime:
             after = layer.allocated_bytes()
             memory[name] = {"before": before, "peak": peak, "after": after}
 
+    def prepare(self, plans: PhasePlans) -> None:
+        """Before a generation: what earlier plans kept on the device goes back unless these keep too
+        (a larger image may no longer leave room for every phase at once)."""
+        if not plans.keep:
+            self.release()
+
     def release(self) -> None:
-        """Give back everything placed (a pipeline that is closed or re-planned from scratch)."""
+        """Give back everything placed."""
         for s in self.streamers.values():
             s.detach()
         self.layer.empty_cache()

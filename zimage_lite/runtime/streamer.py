@@ -271,6 +271,12 @@ class BlockStreamer:
         resident = sum(b.device_buf.numel() for b in held if b.device_buf is not None)
         return resident + sum(s.numel() for s in self._slots)
 
+    def _host_store_bytes(self, pinned: bool) -> int:
+        """This streamer's host store (the layer is shared by every phase of a pipeline), pinned or not."""
+        return sum(
+            b.host.numel() for b in self._blocks if b.host is not None and b.host.is_pinned() == pinned
+        )
+
     def stats(self) -> dict:
         """Counts, bytes and seconds as plain JSON values; `overlap_fraction` = hidden copy time / copy
         time (None before any copy). On the CPU nothing overlaps (0.0)."""
@@ -283,8 +289,8 @@ class BlockStreamer:
             "slot_bytes": self.plan.slot_bytes,
             "device_weight_bytes": self.device_weight_bytes(),
             "resident_load_bytes": self._resident_load_bytes,
-            "pinned_host_bytes": self.layer.pinned_bytes,
-            "pageable_host_bytes": self.layer.pageable_bytes,
+            "pinned_host_bytes": self._host_store_bytes(pinned=True),
+            "pageable_host_bytes": self._host_store_bytes(pinned=False),
             **t,
             "hidden_copy_s": hidden,
             "overlap_fraction": hidden / t["copy_s"] if t["copy_s"] > 0 else None,
