@@ -211,19 +211,19 @@ def test_bad_lora_names_the_key_and_changes_nothing(tiny, linears, tmp_path, how
     assert np.array_equal(our_image(pipe), before)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "FP8_E4M3"])
-def test_lora_beside_quantized_weights_has_the_same_effect(tiny, linears, tmp_path, qtype):
-    """On Q8_0 / FP8 linears the LoRA runs beside the quantized matmul; its effect on the image (with
-    minus without) correlates with the float32 one."""
+@pytest.mark.parametrize("dtype,qtype", [("float32", "Q8_0"), ("float32", "FP8_E4M3"), ("bfloat16", None)])
+def test_lora_on_quantized_or_bf16_weights_has_the_same_effect(tiny, linears, tmp_path, dtype, qtype):
+    """On Q8_0 / FP8 linears the LoRA runs beside the quantized matmul, in bf16 beside the bf16 one; its
+    effect on the image (with minus without) correlates with the float32 one."""
     from zimage_lite.runtime.quant_linear import QuantLinear, swap_linears
 
     path = save(tmp_path, "style.safetensors", peft_layout(random_lora(linears, seed=7)))
     effects = []
-    for quantize in (False, True):
-        pipe = Pipeline.load(tiny, device="cpu", dtype="float32")
+    for precision, quantize in (("float32", None), (dtype, qtype)):
+        pipe = Pipeline.load(tiny, device="cpu", dtype=precision)
         if quantize:
             qtypes = {
-                n: qtype
+                n: quantize
                 for n, m in pipe.transformer.named_modules()
                 if isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0 and n.startswith("layers.")
             }

@@ -269,7 +269,7 @@ class Pipeline:
         stats.phases["text_encoder"] = t1 - t0
 
         latents, blend = self._start(image, mask, start, steps, seed, len(captions), width, height)
-        t1 = timer.now()
+        t1 = timer.now()  # "denoise" starts after the VAE encode of an init image (timed on its own)
         last = [t1]
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -296,18 +296,20 @@ class Pipeline:
 
     def _start(self, image, mask, start, steps, seed, images, width, height):
         """(start latents on the device, inpainting blend or None) for the schedule entered at `start`."""
-        scale = self.vae.config.scale_factor
-        if image is None:
-            noise = initial_noise(images, self.transformer.config.in_channels, height, width, seed, scale)
-            return noise.to(self.device), None
         cfg = self.vae.config
+        if image is None:
+            noise = initial_noise(
+                images, self.transformer.config.in_channels, height, width, seed, cfg.scale_factor
+            )
+            return noise.to(self.device), None
         moments = self.encode_image(image, width, height)
         init = init_latents(moments, images, seed, cfg.scaling_factor, cfg.shift_factor)
         clean, noise = init.image.to(self.device), init.noise.to(self.device)
         latents = noised(clean, noise, turbo_sigmas(steps)[start].to(self.device))
         if mask is None:
             return latents, None
-        return latents, keep_unmasked(clean, noise, mask_tensor(mask, width, height, scale).to(self.device))
+        latent_mask = mask_tensor(mask, width, height, cfg.scale_factor).to(self.device)
+        return latents, keep_unmasked(clean, noise, latent_mask)
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
