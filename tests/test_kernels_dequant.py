@@ -128,6 +128,16 @@ def test_fp8_all_codes(scale_shape):
     assert_equal_with_nans(bf16, expected_bf16(ref))
 
 
+@pytest.mark.parametrize("shape", [(7, 2600), (5, 1024), (1, 3)])
+def test_fp8_tiles_cover_ragged_shapes(shape):
+    """Rows not a multiple of the 4-row tile, columns not a multiple of the 1024-column tile: every
+    element is written once, with its own row's scale."""
+    q = (torch.randn(shape) * 100).to(torch.float8_e4m3fn)
+    scale = torch.rand(shape[0], 1) + 0.5
+    got = dequantize_fp8(q, scale, torch.float32, out=poisoned(shape, torch.float32))
+    assert torch.equal(got, q.float() * scale)
+
+
 def test_fp8_uint8_view_and_no_scale():
     q = all_fp8_bytes(2)
     got = dequantize_fp8(q.view(torch.uint8), None)
@@ -172,8 +182,9 @@ def test_auto_on_cpu_uses_torch(monkeypatch):
     w = dispatch.dequantize(raw, "Q4_K", (2, 256))
     assert torch.equal(w, formats.dequantize(raw, "Q4_K", (2, 256)))
     assert dispatch.select_path(1, "Q4_K", torch.device("cpu")) == "torch"
-    assert dispatch.select_path(1, "Q4_K", torch.device("cpu"), "triton") == "fused"
-    assert dispatch.select_path(65, "Q4_K", torch.device("cpu"), "triton") == "dequant"
+    assert dispatch.candidate_paths(1, "Q4_K", torch.device("cpu")) == ("torch",)
+    assert dispatch.candidate_paths(16, "Q4_K", torch.device("cpu"), "triton") == ("dequant", "gemv")
+    assert dispatch.candidate_paths(17, "Q4_K", torch.device("cpu"), "triton") == ("dequant",)
 
 
 def test_dispatch_refuses_what_triton_cannot_do():

@@ -144,6 +144,7 @@ class OursEngine:
         vram: str | None,
         card: str | None = None,
         hires: tuple[float, float] | None = None,
+        fp8_matmul: str | None = None,
     ):
         """`hires` (scale, strength): each generation is the hires fix, its image and latents the
         second pass's, its timings both passes together."""
@@ -157,6 +158,11 @@ class OursEngine:
         self.device = str(self.pipe.device)
         self.files = component_bytes(self.pipe.paths)
         self.transformer_types = tensor_types(self.pipe.paths.transformer)
+        if fp8_matmul is not None:
+            from zimage_lite.runtime.quant_linear import set_fp8_matmul
+
+            for model in (self.pipe.text_encoder, self.pipe.transformer):
+                set_fp8_matmul(model, fp8_matmul)
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()

@@ -240,8 +240,11 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
     folder, convert_info = sources.precision_source(reference, row.precision, cfg.cache, cfg.progress)
     row.info["source"] = str(folder)
     row.info["convert"] = convert_info
+    _, options = sources.base_precision(row.precision)
     hires = None if row.hires is None else (row.hires, cfg.hires_strength)
-    return OursEngine(folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires)
+    return OursEngine(
+        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires, **options
+    )
 
 
 def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar) -> None:

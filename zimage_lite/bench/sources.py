@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 
 REFERENCE = "bf16"  # the reference precision: the source folder itself, never converted
 QUANT_ORDER = ("fp8", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0")  # report order, best quality first
+# Precisions that load another precision's files with a runtime option switched on; asked for by name
+# only (not in the default list). fp8-native: FP8 weights on FP8 tensor cores (kernels/fp8_matmul.py).
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {"fp8-native": ("fp8", {"fp8_matmul": "native"})}
+
+
+def base_precision(precision: str) -> tuple[str, dict[str, str]]:
+    """(the precision whose files a row loads, the engine options it switches on)."""
+    return VARIANTS.get(precision, (precision, {}))
 
 
 def default_cache_dir() -> Path:
@@ -56,10 +64,11 @@ def parse_precisions(text: str | None) -> list[str]:
     if text is None:
         return available
     wanted = [p.strip().lower() for p in text.split(",") if p.strip()]
-    unknown = [p for p in wanted if p not in available]
+    unknown = [p for p in wanted if base_precision(p)[0] not in available]
     if unknown:
         hint = "" if converter() else " (no converter installed: only the reference)"
-        raise UsageError(f"unknown precision {', '.join(unknown)}: available {', '.join(available)}{hint}")
+        choices = ", ".join([*available, *(v for v, (base, _) in VARIANTS.items() if base in available)])
+        raise UsageError(f"unknown precision {', '.join(unknown)}: available {choices}{hint}")
     if REFERENCE not in wanted:
         log.info("adding the %s reference: every quality figure is measured against it", REFERENCE)
     return [REFERENCE, *dict.fromkeys(p for p in wanted if p != REFERENCE)]
@@ -92,6 +101,7 @@ def converted_path(src: Path, quant: str, cache: Path) -> Path:
 
 def precision_source(src: Path, precision: str, cache: Path, progress: bool) -> tuple[Path, dict]:
     """(folder to load, {"cached": bool, "convert_s": float | None}) for one precision."""
+    precision, _ = base_precision(precision)
     if precision == REFERENCE:
         return src, {"cached": None, "convert_s": None}
     from zimage_lite.weights.components import MANIFEST

@@ -1,5 +1,12 @@
-"""Dequant / fused dequant-matmul kernels and their dispatch. Importing this does not import triton."""
+"""Dequant / small-M dequant-matmul kernels and their dispatch. Importing this does not import triton."""
 
-from zimage_lite.kernels.dispatch import QuantWeight, dequantize, quant_matmul, select_path, triton_available
+from zimage_lite.kernels.dispatch import (
+    QuantWeight,
+    candidate_paths,
+    dequantize,
+    quant_matmul,
+    select_path,
+    triton_available,
+)
 
-__all__ = ["QuantWeight", "dequantize", "quant_matmul", "select_path", "triton_available"]
+__all__ = ["QuantWeight", "candidate_paths", "dequantize", "quant_matmul", "select_path", "triton_available"]

@@ -34,6 +34,8 @@ SUB_BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
 
 # Elements one program of the dequant kernel writes (a whole number of blocks).
 _ELEMS_PER_PROGRAM = 2048
+# (rows, columns) one program of the FP8 dequant kernel writes: 4096 elements, 32 per thread of 4 warps.
+_FP8_TILE = (4, 1024)
 
 
 @triton.jit
@@ -210,16 +212,32 @@ def _dequant_blocks_kernel(
 
 @triton.jit
 def _dequant_fp8_kernel(
-    raw, scale, out, n_elems, n_cols, SCALE_PER_ROW: tl.constexpr, NATIVE: tl.constexpr, BLOCK: tl.constexpr
+    raw,
+    scale,
+    out,
+    n_rows,
+    n_cols,
+    SCALE_PER_ROW: tl.constexpr,
+    NATIVE: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
 ):
-    """FP8 (rows, n_cols) -> out: w = q * scale, scale a scalar or one float32 per row.
+    """FP8 (n_rows, n_cols) -> out: w = q * scale, scale a scalar or one float32 per row.
+
+    Tiles of (ROWS, COLS): each row's scale is loaded once per tile and no element needs its row
+    index divided out (the 1-D version computed `offset // n_cols` in int64 for every element, an
+    emulated 64-bit division; it ran at 59% of copy bandwidth on an H200). Columns are contiguous, so
+    loads and stores vectorize along them.
 
     Torch reference: zimage_lite.quant.fp8.dequantize_fp8(q, scale, dtype)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elems
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)[None, :]  # (1, COLS)
+    row_ok = rows < n_rows
+    mask = row_ok & (cols < n_cols)
+    offs = rows * n_cols + cols
     q = decode_fp8_e4m3fn(raw, offs, mask, NATIVE)
     if SCALE_PER_ROW:
-        s = tl.load(scale + offs // n_cols, mask=mask, other=0.0)
+        s = tl.load(scale + rows, mask=row_ok, other=0.0)  # (ROWS, 1)
     else:
         s = tl.load(scale)
     tl.store(out + offs, (q * s).to(out.dtype.element_ty), mask=mask)
@@ -301,16 +319,16 @@ def dequantize_fp8(
     if scale.numel() not in (1, rows):
         raise ValueError(f"FP8 scale must have 1 or {rows} elements, got shape {tuple(scale.shape)}")
     out = _check_out(out, (rows, cols), dtype, q.device)
-    block = 1024
-    grid = (triton.cdiv(rows * cols, block),)
+    grid = (triton.cdiv(rows, _FP8_TILE[0]), triton.cdiv(cols, _FP8_TILE[1]))
     _dequant_fp8_kernel[grid](
         raw,
         scale,
         out,
-        rows * cols,
+        rows,
         cols,
         SCALE_PER_ROW=scale.numel() != 1,
         NATIVE=native_fp8_ok(q.device, native),
-        BLOCK=block,
+        ROWS=_FP8_TILE[0],
+        COLS=_FP8_TILE[1],
     )
     return out

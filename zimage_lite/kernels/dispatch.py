@@ -1,10 +1,15 @@
-"""Choosing how to dequantize and multiply: fused Triton, Triton dequant + cuBLAS, or plain torch.
+"""Choosing how to dequantize and multiply: Triton GEMV, Triton dequant + cuBLAS, FP8 tensor cores, or torch.
 
 Paths of `quant_matmul` (y = x @ W^T + bias):
-- "fused": Triton dequant-matmul (matmul_triton.py), when M <= FUSED_MAX_M rows; reads W once.
 - "dequant": Triton dequantizes W into a fresh buffer of x's dtype (from torch's caching allocator,
-  so it is stream-safe), then torch.nn.functional.linear (cuBLAS). Best for large M.
+  so it is stream-safe), then torch.nn.functional.linear (cuBLAS). The default wherever Triton runs.
+- "gemv": for M <= GEMV_MAX_M rows, a Triton kernel that reads the quantized W once (gemv_triton.py).
+  Used only where it was timed faster than "dequant" on this device for this problem (choice.py):
+  speed is measured per device, never assumed.
 - "torch": the torch reference dequantizers (zimage_lite.quant.formats / quant.fp8) + F.linear.
+- FP8 weights with fp8_matmul="native": torch._scaled_mm on FP8 tensor cores (fp8_matmul.py), where
+  the device has them (sm >= 8.9); a numerics choice (activations are quantized to e4m3), so it is an
+  option, off by default, not something the timing picks.
 
 backend="auto" uses Triton only on CUDA devices of compute capability >= 8.0 with triton installed
 (below that Triton has no tensor-core dots and Pascal is unsupported); CPU tensors always take the
@@ -21,6 +26,7 @@ out_dtype=torch.float32 when y itself may exceed the fp16 range.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -28,10 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from zimage_lite.errors import UsageError
+from zimage_lite.kernels import choice
+
+log = logging.getLogger(__name__)
 
 # Kept in sync with dequant_triton.LAYOUTS (tested); here so this module imports without triton.
 TRITON_QTYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "FP8_E4M3")
-FUSED_MAX_M = 64
+# Kept in sync with gemv_triton.GEMV_MAX_M (tested).
+GEMV_MAX_M = 16
 MIN_TRITON_CAPABILITY = (8, 0)
 BACKENDS = ("auto", "triton", "torch")
 
@@ -95,11 +105,24 @@ def _use_triton(qtype: str, device: torch.device, backend: str) -> bool:
     return True
 
 
-def select_path(m: int, qtype: str, device: torch.device, backend: str = "auto") -> str:
-    """The path ("fused", "dequant" or "torch") for an M-row product with a `qtype` weight on `device`."""
+def candidate_paths(m: int, qtype: str, device: torch.device, backend: str = "auto") -> tuple[str, ...]:
+    """The paths that can compute an M-row product with a `qtype` weight on `device`, default first."""
     if not _use_triton(qtype, device, backend):
-        return "torch"
-    return "fused" if m <= FUSED_MAX_M else "dequant"
+        return ("torch",)
+    return ("dequant", "gemv") if m <= GEMV_MAX_M else ("dequant",)
+
+
+def select_path(
+    m: int, qtype: str, device: torch.device, backend: str = "auto", shape: tuple[int, int] | None = None
+) -> str:
+    """The path quant_matmul takes for an M-row product with a `qtype` (out, in) = `shape` weight,
+    without measuring anything: the choice remembered for this device (choice.py), else the default."""
+    paths = candidate_paths(m, qtype, device, backend)
+    if len(paths) > 1 and shape is not None:
+        known = choice.chooser().known(device, choice.Problem(qtype, *shape, choice.m_bucket(m)))
+        if known in paths:
+            return known
+    return paths[0]
 
 
 def _torch_dequantize(
@@ -156,6 +179,38 @@ def _linear(
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
+def _run_path(
+    path: str, x2: torch.Tensor, weight: QuantWeight, bias, input_scale: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    if path == "gemv":
+        from zimage_lite.kernels.gemv_triton import gemv
+
+        return gemv(x2, weight.data, weight.qtype, weight.shape[0], bias, weight.scale, out_dtype=out_dtype)
+    w_backend = "triton" if path == "dequant" else "torch"
+    w = dequantize(weight.data, weight.qtype, weight.shape, x2.dtype, w_backend, scale=weight.scale)
+    return _linear(x2, w, bias, input_scale, out_dtype)
+
+
+@functools.cache
+def _warn_no_native_fp8(device: torch.device) -> None:
+    log.warning(
+        "fp8_matmul='native' needs FP8 tensor cores (CUDA sm >= 8.9); %s uses the dequant path", device
+    )
+
+
+def _native_fp8(weight: QuantWeight, device: torch.device, fp8_matmul: str) -> bool:
+    from zimage_lite.kernels.fp8_matmul import FP8_MATMUL_MODES, scaled_mm_usable
+
+    if fp8_matmul not in FP8_MATMUL_MODES:
+        raise UsageError(f"unknown fp8_matmul {fp8_matmul!r} (choose one of {', '.join(FP8_MATMUL_MODES)})")
+    if weight.qtype != "FP8_E4M3" or fp8_matmul != "native":
+        return False
+    if scaled_mm_usable(device, *weight.shape):
+        return True
+    _warn_no_native_fp8(device)
+    return False
+
+
 def quant_matmul(
     x: torch.Tensor,
     weight: QuantWeight,
@@ -164,25 +219,34 @@ def quant_matmul(
     backend: str = "auto",
     input_scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
+    path: str | None = None,
+    fp8_matmul: str = "dequant",
 ) -> torch.Tensor:
     """y (..., out) = x (..., in) @ W^T + bias in x's dtype (or `out_dtype`), W a QuantWeight.
 
-    `input_scale` only matters for fp16 on the non-fused paths (module docstring)."""
+    `path` forces one of candidate_paths (benchmarks, tests); None lets choice.py pick.
+    `fp8_matmul`: "native" runs FP8 weights on FP8 tensor cores where the device has them.
+    `input_scale` only matters for fp16 on the dequant/torch paths (module docstring)."""
     n_out, k = weight.shape
     if x.shape[-1] != k:
         raise UsageError(f"quantized linear expects inputs with {k} features, got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     out_dtype = out_dtype or x.dtype
-    if x2.shape[0] == 0:  # an empty grid is an error in Triton
+    m = x2.shape[0]
+    if m == 0:  # an empty grid is an error in Triton
         return x.new_empty((*lead, n_out), dtype=out_dtype)
-    path = select_path(x2.shape[0], weight.qtype, x.device, backend)
-    if path == "fused":
-        from zimage_lite.kernels.matmul_triton import fused_matmul
+    if _native_fp8(weight, x.device, fp8_matmul):
+        from zimage_lite.kernels.fp8_matmul import fp8_linear
 
-        y = fused_matmul(x2, weight.data, weight.qtype, n_out, bias, weight.scale, out_dtype=out_dtype)
-    else:
-        w_backend = "triton" if path == "dequant" else "torch"
-        w = dequantize(weight.data, weight.qtype, weight.shape, x.dtype, w_backend, scale=weight.scale)
-        y = _linear(x2, w, bias, input_scale, out_dtype)
-    return y.reshape(*lead, n_out)
+        return fp8_linear(x2, weight.data, weight.scale, bias, out_dtype).reshape(*lead, n_out)
+    paths = candidate_paths(m, weight.qtype, x.device, backend)
+    if path is None:
+        runs = {p: functools.partial(_run_path, p, x2, weight, bias, input_scale, out_dtype) for p in paths}
+        problem = choice.Problem(weight.qtype, n_out, k, choice.m_bucket(m))
+        path = choice.chooser().choose(x.device, problem, runs)
+    elif path not in paths:
+        raise UsageError(
+            f"path {path!r} cannot run {m} rows of {weight.qtype} here (can: {', '.join(paths)})"
+        )
+    return _run_path(path, x2, weight, bias, input_scale, out_dtype).reshape(*lead, n_out)

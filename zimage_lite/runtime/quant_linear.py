@@ -19,6 +19,10 @@ input_scale = 1/128 on down-projections (in_features > out_features, e.g. w2 102
 compute dtype is fp16. `out_dtype` (default: compute dtype) lets a caller get float32 outputs from a
 layer whose result may itself exceed 65504.
 
+FP8 matmul: `fp8_matmul` is "dequant" (default: W dequantized to the compute dtype, cuBLAS) or "native"
+(FP8 weights on FP8 tensor cores via torch._scaled_mm with per-token activation scales, where the
+device has them: sm >= 8.9; see kernels/fp8_matmul.py). `set_fp8_matmul(model, mode)` sets every layer.
+
 Low-rank delta: `lora_down` (r, in), `lora_up` (out, r) and `lora_scale` are plain attributes, None by
 default and not part of the state dict; when set, forward adds lora_scale * (x @ down^T) @ up^T.
 """
@@ -71,6 +75,7 @@ class QuantLinear(nn.Module):
         self.input_scale = 1.0
         self.out_dtype: torch.dtype | None = None
         self.backend = "auto"
+        self.fp8_matmul = "dequant"
         self.lora_down: torch.Tensor | None = None
         self.lora_up: torch.Tensor | None = None
         self.lora_scale: float | None = None
@@ -105,6 +110,7 @@ class QuantLinear(nn.Module):
             backend=self.backend,
             input_scale=self.input_scale,
             out_dtype=out_dtype,
+            fp8_matmul=self.fp8_matmul,
         )
         if self.lora_down is not None and self.lora_up is not None:
             delta = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
@@ -175,6 +181,18 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
             f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}"
         )
+
+
+def set_fp8_matmul(model: nn.Module, mode: str) -> int:
+    """Set `fp8_matmul` ("dequant" or "native") on every QuantLinear in `model`; returns how many."""
+    from zimage_lite.kernels.fp8_matmul import FP8_MATMUL_MODES
+
+    if mode not in FP8_MATMUL_MODES:
+        raise UsageError(f"unknown fp8 matmul mode {mode!r} (choose one of {', '.join(FP8_MATMUL_MODES)})")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.fp8_matmul = mode
+    return len(layers)
 
 
 def swap_linears(model: nn.Module, qtypes: dict[str, str], compute_dtype: torch.dtype) -> None:

@@ -1,19 +1,24 @@
-"""Kernel microbenchmarks on one CUDA GPU: Triton dequant bandwidth and three ways to do y = x @ W^T.
+"""Kernel microbenchmarks on one CUDA GPU: Triton dequant bandwidth and every way to do y = x @ W^T.
 
 For every real layer shape (Z-Image DiT and Qwen3-4B) and M (tokens) it reports, side by side:
 - dequant: GB/s of the Triton dequant kernel (raw bytes read + bf16 bytes written), also as a fraction
-  of the measured device-to-device copy bandwidth;
-- fused: TFLOPS of the Triton fused dequant-matmul (bf16 operands, fp32 accumulation);
-- deq+cuBLAS: TFLOPS of Triton dequant into a bf16 buffer followed by F.linear;
-- bf16 cuBLAS: TFLOPS of F.linear on an already-dense bf16 weight (the reference speed).
+  of the measured device-to-device copy bandwidth (read + written);
+- each path of zimage_lite.kernels.dispatch that can run (`dequant` = Triton dequant + cuBLAS, `gemv` =
+  the small-M kernel for M <= 16): seconds, TFLOPS and relative RMS error against the float32 product;
+  for gemv also the weight bytes read per second, as a fraction of the copy bandwidth;
+- fp8_native (FP8 rows, sm >= 8.9): torch._scaled_mm with per-token activation scales, with its error
+  beside the dequant path's;
+- bf16 cuBLAS: TFLOPS of F.linear on an already-dense bf16 weight (the reference speed);
+- fastest_path: what the path chooser (kernels/choice.py) would pick from these timings.
 Times are medians of CUDA-event timings; L2 is flushed before every timed call so weights come from
-DRAM as they do in real inference. Weights are random valid blocks (speed does not depend on values);
-each config also records the max relative difference between fused and deq+cuBLAS as a sanity check.
+DRAM as they do in real inference. Weights are random valid blocks (speed does not depend on values).
 
-Run: `python benchmarks/kernels.py [--qtypes Q8_0 Q4_K] [--m 1 16 64] [--out benchmarks/results/...]`
-(default output benchmarks/results/kernels-<gpu>.json). `--dry-run` exercises the code on the CPU
-with tiny shapes and the torch backend (add TRITON_INTERPRET=1 to run the Triton paths interpreted);
-its numbers mean nothing. Without CUDA and without --dry-run the script exits with one line.
+Run (GPU, about 2 minutes for this selection):
+  python benchmarks/kernel_speed.py --shapes dit.qkv dit.w2 qwen.q qwen.down --m 1 4 16 64 4096 --repeats 10
+(all shapes, types and M by default; output benchmarks/results/kernel-speed-<gpu>.json). `--dry-run`
+exercises the code on the CPU with tiny shapes and the torch backend (add TRITON_INTERPRET=1 to run
+the Triton paths interpreted); its numbers mean nothing. Without CUDA and without --dry-run the script
+exits with one line.
 """
 
 from __future__ import annotations
@@ -106,7 +111,40 @@ def activation_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
-def bench_shape(name, k, n, qtypes, m_values, clock, device, backend, fused_max_m) -> list[dict]:
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative RMS error of y against a float32 reference."""
+    return ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def time_products(x, weight, dequant, clock, device, backend) -> dict:
+    """Seconds, TFLOPS and quality of every way to compute x @ W^T that can run here."""
+    from zimage_lite.kernels import dispatch
+    from zimage_lite.kernels.fp8_matmul import fp8_linear, scaled_mm_usable
+
+    m, k = x.shape
+    n = weight.shape[0]
+    flops = 2 * m * n * k
+    ref = x.float() @ dispatch.dequantize(weight.data, weight.qtype, weight.shape, scale=weight.scale).T
+    row = {}
+    paths = dispatch.candidate_paths(m, weight.qtype, device, backend)
+    for path in paths:
+        if path == "torch":
+            continue
+        run = lambda x=x, path=path: dispatch.quant_matmul(x, weight, backend=backend, path=path)  # noqa: E731
+        seconds = clock(run)
+        row[f"{path}_s"], row[f"{path}_TFLOPS"] = seconds, flops / seconds / 1e12
+        row[f"{path}_rel_err"] = rel_err(run(), ref)
+    if weight.qtype == "FP8_E4M3" and scaled_mm_usable(device, n, k):
+        native = lambda x=x: fp8_linear(x, weight.data, weight.scale)  # noqa: E731
+        seconds = clock(native)
+        row.update(fp8_native_s=seconds, fp8_native_TFLOPS=flops / seconds / 1e12)
+        row["fp8_native_rel_err"] = rel_err(native(), ref)
+    timed = {p: row[f"{p}_s"] for p in paths if f"{p}_s" in row}
+    row["fastest_path"] = min(timed, key=timed.get) if timed else "torch"
+    return row
+
+
+def bench_shape(name, k, n, qtypes, m_values, clock, device, backend) -> list[dict]:
     from zimage_lite.kernels import dispatch
 
     rows = []
@@ -133,39 +171,39 @@ def bench_shape(name, k, n, qtypes, m_values, clock, device, backend, fused_max_
         for m in m_values:
             x = torch.randn(m, k, device=device, dtype=act_dtype)
             flops = 2 * m * n * k
-            t_two = clock(lambda x=x, dequant=dequant: F.linear(x, dequant()))
             row = {
                 "shape": name, "K": k, "N": n, "qtype": qtype, "M": m,
-                "dequant_s": t_deq, "dequant_GBps": moved / t_deq / 1e9,
-                "deq_cublas_s": t_two, "deq_cublas_TFLOPS": flops / t_two / 1e12,
+                "weight_bytes": data.numel() * data.element_size(),
+                "dequant_only_s": t_deq, "dequant_GBps": moved / t_deq / 1e9,
                 "bf16_cublas_s": cublas[m], "bf16_cublas_TFLOPS": flops / cublas[m] / 1e12,
-                "fused_s": None, "fused_TFLOPS": None, "fused_max_rel_diff": None,
             }  # fmt: skip
-            if backend == "triton" and m <= fused_max_m:
-                from zimage_lite.kernels.matmul_triton import fused_matmul
-
-                fused = lambda x=x, w=weight: fused_matmul(x, w.data, w.qtype, w.shape[0], None, w.scale)
-                t_fused = clock(fused)
-                ref = F.linear(x, dequant()).float()
-                diff = (fused().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
-                row.update(
-                    fused_s=t_fused, fused_TFLOPS=flops / t_fused / 1e12, fused_max_rel_diff=diff.item()
-                )
+            row.update(time_products(x, weight, dequant, clock, device, backend))
             rows.append(row)
         del data, scratch, weight
     return rows
 
 
+def _cell(row: dict, key: str, fmt: str = "{:.2f}") -> str:
+    return "-" if row.get(key) is None else fmt.format(row[key])
+
+
 def print_table(rows: list[dict], copy_gbps: float) -> None:
-    head = f"{'shape':14} {'qtype':9} {'M':>5} {'deq GB/s':>9} {'%copy':>6} {'fused':>8} {'deq+cuBLAS':>10} {'bf16':>8}  TFLOPS"
+    head = (
+        f"{'shape':14} {'qtype':9} {'M':>5} {'deq GB/s':>9} {'%copy':>6} {'gemv':>8} {'gemv %copy':>10} "
+        f"{'deq+cuBLAS':>10} {'fp8 native':>10} {'bf16':>8}  TFLOPS  fastest  rel.err dequant / fp8 native"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        fused = "-" if r["fused_TFLOPS"] is None else f"{r['fused_TFLOPS']:.2f}"
+        gemv_pct = (
+            None if r.get("gemv_s") is None else 100 * r["weight_bytes"] / r["gemv_s"] / 1e9 / copy_gbps
+        )
         print(
             f"{r['shape']:14} {r['qtype']:9} {r['M']:>5} {r['dequant_GBps']:>9.1f} "
-            f"{100 * r['dequant_GBps'] / copy_gbps:>5.0f}% {fused:>8} {r['deq_cublas_TFLOPS']:>10.2f} "
-            f"{r['bf16_cublas_TFLOPS']:>8.2f}"
+            f"{100 * r['dequant_GBps'] / copy_gbps:>5.0f}% {_cell(r, 'gemv_TFLOPS'):>8} "
+            f"{'-' if gemv_pct is None else f'{gemv_pct:.0f}%':>10} {_cell(r, 'dequant_TFLOPS'):>10} "
+            f"{_cell(r, 'fp8_native_TFLOPS'):>10} {r['bf16_cublas_TFLOPS']:>8.2f}  {r['fastest_path']:>15}  "
+            f"{_cell(r, 'dequant_rel_err', '{:.1e}')} / {_cell(r, 'fp8_native_rel_err', '{:.1e}')}"
         )
 
 
@@ -176,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--fused-max-m", type=int, default=1024, help="largest M to time the fused kernel at")
-    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels-<gpu>.json)")
+    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernel-speed-<gpu>.json)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, torch backend")
     args = ap.parse_args(argv)
 
@@ -186,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         device, backend, gpu = torch.device("cpu"), "triton" if interpreted else "torch", "cpu-dry-run"
         shapes = {name: (max(256, k // 40 // 256 * 256), max(8, n // 160)) for name, (k, n) in SHAPES.items()}
-        m_values, args.repeats, args.warmup = [m for m in args.m if m <= 64] or [1], 2, 1
+        m_values, args.repeats, args.warmup = [m for m in args.m if m <= 64] or [1], 1, 1
         copy_bytes = 1 << 20
     else:
         if not torch.cuda.is_available():
             print(
-                "benchmarks/kernels.py needs a CUDA GPU (none found); --dry-run runs it on the CPU",
+                "benchmarks/kernel_speed.py needs a CUDA GPU (none found); --dry-run runs it on the CPU",
                 file=sys.stderr,
             )
             return 2
@@ -207,13 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.shapes:
         k, n = shapes[name]
-        rows += bench_shape(name, k, n, args.qtypes, m_values, clock, device, backend, args.fused_max_m)
+        rows += bench_shape(name, k, n, args.qtypes, m_values, clock, device, backend)
     print_table(rows, copy_gbps)
     out = args.out
     if out is None and not args.dry_run:
         out = (
             Path("benchmarks/results")
-            / f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
+            / f"kernel-speed-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
         )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
