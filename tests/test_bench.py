@@ -161,6 +161,25 @@ def test_card_rows_run_as_on_that_card(bench, tmp_path):
     assert report["settings"]["cards"] == ["1MB", "64MB"] and validate_report(report) == []
 
 
+def test_hires_rows_compare_with_the_reference_hires_row(bench, tmp_path):
+    """--hires adds one row per precision running the hires fix; images are the upscaled size, timings
+    cover both passes, quality is measured against the reference precision's hires images."""
+    cfg = runner.BenchConfig(
+        out=tmp_path / "out", synthetic="tiny", precisions=["bf16", "q8_0"], prompts=bench_prompts(1), steps=2,
+        width=32, height=48, warmup=0, hires=1.5, hires_strength=0.5, cache=bench[3], progress=False,
+    )  # fmt: skip
+    report = runner.run_bench(cfg)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["bf16", "q8_0", "bf16+hires1.5x", "q8_0+hires1.5x"]
+    ref, q8 = rows["bf16+hires1.5x"], rows["q8_0+hires1.5x"]
+    assert ref["status"] == q8["status"] == "ok"
+    assert math.isinf(ref["quality"]["psnr_db_min"])  # compared with itself
+    assert q8["quality"]["latent_rel_error_max"] > 0
+    assert Image.open(tmp_path / "out" / ref["quality"]["per_image"][0]["image"]).size == (48, 64)
+    assert len(ref["timing"]["phases_s_median"]) >= 4 and "vae_encode" in ref["timing"]["phases_s_median"]
+    assert report["settings"]["hires"] == {"scale": 1.5, "strength": 0.5} and validate_report(report) == []
+
+
 def test_streaming_counters_are_summed_over_phases():
     from zimage_lite.bench.engines import _h2d, _stat
 

@@ -66,6 +66,51 @@ def _png_info(meta: dict[str, str]):
     return info
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`style.safetensors[:0.8]` -> (path, scale); a suffix that is not a number belongs to the path."""
+    path, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _image_inputs(args: argparse.Namespace) -> dict:
+    """generate() keyword arguments for --init-image / --mask / --strength; fills in --width/--height
+    from the init image (rounded down to multiples of 16) when they were not given."""
+    from zimage_lite.init_image import open_image
+
+    if args.init_image is None:
+        if args.mask is not None or args.strength is not None:
+            raise UsageError("--mask and --strength need --init-image")
+        args.width, args.height = args.width or 1024, args.height or 1024
+        return {}
+    image = open_image(args.init_image, "init image")
+    args.width = args.width or max(16, image.width // 16 * 16)
+    args.height = args.height or max(16, image.height // 16 * 16)
+    inputs = {"image": image, "strength": args.strength}
+    if args.mask is not None:
+        inputs["mask"] = open_image(args.mask, "mask")
+    return inputs
+
+
+def _pass_meta(args: argparse.Namespace, pipe) -> dict[str, str]:
+    """PNG text for the inputs beyond the prompt: init image, mask, strength, LoRAs, the hires pass."""
+    meta = {}
+    if args.init_image is not None:
+        meta["init_image"] = str(args.init_image)
+        meta["strength"] = "default" if args.strength is None else str(args.strength)
+    if args.mask is not None:
+        meta["mask"] = str(args.mask)
+    if pipe.loras:
+        meta["loras"] = "; ".join(f"{path}:{scale:g}" for path, _, scale in pipe.loras)
+    if args.hires is not None:
+        meta["hires"] = f"{args.hires:g}x, strength {args.hires_strength:g}, same seed and steps"
+    return meta
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -74,6 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from zimage_lite.text import MAX_PROMPT_TOKENS
 
     out = Path(args.output)
+    inputs = _image_inputs(args)
     check_size(args.width, args.height)
     outs = output_paths(out, args.batch)
     for p in outs:
@@ -88,40 +134,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
         tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
     )  # fmt: skip
-    size = (args.width, args.height, args.batch, MAX_PROMPT_TOKENS)  # upper bounds: the longest caption
+    for spec in args.lora or []:
+        pipe.load_lora(*parse_lora(spec))
+    scale = args.hires or 1.0  # upper bounds: the larger pass, the longest caption
+    big = [-(-int(v * scale) // 16) * 16 for v in (args.width, args.height)]
+    size = (*big, args.batch, MAX_PROMPT_TOKENS)
     preflight.check_generation(pipe, *size)
     bar = None
 
     def on_step(i: int, n: int) -> None:
         nonlocal bar
-        if bar is None:  # started on the first step, so an early refusal prints only its error line
+        if bar is None or i == 0 and bar.n:  # a new bar per pass; an early refusal prints only its error
+            if bar is not None:
+                bar.close()
             bar = tqdm(total=n, desc="denoise", unit="step", file=sys.stderr, disable=args.quiet)
         bar.update(1)
 
+    hires_stats = []
     try:
         with preflight.device_oom_as_error(pipe, *size):
             images = pipe.generate(
                 args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
-                batch=args.batch, on_step=on_step,
+                batch=args.batch, on_step=on_step, **inputs,
             )  # fmt: skip
+            first_stats = pipe.last_stats
+            if args.hires is not None:
+                hires = []
+                for img in images:
+                    hires.append(pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
+                                                seed=args.seed, steps=args.steps, on_step=on_step))  # fmt: skip
+                    hires_stats.append(pipe.last_stats.to_dict())
+                images = hires
     finally:
         if bar is not None:
             bar.close()
     meta = {
         "prompt": args.prompt, "seed": str(args.seed), "steps": str(args.steps),
-        "size": f"{args.width}x{args.height}", "dtype": str(pipe.dtype).removeprefix("torch."),
+        "size": "x".join(map(str, images[0].size)), "dtype": str(pipe.dtype).removeprefix("torch."),
         "software": "zimage-lite", **{f"model.{k}": v for k, v in pipe.paths.describe().items()},
     }  # fmt: skip
+    if args.hires is not None:
+        meta["first_pass_size"] = f"{args.width}x{args.height}"
+    meta.update(_pass_meta(args, pipe))
     for i, (img, path) in enumerate(zip(images, outs)):
         info = _png_info({**meta, "batch_index": str(i)})
         atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
         print(f"wrote {path}")
     if args.stats:
         stats = {
-            **pipe.last_stats.to_dict(), "load_s": pipe.load_seconds, "total_s": time.perf_counter() - start,
+            **first_stats.to_dict(), "load_s": pipe.load_seconds, "total_s": time.perf_counter() - start,
             "device": str(pipe.device), "dtype": meta["dtype"], "width": args.width, "height": args.height,
             "steps": args.steps, "batch": args.batch,
         }  # fmt: skip
+        if hires_stats:
+            stats["hires_passes"] = hires_stats
         atomic_write(Path(args.stats), lambda tmp: tmp.write_text(json.dumps(stats, indent=2)))
         print(f"wrote {args.stats}")
     return 0
@@ -189,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="tokenizer.json or its folder (not needed with a GGUF text encoder)")
     g.add_argument("--steps", type=cli_args.steps, default=8)
     g.add_argument("--seed", type=cli_args.seed, default=0, help=f"0 to {cli_args.SEED_MAX}")
-    g.add_argument("--width", type=cli_args.image_size, default=1024, help="pixels, a multiple of 16")
-    g.add_argument("--height", type=cli_args.image_size, default=1024, help="pixels, a multiple of 16")
+    size_help = "pixels, a multiple of 16 (default: the init image's, else 1024)"
+    g.add_argument("--width", type=cli_args.image_size, default=None, help=size_help)
+    g.add_argument("--height", type=cli_args.image_size, default=None, help=size_help)
     g.add_argument("--batch", type=cli_args.batch, default=1, help="images per prompt")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     g.add_argument(
@@ -205,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
         "and plans in its budget, so a big GPU shows what a small one will do",
     )
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    g.add_argument("--init-image", help="image-to-image from this picture (resized to the output size)")
+    g.add_argument("--strength", type=cli_args.strength, default=None,
+                   help="how much of the init image to re-generate, 0-1 (default 0.6; 1.0 with --mask)")  # fmt: skip
+    g.add_argument("--mask", help="inpainting mask for --init-image: white is re-generated, black kept")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="apply a LoRA (safetensors) with this scale (default 1.0); repeatable")  # fmt: skip
+    g.add_argument("--hires", type=cli_args.hires_scale, default=None, metavar="SCALE",
+                   help="hires fix: upscale each image by SCALE (e.g. 1.5) and re-generate detail")  # fmt: skip
+    g.add_argument("--hires-strength", type=cli_args.strength, default=0.35,
+                   help="strength of the hires pass (0.3-0.4)")  # fmt: skip
     g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png")
     g.add_argument("--stats", type=cli_args.output_file, help="write timings and memory as JSON here")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -54,6 +54,29 @@ repeats = bounded_int(1, 1000)
 warmup = bounded_int(0, 1000)
 
 
+def strength(text: str) -> float:
+    """An image-to-image strength: the fraction of the schedule re-run, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1 (got {text})")
+    return value
+
+
+def hires_scale(text: str) -> float:
+    """A hires-fix upscale factor: above 1, and small enough that the larger pass stays a size the
+    model can place (image_size checks the result)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1.0 < value <= 4.0:
+        raise argparse.ArgumentTypeError(f"must be above 1 and at most 4 (got {text})")
+    return value
+
+
 def seed_list(text: str) -> str:
     """A comma list of seeds, each as `seed` accepts; returned as given (the bench splits it)."""
     for part in text.split(","):

@@ -44,6 +44,8 @@ class BenchConfig:
     warmup: int = 1
     vram: str | None = None
     cards: list[str] = field(default_factory=list)  # --card: extra rows per precision, run as on that card
+    hires: float | None = None  # --hires: extra rows per precision, the hires fix at this scale
+    hires_strength: float = 0.35
     device: str | None = None
     dtype: str | None = None
     cache: Path = field(default_factory=sources.default_cache_dir)
@@ -60,6 +62,7 @@ class RowResult:
     kind: str
     precision: str
     card: str | None = None  # the card this row emulates (--card), None: the whole device or --vram
+    hires: float | None = None  # hires-fix scale (--hires): generate, upscale, image-to-image
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
     engine: object | None = None  # filled while running; not reported
@@ -108,6 +111,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=cli_args.output_folder,
         help=f"converted-model cache (default {sources.default_cache_dir()})",
     )
+    parser.add_argument(
+        "--hires",
+        type=cli_args.hires_scale,
+        help="every precision also runs the hires fix at this scale (e.g. 1.5): generate, upscale, "
+        "image-to-image; rows named q8_0+hires1.5x, compared with the reference's hires images",
+    )
+    parser.add_argument(
+        "--hires-strength", type=cli_args.strength, default=0.35, help="strength of the hires pass"
+    )
     parser.add_argument("--baselines", default="", help="'diffusers': add diffusers rows when installed")
     parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -121,6 +133,21 @@ def _int_list(text: str, what: str) -> list[int]:
     if not values:
         raise UsageError(f"{what} is empty")
     return values
+
+
+def _hires(scale: float | None) -> float | None:
+    if scale is not None and scale <= 1.0:
+        raise UsageError(f"--hires must be above 1 (got {scale})")
+    return scale
+
+
+def hires_name(precision: str, scale: float) -> str:
+    return f"{precision}+hires{scale:g}x"
+
+
+def _reference_name(row: RowResult) -> str:
+    """The row a row's images are compared with: the reference precision, in the same workflow."""
+    return sources.REFERENCE if row.hires is None else hires_name(sources.REFERENCE, row.hires)
 
 
 def _cards(text: str | None) -> list[str]:
@@ -151,7 +178,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         precisions=sources.parse_precisions(args.precisions), prompts=bench_prompts(args.prompts),
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
-        cards=_cards(args.card),
+        cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength,
         device=args.device, dtype=args.dtype, cache=Path(args.cache) if args.cache else sources.default_cache_dir(),
         baselines=baselines, save_images=not args.no_images, progress=not args.quiet,
     )  # fmt: skip
@@ -186,7 +213,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             try:
                 _run_row(cfg, reference, row, refs, bar)
             except (ZImageError, RuntimeError, OSError, ValueError, ImportError) as exc:
-                if row.name == sources.REFERENCE:
+                if row.name == _reference_name(row):  # the rows after it have nothing to compare with
                     raise
                 row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
                 log.warning("row %s failed: %s", row.name, row.reason)
@@ -200,6 +227,10 @@ def run_bench(cfg: BenchConfig) -> dict:
 def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
     rows = [RowResult(p, "zimage-lite", p) for p in cfg.precisions]
     rows += [RowResult(f"{p}@{card}", "zimage-lite", p, card) for card in cfg.cards for p in cfg.precisions]
+    if cfg.hires is not None:
+        rows += [
+            RowResult(hires_name(p, cfg.hires), "zimage-lite", p, hires=cfg.hires) for p in cfg.precisions
+        ]
     if "diffusers" in cfg.baselines:
         from zimage_lite.bench.baselines import planned_baselines
 
@@ -224,8 +255,9 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
     row.info["source"] = str(folder)
     row.info["convert"] = convert_info
     _, options = sources.base_precision(row.precision)
+    hires = None if row.hires is None else (row.hires, cfg.hires_strength)
     return OursEngine(
-        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, **options
+        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires, **options
     )
 
 
@@ -258,9 +290,9 @@ def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar)
 
 def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gens: list[Generation], refs) -> None:
     gen = gens[0]
-    if row.name == sources.REFERENCE:
-        refs[(prompt.id, seed)] = gen
-    ref = refs[(prompt.id, seed)]
+    if row.name == _reference_name(row):
+        refs[(prompt.id, seed, row.hires)] = gen
+    ref = refs[(prompt.id, seed, row.hires)]
     repeat_err = max(latent_relative_error(g.latents, gen.latents) for g in gens)
     entry = {
         "prompt_id": prompt.id,
