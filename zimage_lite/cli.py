@@ -133,6 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
         tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
+        fp8_matmul=args.fp8_matmul,
     )  # fmt: skip
     for spec in args.lora or []:
         pipe.load_lora(*parse_lora(spec))
@@ -272,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and plans in its budget, so a big GPU shows what a small one will do",
     )
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    g.add_argument(
+        "--fp8-matmul", choices=["dequant", "native"], default="dequant",
+        help="FP8 weights: dequantize to the compute dtype (default) or run on the FP8 tensor cores "
+        "(sm >= 8.9; elsewhere it falls back to dequant with a warning)",
+    )  # fmt: skip
     g.add_argument("--init-image", help="image-to-image from this picture (resized to the output size)")
     g.add_argument("--strength", type=cli_args.strength, default=None,
                    help="how much of the init image to re-generate, 0-1 (default 0.6; 1.0 with --mask)")  # fmt: skip

@@ -156,10 +156,14 @@ class Pipeline:
         dtype: str | torch.dtype | None = None,
         vram: str | int | None = None,
         card: str | int | None = None,
+        fp8_matmul: str = "dequant",
     ) -> Pipeline:
         """`vram` ("6GB", "auto", bytes): the device budget every phase is planned in; None plans
         against the free memory of a GPU (no limit on the CPU). `card` ("6GB"): run as on a card of
-        that size (the allocator capped as it would be, and that budget; see budget.emulate_card)."""
+        that size (the allocator capped as it would be, and that budget; see budget.emulate_card).
+        `fp8_matmul` "native": FP8 weights on the FP8 tensor cores where the card has them (sm >= 8.9;
+        kernels/fp8_matmul.py), else dequantized (the default, and the fallback elsewhere)."""
+        from zimage_lite.runtime.quant_linear import set_fp8_matmul
         from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
 
         start = time.perf_counter()
@@ -184,6 +188,8 @@ class Pipeline:
             dtype=dtype,
             budget=budget,
         )
+        for m in (pipe.text_encoder, pipe.transformer):
+            set_fp8_matmul(m, fp8_matmul)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
 
@@ -195,7 +201,7 @@ class Pipeline:
 
         updates = read_lora(path, self.transformer)
         loras = [*self.loras, (str(path), updates, float(scale))]
-        self._forget_placement("transformer")
+        self.runtime.forget("transformer")
         added = apply_loras(self.transformer, [(u, s) for _, u, s in loras], self.dtype)
         self.loras = loras
         log.info("LoRA %s (scale %g): %d layers, %.1f MiB in all", path, scale, len(updates), added / 2**20)
@@ -203,16 +209,9 @@ class Pipeline:
     def unload_loras(self) -> None:
         from zimage_lite.runtime.lora import remove_loras
 
-        self._forget_placement("transformer")
+        self.runtime.forget("transformer")
         remove_loras(self.transformer)
         self.loras = []
-
-    def _forget_placement(self, name: str) -> None:
-        """Give back phase `name`'s placed weights and drop its streamer: its tensors are about to change
-        (LoRA buffers), and the next phase packs them anew."""
-        streamer = self.runtime.streamers.pop(name, None)
-        if streamer is not None:
-            streamer.detach()
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """One (L_i, hidden) tensor per prompt: real tokens only (causal attention needs no padding)."""

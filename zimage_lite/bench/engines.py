@@ -152,17 +152,14 @@ class OursEngine:
 
         self.hires = hires
         self.vram = {"requested": vram, "applied": vram is not None, "note": None, "card": card}
-        self.pipe = Pipeline.load(source, device=device, dtype=dtype, vram=vram, card=card)
+        self.pipe = Pipeline.load(
+            source, device=device, dtype=dtype, vram=vram, card=card, fp8_matmul=fp8_matmul or "dequant"
+        )
         self.load_seconds = self.pipe.load_seconds
         self.compute_dtype = str(self.pipe.dtype).removeprefix("torch.")
         self.device = str(self.pipe.device)
         self.files = component_bytes(self.pipe.paths)
         self.transformer_types = tensor_types(self.pipe.paths.transformer)
-        if fp8_matmul is not None:
-            from zimage_lite.runtime.quant_linear import set_fp8_matmul
-
-            for model in (self.pipe.text_encoder, self.pipe.transformer):
-                set_fp8_matmul(model, fp8_matmul)
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()

@@ -240,6 +240,13 @@ class DeviceRuntime:
         if not plans.keep:
             self.release()
 
+    def forget(self, name: str) -> None:
+        """Give back phase `name`'s weights and drop its streamer: its tensors are about to change (a
+        LoRA's buffers), so the next phase packs them anew."""
+        streamer = self.streamers.pop(name, None)
+        if streamer is not None:
+            streamer.detach()
+
     def release(self) -> None:
         """Give back everything placed."""
         for s in self.streamers.values():
