@@ -329,11 +329,19 @@ class Pipeline:
         VAE encoder, for an init image)."""
         from zimage_lite.runtime.phases import plan_phases
 
-        self._plans = plan_phases(
-            self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width,
-            height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
-            encode=encode,
-        )  # fmt: skip
+        try:
+            self._plans = plan_phases(
+                self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width,
+                height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
+                encode=encode,
+            )  # fmt: skip
+        except UsageError as exc:
+            if self.budget.source != "auto":
+                raise
+            raise UsageError(
+                f"{exc}; that budget is what the GPU had free when the model loaded (no --vram given): "
+                "close other GPU programs, or use a smaller size or quantization"
+            ) from None
         self.runtime.prepare(self._plans)
         self.last_stats.streaming["plans"] = self._plans.to_dict()
 
