@@ -54,27 +54,25 @@ repeats = bounded_int(1, 1000)
 warmup = bounded_int(0, 1000)
 
 
-def strength(text: str) -> float:
-    """An image-to-image strength: the fraction of the schedule re-run, in (0, 1]."""
+def _float_in(low: float, high: float, text: str) -> float:
+    """A number in (low, high]."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1 (got {text})")
+    if not low < value <= high:
+        raise argparse.ArgumentTypeError(f"must be above {low:g} and at most {high:g} (got {text})")
     return value
+
+
+def strength(text: str) -> float:
+    """An image-to-image strength: the fraction of the schedule re-run, in (0, 1]."""
+    return _float_in(0.0, 1.0, text)
 
 
 def hires_scale(text: str) -> float:
-    """A hires-fix upscale factor: above 1, and small enough that the larger pass stays a size the
-    model can place (image_size checks the result)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1.0 < value <= 4.0:
-        raise argparse.ArgumentTypeError(f"must be above 1 and at most 4 (got {text})")
-    return value
+    """A hires-fix upscale factor in (1, 4]: the larger pass's size is checked like --width."""
+    return _float_in(1.0, 4.0, text)
 
 
 def seed_list(text: str) -> str:
