@@ -70,7 +70,7 @@ def write_plan(
 ) -> int:
     """Write one component file at `path` (already a temporary name); returns bytes written."""
     if plan.container == "gguf":
-        from zimage_lite.weights.gguf_io import GGUFStreamWriter
+        from zimage_lite.weights.gguf_writer import GGUFStreamWriter
 
         writer = GGUFStreamWriter(path, plan.architecture, plan.metadata)
         for o in plan.outputs:
@@ -78,7 +78,7 @@ def write_plan(
     else:
         import torch
 
-        from zimage_lite.weights.fp8_io import SafetensorsStreamWriter
+        from zimage_lite.weights.safetensors_writer import SafetensorsStreamWriter
 
         dtypes = {**DENSE, "FP8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8}
         writer = SafetensorsStreamWriter(path, {k: str(v) for k, v in plan.metadata.items()})

@@ -72,6 +72,14 @@ def strip_model_prefix(keys: Iterable[str]) -> dict[str, str]:
     return bare
 
 
+def bare_names(source) -> dict[str, str]:
+    """Bare HF name -> key of a text encoder checkpoint: llama.cpp names in a GGUF, HF names (with or
+    without `model.`) in safetensors."""
+    if source.format == "gguf":
+        return {gguf_to_hf_name(k): k for k in source.keys()}
+    return strip_model_prefix(source.keys())
+
+
 def layer_index(name: str) -> int | None:
     """The decoder layer a bare HF name belongs to, or None for global tensors."""
     m = re.match(r"layers\.(\d+)\.", name)
