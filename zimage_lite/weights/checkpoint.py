@@ -31,10 +31,9 @@ import torch
 from zimage_lite.errors import CheckpointError
 from zimage_lite.weights.components import MANIFEST
 from zimage_lite.weights.gguf import GGUFCheckpoint, is_gguf_file
-from zimage_lite.weights.gguf_qwen3 import qwen3_config_from_gguf
 from zimage_lite.weights.safetensors import SafetensorsCheckpoint
 
-__all__ = ["Checkpoint", "Detected", "detect", "open_checkpoint", "qwen3_config_from_gguf", "classify_keys"]
+__all__ = ["Checkpoint", "Detected", "classify_keys", "describe", "detect", "open_checkpoint"]
 
 
 @runtime_checkable
@@ -237,7 +236,11 @@ def detect(path: str | Path) -> Detected:
         return Detected(path, "zimage-lite", "model")
     if is_model_folder(path):
         return Detected(path, "diffusers", "model")
-    source = open_checkpoint(path)
+    return describe(open_checkpoint(path), path)
+
+
+def describe(source: Checkpoint, path: Path) -> Detected:
+    """What an opened checkpoint holds (`detect` without opening it again); `path` names it in errors."""
     keys, shape = stored_keys_and_shape(source)
     try:
         component, style, prefix = classify_keys(keys, shape, source.architecture)
