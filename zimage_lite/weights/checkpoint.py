@@ -1,13 +1,8 @@
 """Open any checkpoint by its content, and tell what it holds.
 
-Where each format lives (weights/):
-- safetensors.py: `SafetensorsCheckpoint`, the reader of a .safetensors file or a folder of shards;
-  fp8.py: ComfyUI's FP8 conventions (variants, scales), a layer that reader consults;
-  safetensors_writer.py: `SafetensorsStreamWriter`;
-- gguf.py: `GGUFCheckpoint`, the GGUF reader; gguf_writer.py: `GGUFStreamWriter`; gguf_tokenizer.py and
-  gguf_qwen3.py: the tokenizer and Qwen3 hyperparameters llama.cpp keeps in GGUF metadata.
-Both readers implement `Checkpoint`, so callers ask it (`format`, `field`, `tokenizer`) rather than the
-reader's class.
+Each container format has one reader, and both implement `Checkpoint` (the map of weights/ is in its
+__init__.py): `SafetensorsCheckpoint` (safetensors.py, FP8 conventions in fp8.py) and `GGUFCheckpoint`
+(gguf.py). Callers ask the protocol (`format`, `field`, `tokenizer`), not the reader's class.
 
 `open_checkpoint(path)` -> a `Checkpoint`. Dispatch is on the bytes, not the file name: "GGUF" magic ->
 GGUFCheckpoint, a valid safetensors header -> SafetensorsCheckpoint (plain or FP8); the reader parses
