@@ -8,7 +8,7 @@ answers in torch order. Conventions we accept on reading:
 - stable-diffusion.cpp files: no architecture key and a `model.diffusion_model.` prefix. When any tensor
   has the prefix, only prefixed tensors are kept (ComfyUI-GGUF does the same), prefix stripped;
 - llama.cpp text encoders (`general.architecture` = "qwen3") with `tokenizer.ggml.*` fields (their
-  `qwen3.*` hyperparameters are read by names_qwen3.py, the tokenizer rebuilt by gguf_tokenizer.py).
+  `qwen3.*` hyperparameters are read by gguf_qwen3.py, the tokenizer rebuilt by gguf_tokenizer.py).
 The writer is in weights/gguf_writer.py.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from zimage_lite.errors import CheckpointError
-from zimage_lite.weights.mapping import advise
+from zimage_lite.weights.mapping import advise, readonly_tensor
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,6 @@ def _field_value(field: Any) -> Any:
     """A metadata field as a Python value (str, int, float, bool or list of them)."""
     value = field.contents()
     return value.tolist() if isinstance(value, np.ndarray) else value
-
-
-def _to_torch(array: np.ndarray) -> torch.Tensor:
-    """A read-only mapped numpy array as a torch tensor over the same memory (no copy).
-
-    torch warns that the memory is not writable; nothing here writes to it (consumers copy or cast)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
 
 
 class GGUFCheckpoint:
@@ -179,7 +169,7 @@ class GGUFCheckpoint:
 
     def raw(self, name: str) -> torch.Tensor:
         """The stored bytes, uint8, flat, zero copy (read-only memory: do not write into it)."""
-        return _to_torch(self._t(name).data).reshape(-1).view(torch.uint8)
+        return readonly_tensor(self._t(name).data).reshape(-1).view(torch.uint8)
 
     def get_view(self, name: str) -> torch.Tensor:
         """Dense tensor in torch order: F32/F16/BF16 as a zero-copy read-only view of the mapping,

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from zimage_lite.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from zimage_lite.weights.checkpoint import Checkpoint
 
 MODEL_PREFIX = "model."
 
@@ -72,7 +76,7 @@ def strip_model_prefix(keys: Iterable[str]) -> dict[str, str]:
     return bare
 
 
-def bare_names(source) -> dict[str, str]:
+def bare_names(source: Checkpoint) -> dict[str, str]:
     """Bare HF name -> key of a text encoder checkpoint: llama.cpp names in a GGUF, HF names (with or
     without `model.`) in safetensors."""
     if source.format == "gguf":

@@ -17,7 +17,6 @@ import math
 import mmap
 import struct
 import threading
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +26,7 @@ import torch
 
 from zimage_lite.errors import CheckpointError
 from zimage_lite.weights.fp8 import FP8_QTYPES, FP8Layer
-from zimage_lite.weights.mapping import advise
+from zimage_lite.weights.mapping import advise, readonly_tensor
 
 ST_DTYPES = {
     "F64": torch.float64,
@@ -99,12 +98,6 @@ def shard_files(path: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{path}: no .safetensors files in this folder")
     return files
-
-
-def _readonly_torch(array: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
 
 
 class SafetensorsCheckpoint:
@@ -212,7 +205,7 @@ class SafetensorsCheckpoint:
         file, dtype, shape, begin, end = self._entries[name]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        raw = _readonly_torch(np.frombuffer(self._map(file), dtype=np.uint8, count=end - begin, offset=begin))
+        raw = readonly_tensor(np.frombuffer(self._map(file), dtype=np.uint8, count=end - begin, offset=begin))
         try:
             return raw.view(dtype).reshape(shape)
         except RuntimeError:  # storage offset not a multiple of the item size: copy to realign
