@@ -1,9 +1,11 @@
 """The safetensors reader: one file, a folder of shards or a sharded index, headers parsed once.
 
 `SafetensorsCheckpoint` implements the `Checkpoint` protocol (weights/checkpoint.py). Tensors are
-zero-copy, read-only views into one lazily made mapping per file (`view`); `get` copies one out. A
-converter thread may map a file while another reads, hence the lock. `release(name)` drops a tensor's
-pages from the resident set once the converter is done with it, `prefetch(name)` reads them ahead.
+zero-copy, read-only views into one lazily made mapping per file (`view`, the converter's reads):
+`release(name)` drops a tensor's pages from the resident set once the converter is done with it,
+`prefetch(name)` reads them ahead. `get` (the loaders' reads) gives writable tensors over a second,
+copy-on-write mapping, as safetensors' own loader does: no copy until written, and writes never reach
+the file nor a view. A converter thread may map a file while another reads, hence the lock.
 
 ComfyUI FP8 files are read here too: weights/fp8.py tells their convention and holds their scales, and
 `keys()` then hides the scales and markers, so a loader sees the same names as for a BF16 file.
@@ -117,7 +119,7 @@ class SafetensorsCheckpoint:
         self._entries: dict[str, _Entry] = {}
         for index, path in enumerate(self.files):
             self._add_file(index, path)
-        self._maps: list[mmap.mmap | None] = [None] * len(self.files)
+        self._maps: dict[tuple[int, int], mmap.mmap] = {}  # (file, mmap access) -> mapping
         self._lock = threading.Lock()  # converter threads map files lazily
         self._fp8 = FP8Layer.detect(self)
         self._keys = self._fp8.visible(self.all_keys()) if self._fp8 else self.all_keys()
@@ -192,12 +194,12 @@ class SafetensorsCheckpoint:
         return None
 
     # -- tensors ---------------------------------------------------------------------------------------
-    def _map(self, index: int) -> mmap.mmap:
+    def _map(self, index: int, access: int = mmap.ACCESS_READ) -> mmap.mmap:
         with self._lock:
-            mm = self._maps[index]
+            mm = self._maps.get((index, access))
             if mm is None:
                 with open(self.files[index], "rb") as f:
-                    mm = self._maps[index] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    mm = self._maps[index, access] = mmap.mmap(f.fileno(), 0, access=access)
         return mm
 
     def view(self, name: str) -> torch.Tensor:
@@ -218,10 +220,14 @@ class SafetensorsCheckpoint:
         return self.view(name)
 
     def get(self, name: str) -> torch.Tensor:
-        """A CPU tensor owning its memory; FP8 weights dequantized to float32."""
-        if self._entries[name].dtype in FP8_QTYPES:
+        """A writable CPU tensor over copy-on-write pages of the file; FP8 weights dequantized to float32."""
+        file, dtype, shape, begin, end = self._entries[name]
+        if dtype in FP8_QTYPES:
             return self._fp8.dequantize(name)
-        return self.view(name).clone()
+        if end == begin or begin % dtype.itemsize:  # empty, or misaligned: a copy
+            return self.view(name).clone()
+        private = self._map(file, mmap.ACCESS_COPY)
+        return torch.frombuffer(private, dtype=dtype, count=math.prod(shape), offset=begin).reshape(shape)
 
     def get_quant(self, name: str):
         """An FP8 e4m3 weight as `QuantWeight` (raw values, zero copy, with its scale)."""
@@ -232,7 +238,7 @@ class SafetensorsCheckpoint:
     def release(self, name: str) -> None:
         """Drop the tensor's pages from the resident set (best effort)."""
         entry = self._entries[name]
-        advise(self._maps[entry.file], entry.begin, entry.end, "MADV_DONTNEED")
+        advise(self._maps.get((entry.file, mmap.ACCESS_READ)), entry.begin, entry.end, "MADV_DONTNEED")
 
     def prefetch(self, name: str) -> None:
         """Start reading the tensor's pages in the background (best effort)."""
