@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import gguf
+import pytest
 import torch
 from safetensors.torch import save_file
 
 import zimage_lite.weights.safetensors as st
+from zimage_lite.errors import CheckpointError
 from zimage_lite.weights.checkpoint import Checkpoint, detect, open_checkpoint
 from zimage_lite.weights.fp8 import comfy_quant_marker
 from zimage_lite.weights.gguf_writer import GGUFStreamWriter
@@ -70,3 +74,10 @@ def test_each_header_is_read_once(tmp_path, monkeypatch):
         reads.clear()
         detect(tmp_path / name)
         assert reads == [tmp_path / name]
+
+
+def test_a_header_that_misstates_a_size_is_refused(tmp_path):
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}).encode()
+    (tmp_path / "bad.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(CheckpointError, match="tensor a holds 12 bytes"):
+        open_checkpoint(tmp_path / "bad.safetensors")

@@ -131,8 +131,12 @@ class SafetensorsCheckpoint:
             dtype = ST_DTYPES.get(info["dtype"])
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            self._entries[name] = _Entry(index, dtype, tuple(info["shape"]), start + begin, start + end)
+            shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise CheckpointError(
+                    f"{path}: tensor {name} holds {end - begin} bytes, not a {info['dtype']} {shape}"
+                )
+            self._entries[name] = _Entry(index, dtype, shape, start + begin, start + end)
 
     @classmethod
     def open(cls, path: str | Path) -> SafetensorsCheckpoint:
