@@ -47,7 +47,7 @@ def peak_rss_bytes() -> int:
 def write_medium_input(path: Path, matrices: int, rows: int, cols: int) -> None:
     import torch
 
-    from zimage_lite.weights.fp8_io import SafetensorsStreamWriter
+    from zimage_lite.weights.safetensors_writer import SafetensorsStreamWriter
 
     writer = SafetensorsStreamWriter(path)
     names = [f"blocks.{i}.w.weight" for i in range(matrices)]
@@ -114,8 +114,8 @@ def write_full_input(path: Path) -> dict:
     from zimage_lite.config import DiTConfig
     from zimage_lite.models.dit import ZImageDiT
     from zimage_lite.synthetic import random_tensor
-    from zimage_lite.weights.fp8_io import SafetensorsStreamWriter
     from zimage_lite.weights.load import build_meta
+    from zimage_lite.weights.safetensors_writer import SafetensorsStreamWriter
 
     shapes = {k: tuple(v.shape) for k, v in build_meta(lambda: ZImageDiT(DiTConfig())).state_dict().items()}
     writer = SafetensorsStreamWriter(path)

@@ -19,7 +19,7 @@ from zimage_lite import cli_args, preflight
 from zimage_lite.cli import main
 from zimage_lite.runtime.budget import GIB, MIB
 from zimage_lite.synthetic import write_synthetic_model
-from zimage_lite.weights.gguf_io import GGUFStreamWriter
+from zimage_lite.weights.gguf_writer import GGUFStreamWriter
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def free_disk_bytes(path: Path) -> int:
 def output_tensor_bytes(container: str, shape: tuple[int, ...], storage: str) -> int:
     """Bytes one declared output tensor takes in its file."""
     if container == "gguf":
-        from zimage_lite.weights.gguf_io import tensor_nbytes
+        from zimage_lite.weights.gguf_writer import tensor_nbytes
 
         return -(-tensor_nbytes(shape, storage) // 32) * 32  # GGUF aligns each tensor to 32 bytes
     return math.prod(shape) * _SAFETENSORS_ITEM[storage]

@@ -61,15 +61,15 @@ def tensor_types(path: Path | None) -> dict[str, int] | None:
         return None
     try:
         if path.is_file() and path.suffix == ".gguf":
-            from zimage_lite.weights.gguf_io import GGUFSource
+            from zimage_lite.weights.gguf import GGUFCheckpoint
 
-            src = GGUFSource(path)
+            src = GGUFCheckpoint(path)
             types = [src.qtype(k) for k in src.keys()]
         else:
-            from zimage_lite.weights.safetensors_io import SafetensorsSource
+            from zimage_lite.weights.safetensors import SafetensorsCheckpoint
 
-            src = SafetensorsSource.open(path)
-            types = [str(src.dtype(k)).removeprefix("torch.") for k in src.keys()]
+            src = SafetensorsCheckpoint.open(path)  # every stored tensor, FP8 scales too, as torch names
+            types = [str(src.stored_dtype(k)).removeprefix("torch.") for k in src.all_keys()]
     except Exception:  # a report detail: an unreadable header must not cost the row
         return None
     return dict(Counter(types).most_common())

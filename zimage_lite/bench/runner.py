@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zimage_lite.bench import sources
-from zimage_lite.bench.engines import Generation, OursEngine, Sample
+from zimage_lite.bench.engines import Generation, OursEngine
 from zimage_lite.bench.metrics import latent_relative_error, psnr, ssim
 from zimage_lite.bench.prompts import BenchPrompt, bench_prompts
+from zimage_lite.bench.rows import RowResult
 from zimage_lite.errors import UsageError, ZImageError
 
 log = logging.getLogger(__name__)
@@ -52,24 +53,6 @@ class BenchConfig:
     baselines: list[str] = field(default_factory=list)
     save_images: bool = True
     progress: bool = True
-
-
-@dataclass
-class RowResult:
-    """What one row measured; report.build_row turns it into the JSON row."""
-
-    name: str
-    kind: str
-    precision: str
-    card: str | None = None  # the card this row emulates (--card), None: the whole device or --vram
-    hires: float | None = None  # hires-fix scale (--hires): generate, upscale, image-to-image
-    status: str = "ok"  # ok | skipped | failed
-    reason: str | None = None
-    engine: object | None = None  # filled while running; not reported
-    samples: list[Sample] = field(default_factory=list)
-    quality: list[dict] = field(default_factory=list)
-    thumbs: list = field(default_factory=list)  # PIL thumbnails in (prompt, seed) order, for the grid
-    info: dict = field(default_factory=dict)  # load_s, compute_dtype, files, vram, convert, deterministic...
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ from zimage_lite.convert.plan import (
 from zimage_lite.convert.stream import DENSE, run_jobs
 from zimage_lite.errors import CheckpointError, UsageError
 from zimage_lite.preflight import check_disk, convert_output_bytes
-from zimage_lite.weights.checkpoint import detect, open_checkpoint
+from zimage_lite.weights.checkpoint import describe, open_checkpoint
 from zimage_lite.weights.components import MANIFEST, resolve_model
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def write_plan(
 ) -> int:
     """Write one component file at `path` (already a temporary name); returns bytes written."""
     if plan.container == "gguf":
-        from zimage_lite.weights.gguf_io import GGUFStreamWriter
+        from zimage_lite.weights.gguf_writer import GGUFStreamWriter
 
         writer = GGUFStreamWriter(path, plan.architecture, plan.metadata)
         for o in plan.outputs:
@@ -79,7 +79,7 @@ def write_plan(
     else:
         import torch
 
-        from zimage_lite.weights.fp8_io import SafetensorsStreamWriter
+        from zimage_lite.weights.safetensors_writer import SafetensorsStreamWriter
 
         dtypes = {**DENSE, "FP8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8}
         writer = SafetensorsStreamWriter(path, {k: str(v) for k, v in plan.metadata.items()})
@@ -134,8 +134,8 @@ def _convert_one(
     tokenizer: Path | None,
     device: str | None,
 ) -> ConvertResult:
-    detected = detect(src)
     source = open_checkpoint(src)
+    detected = describe(source, src)
     plan = _plan_for(detected.component, source, src, quant, tokenizer or _sibling_tokenizer(src))
     if out.is_dir():  # an existing folder: put the file in it, named after the input
         out = out / f"{src.stem if src.is_file() else src.name}-{quant}{_suffix(plan)}"
@@ -162,13 +162,14 @@ def _convert_model(
     plans: dict[str, ComponentPlan] = {}
     for component in ("transformer", "text_encoder", "vae"):
         path = getattr(paths, component)
-        found = detect(path).component
+        source = open_checkpoint(path)
+        found = describe(source, path).component
         if found != component:
             raise CheckpointError(
                 f"{path}: expected a {component.replace('_', ' ')}, found a {found.replace('_', ' ')}"
             )
         tok_dir = paths.tokenizer if paths.tokenizer.is_dir() else None
-        plans[component] = _plan_for(component, open_checkpoint(path), path, quant, tok_dir)
+        plans[component] = _plan_for(component, source, path, quant, tok_dir)
     check_disk(out, convert_output_bytes(plans.values(), [paths.tokenizer, src / "scheduler"]))
     with atomic_path(out, force, folder=True) as tmp:
         manifest: dict[str, str] = {}

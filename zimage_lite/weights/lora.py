@@ -28,7 +28,7 @@ from torch import nn
 
 from zimage_lite.errors import CheckpointError
 from zimage_lite.weights.names_dit import to_diffusers_name
-from zimage_lite.weights.safetensors_io import SafetensorsSource
+from zimage_lite.weights.safetensors import SafetensorsCheckpoint
 
 PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet_")
 _KEY = re.compile(
@@ -122,7 +122,9 @@ def _alpha_for(module: str, rank: int, alpha: torch.Tensor | None, meta) -> floa
     return default
 
 
-def _group(file: Path, source: SafetensorsSource, targets: dict[str, Target]) -> dict[str, dict[str, str]]:
+def _group(
+    file: Path, source: SafetensorsCheckpoint, targets: dict[str, Target]
+) -> dict[str, dict[str, str]]:
     """module name -> {"down": key, "up": key, "alpha": key}, every module known to the model."""
     modules: dict[str, dict[str, str]] = {}
     for key in source.keys():
@@ -180,7 +182,7 @@ def read_lora(path: str | Path, model: nn.Module) -> dict[str, LowRank]:
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"{file}: no such LoRA file")
-    source = SafetensorsSource.open(file)
+    source = SafetensorsCheckpoint.open(file)
     shapes = linear_shapes(model)
     targets = lora_targets(shapes)
     modules = _group(file, source, targets)
