@@ -59,7 +59,7 @@ def cpu_seconds() -> float:
 def write_medium_input(path: Path, matrices: int, rows: int, cols: int) -> None:
     import torch
 
-    from zimage_lite.weights.fp8_io import SafetensorsStreamWriter
+    from zimage_lite.weights.safetensors_writer import SafetensorsStreamWriter
 
     writer = SafetensorsStreamWriter(path)
     names = [f"blocks.{i}.w.weight" for i in range(matrices)]

@@ -28,9 +28,7 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +51,6 @@ QTYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "FP8_E4M3"]
 # (bytes per block, offsets of fp16 fields) — ggml-common.h layouts, to write sane scales
 BLOCKS = {"Q8_0": (32, 34, [0]), "Q4_0": (32, 18, [0]), "Q4_K": (256, 144, [0, 2]),
           "Q5_K": (256, 176, [0, 2]), "Q6_K": (256, 210, [208])}  # fmt: skip
-FLUSH_BYTES = 256 << 20
 
 
 def random_weight(qtype: str, n: int, k: int, device: torch.device):
@@ -70,32 +67,16 @@ def random_weight(qtype: str, n: int, k: int, device: torch.device):
 
 
 class Clock:
-    """Median seconds of fn(): CUDA events on a GPU (L2 flushed before each call), perf_counter on CPU."""
+    """Median seconds of fn(): the path chooser's own timer (CUDA events, L2 flushed before each call;
+    perf_counter on a CPU), so the benchmark and the dispatcher measure alike."""
 
     def __init__(self, device: torch.device, repeats: int, warmup: int):
         self.device, self.repeats, self.warmup = device, repeats, warmup
-        self.flush = torch.empty(
-            FLUSH_BYTES if device.type == "cuda" else 1, dtype=torch.uint8, device=device
-        )
 
     def __call__(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            if self.device.type != "cuda":
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-                continue
-            self.flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+        from zimage_lite.kernels.choice import event_timer
+
+        return event_timer(fn, self.device, self.repeats, self.warmup)
 
 
 def copy_bandwidth(clock: Clock, device: torch.device, n_bytes: int) -> float:

@@ -173,6 +173,25 @@ def test_card_rows_run_as_on_that_card(bench, tmp_path):
     assert report["settings"]["cards"] == ["1MB", "64MB"] and validate_report(report) == []
 
 
+def test_hires_rows_compare_with_the_reference_hires_row(bench, tmp_path):
+    """--hires adds one row per precision running the hires fix; images are the upscaled size, timings
+    cover both passes, quality is measured against the reference precision's hires images."""
+    cfg = runner.BenchConfig(
+        out=tmp_path / "out", synthetic="tiny", precisions=["bf16", "q8_0"], prompts=bench_prompts(1), steps=2,
+        width=32, height=48, warmup=0, hires=1.5, hires_strength=0.5, cache=bench[3], progress=False,
+    )  # fmt: skip
+    report = runner.run_bench(cfg)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["bf16", "q8_0", "bf16+hires1.5x", "q8_0+hires1.5x"]
+    ref, q8 = rows["bf16+hires1.5x"], rows["q8_0+hires1.5x"]
+    assert ref["status"] == q8["status"] == "ok"
+    assert math.isinf(ref["quality"]["psnr_db_min"])  # compared with itself
+    assert q8["quality"]["latent_rel_error_max"] > 0
+    assert Image.open(tmp_path / "out" / ref["quality"]["per_image"][0]["image"]).size == (48, 64)
+    assert len(ref["timing"]["phases_s_median"]) >= 4 and "vae_encode" in ref["timing"]["phases_s_median"]
+    assert report["settings"]["hires"] == {"scale": 1.5, "strength": 0.5} and validate_report(report) == []
+
+
 def test_streaming_counters_are_summed_over_phases():
     from zimage_lite.bench.engines import _h2d, _stat
 
@@ -193,14 +212,27 @@ def test_streaming_counters_are_summed_over_phases():
     [
         (["--precisions", "bf16,q9_9"], "unknown precision q9_9"),
         (["--prompts", "0"], "--prompts must be >= 1"),
-        (["--seeds", "a"], "comma list of integers"),
-        (["--repeats", "0"], "--repeats must be >= 1"),
         (["--baselines", "comfy"], "unknown baseline"),
     ],
 )
 def test_usage_errors(argv, match):
     with pytest.raises(UsageError, match=match):
         config_from_args(_args("--synthetic", "tiny", *argv))
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--seeds", "1,a"], "argument --seeds: not an integer: 'a'"),
+        (["--seeds", "-1"], "argument --seeds: must be from 0 to"),
+        (["--repeats", "0"], "argument --repeats: must be from 1 to 1000 (got 0)"),
+        (["--out", __file__], "argument --out: "),
+    ],
+)
+def test_argument_errors_when_parsed(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        _args("--synthetic", "tiny", *argv)
+    assert match in capsys.readouterr().err
 
 
 def test_defaults():

@@ -67,7 +67,7 @@ def test_size_not_multiple_of_16(tiny, tmp_path, capsys):
     code, _, err = run(
         capsys, "generate", "x", "--model", str(tiny), "--width", "50", "-o", str(tmp_path / "a.png")
     )
-    _one_line_error(code, err, "width must be a positive multiple of 16 (got 50)")
+    _one_line_error(code, err, "argument --width: must be a multiple of 16 from 16 to 8192")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -144,7 +144,5 @@ def test_console_script_error_has_no_traceback(tmp_path):
 
 
 def test_bad_argument_is_one_line(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["generate", "x", "--steps", "many"])
-    assert exc.value.code == 2
+    assert main(["generate", "x", "--steps", "many"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -23,7 +23,8 @@ from zimage_lite.quant.fp8 import quantize_fp8
 from zimage_lite.synthetic import write_synthetic_model, write_transformer
 from zimage_lite.weights.checkpoint import detect, open_checkpoint
 from zimage_lite.weights.components import resolve_model
-from zimage_lite.weights.gguf_io import GGUFSource, qwen3_config_from_gguf
+from zimage_lite.weights.gguf import GGUFCheckpoint as GGUFSource
+from zimage_lite.weights.gguf_qwen3 import qwen3_config_from_gguf
 from zimage_lite.weights.load import build_meta, load_strict
 from zimage_lite.weights.names_dit import dit_key_plan, load_dit_tensors
 from zimage_lite.weights.names_qwen3 import gguf_to_hf_name, strip_model_prefix
@@ -415,7 +416,7 @@ def test_every_job_is_prefetched_before_it_is_encoded(tiny, tmp_path, monkeypatc
 
 def test_paging_hints_keep_the_data(tiny, tmp_path):
     """Read-ahead and dropping pages change residency only: views read the same values afterwards."""
-    from zimage_lite.weights.fp8_io import MappedSafetensors
+    from zimage_lite.weights.safetensors import SafetensorsCheckpoint as MappedSafetensors
 
     files = sorted((tiny / "transformer").glob("*.safetensors"))
     mapped = MappedSafetensors(files)

@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 
 from zimage_lite.errors import CheckpointError
 from zimage_lite.weights.checkpoint import open_checkpoint
-from zimage_lite.weights.fp8_io import SafetensorsCheckpoint, SafetensorsStreamWriter, comfy_quant_marker
+from zimage_lite.weights.fp8 import comfy_quant_marker
+from zimage_lite.weights.safetensors import SafetensorsCheckpoint
+from zimage_lite.weights.safetensors_writer import SafetensorsStreamWriter
 
 SCALE = 0.5  # a power of two: q * SCALE is exact in e4m3, so a plain cast can hold the same weights
 

@@ -12,13 +12,10 @@ from zimage_lite.errors import CheckpointError
 from zimage_lite.quant.formats import quantize
 from zimage_lite.synthetic_tokenizer import build_synthetic_tokenizer
 from zimage_lite.weights.checkpoint import open_checkpoint
-from zimage_lite.weights.gguf_io import (
-    GGUFSource,
-    GGUFStreamWriter,
-    qwen3_config_from_gguf,
-    qwen3_gguf_fields,
-)
+from zimage_lite.weights.gguf import GGUFCheckpoint as GGUFSource
+from zimage_lite.weights.gguf_qwen3 import qwen3_config_from_gguf, qwen3_gguf_fields
 from zimage_lite.weights.gguf_tokenizer import tokenizer_from_gguf, tokenizer_gguf_fields
+from zimage_lite.weights.gguf_writer import GGUFStreamWriter
 
 TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "F32", "F16", "BF16"]
 PROMPTS = [

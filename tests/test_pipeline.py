@@ -13,7 +13,7 @@ from zimage_lite.sampling import turbo_sigmas
 from zimage_lite.synthetic import write_synthetic_model
 from zimage_lite.weights.names_dit import dit_key_plan, load_dit_tensors
 from zimage_lite.weights.names_vae import vae_to_original
-from zimage_lite.weights.safetensors_io import SafetensorsSource
+from zimage_lite.weights.safetensors import SafetensorsCheckpoint as SafetensorsSource
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """`zimage-lite` command line: generate | convert | inspect | bench | synthetic.
 
-Only this module prints. A user error (ZImageError) ends with one line on stderr and exit code 2; outputs
-are written under a temporary name and renamed when complete, so a failure leaves nothing half-written.
+Only this module prints. Every failure ends with one line on stderr (cli_errors.py: exit code 2 for what a
+user or the machine caused, 130 for Ctrl-C, 1 for a bug; `-v` adds the traceback). Arguments are checked
+where they are parsed (cli_args.py), resources before the work (preflight.py); outputs are written under a
+temporary name and renamed when complete, so a failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from zimage_lite.errors import UsageError, ZImageError
-
-EXIT_USAGE = 2
+from zimage_lite import cli_args
+from zimage_lite.cli_errors import EXIT_USAGE, Terminated, describe, one_line, sigterm_raises
+from zimage_lite.errors import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {one_line(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -48,6 +51,8 @@ def check_output(path: Path, force: bool = True) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{parent}: output folder does not exist")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give a file name")
     if path.exists() and not force:
         raise UsageError(f"{path}: already exists (use --force to overwrite)")
 
@@ -61,12 +66,60 @@ def _png_info(meta: dict[str, str]):
     return info
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`style.safetensors[:0.8]` -> (path, scale); a suffix that is not a number belongs to the path."""
+    path, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _image_inputs(args: argparse.Namespace) -> dict:
+    """generate() keyword arguments for --init-image / --mask / --strength; fills in --width/--height
+    from the init image (rounded down to multiples of 16) when they were not given."""
+    from zimage_lite.init_image import open_image
+
+    if args.init_image is None:
+        if args.mask is not None or args.strength is not None:
+            raise UsageError("--mask and --strength need --init-image")
+        args.width, args.height = args.width or 1024, args.height or 1024
+        return {}
+    image = open_image(args.init_image, "init image")
+    args.width = args.width or max(16, image.width // 16 * 16)
+    args.height = args.height or max(16, image.height // 16 * 16)
+    inputs = {"image": image, "strength": args.strength}
+    if args.mask is not None:
+        inputs["mask"] = open_image(args.mask, "mask")
+    return inputs
+
+
+def _pass_meta(args: argparse.Namespace, pipe) -> dict[str, str]:
+    """PNG text for the inputs beyond the prompt: init image, mask, strength, LoRAs, the hires pass."""
+    meta = {}
+    if args.init_image is not None:
+        meta["init_image"] = str(args.init_image)
+        meta["strength"] = "default" if args.strength is None else str(args.strength)
+    if args.mask is not None:
+        meta["mask"] = str(args.mask)
+    if pipe.loras:
+        meta["loras"] = "; ".join(f"{path}:{scale:g}" for path, _, scale in pipe.loras)
+    if args.hires is not None:
+        meta["hires"] = f"{args.hires:g}x, strength {args.hires_strength:g}, same seed and steps"
+    return meta
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from zimage_lite import preflight
     from zimage_lite.pipeline import Pipeline, check_size
+    from zimage_lite.text import MAX_PROMPT_TOKENS
 
     out = Path(args.output)
+    inputs = _image_inputs(args)
     check_size(args.width, args.height)
     outs = output_paths(out, args.batch)
     for p in outs:
@@ -74,41 +127,68 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stats:
         check_output(Path(args.stats))
     start = time.perf_counter()
+    preflight.before_load(
+        args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer, args.device, args.dtype
+    )
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
         tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
+        fp8_matmul=args.fp8_matmul,
     )  # fmt: skip
+    for spec in args.lora or []:
+        pipe.load_lora(*parse_lora(spec))
+    scale = args.hires or 1.0  # upper bounds: the larger pass, the longest caption
+    big = [-(-int(v * scale) // 16) * 16 for v in (args.width, args.height)]
+    size = (*big, args.batch, MAX_PROMPT_TOKENS)
+    preflight.check_generation(pipe, *size)
     bar = None
 
     def on_step(i: int, n: int) -> None:
         nonlocal bar
-        if bar is None:  # started on the first step, so an early refusal prints only its error line
+        if bar is None or i == 0 and bar.n:  # a new bar per pass; an early refusal prints only its error
+            if bar is not None:
+                bar.close()
             bar = tqdm(total=n, desc="denoise", unit="step", file=sys.stderr, disable=args.quiet)
         bar.update(1)
 
+    hires_stats = []
     try:
-        images = pipe.generate(
-            args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
-            batch=args.batch, on_step=on_step,
-        )  # fmt: skip
+        with preflight.device_oom_as_error(pipe, *size):
+            images = pipe.generate(
+                args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
+                batch=args.batch, on_step=on_step, **inputs,
+            )  # fmt: skip
+            first_stats = pipe.last_stats
+            if args.hires is not None:
+                hires = []
+                for img in images:
+                    hires.append(pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
+                                                seed=args.seed, steps=args.steps, on_step=on_step))  # fmt: skip
+                    hires_stats.append(pipe.last_stats.to_dict())
+                images = hires
     finally:
         if bar is not None:
             bar.close()
     meta = {
         "prompt": args.prompt, "seed": str(args.seed), "steps": str(args.steps),
-        "size": f"{args.width}x{args.height}", "dtype": str(pipe.dtype).removeprefix("torch."),
+        "size": "x".join(map(str, images[0].size)), "dtype": str(pipe.dtype).removeprefix("torch."),
         "software": "zimage-lite", **{f"model.{k}": v for k, v in pipe.paths.describe().items()},
     }  # fmt: skip
+    if args.hires is not None:
+        meta["first_pass_size"] = f"{args.width}x{args.height}"
+    meta.update(_pass_meta(args, pipe))
     for i, (img, path) in enumerate(zip(images, outs)):
         info = _png_info({**meta, "batch_index": str(i)})
         atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
         print(f"wrote {path}")
     if args.stats:
         stats = {
-            **pipe.last_stats.to_dict(), "load_s": pipe.load_seconds, "total_s": time.perf_counter() - start,
+            **first_stats.to_dict(), "load_s": pipe.load_seconds, "total_s": time.perf_counter() - start,
             "device": str(pipe.device), "dtype": meta["dtype"], "width": args.width, "height": args.height,
             "steps": args.steps, "batch": args.batch,
         }  # fmt: skip
+        if hires_stats:
+            stats["hires_passes"] = hires_stats
         atomic_write(Path(args.stats), lambda tmp: tmp.write_text(json.dumps(stats, indent=2)))
         print(f"wrote {args.stats}")
     return 0
@@ -147,6 +227,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_synthetic(args: argparse.Namespace) -> int:
     import torch
 
+    from zimage_lite.convert.atomic import atomic_path
     from zimage_lite.synthetic import write_synthetic_model
 
     out = Path(args.output)
@@ -156,14 +237,15 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     from zimage_lite.pipeline import resolve_device
 
     device = str(resolve_device(args.device or "cpu"))
-    write_synthetic_model(out, size=args.size, seed=args.seed, dtype=dtype, device=device)
+    with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
+        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)
     print(f"wrote synthetic {args.size} model to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zimage-lite", description="Z-Image-Turbo on 4-8 GB GPUs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="make images from a prompt")
@@ -173,11 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", help="text encoder file or folder (overrides the model's)")
     g.add_argument("--vae", help="VAE file or folder (overrides the model's)")
     g.add_argument("--tokenizer", help="tokenizer.json or its folder (not needed with a GGUF text encoder)")
-    g.add_argument("--steps", type=int, default=8)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    g.add_argument("--steps", type=cli_args.steps, default=8)
+    g.add_argument("--seed", type=cli_args.seed, default=0, help=f"0 to {cli_args.SEED_MAX}")
+    size_help = "pixels, a multiple of 16 (default: the init image's, else 1024)"
+    g.add_argument("--width", type=cli_args.image_size, default=None, help=size_help)
+    g.add_argument("--height", type=cli_args.image_size, default=None, help=size_help)
+    g.add_argument("--batch", type=cli_args.batch, default=1, help="images per prompt")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     g.add_argument(
         "--vram",
@@ -191,20 +274,46 @@ def build_parser() -> argparse.ArgumentParser:
         "and plans in its budget, so a big GPU shows what a small one will do",
     )
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
-    g.add_argument("-o", "--output", default="out.png")
-    g.add_argument("--stats", help="write timings and memory as JSON here")
+    g.add_argument(
+        "--fp8-matmul", choices=["dequant", "native"], default="dequant",
+        help="FP8 weights: dequantize to the compute dtype (default) or run on the FP8 tensor cores "
+        "(sm >= 8.9; elsewhere it falls back to dequant with a warning)",
+    )  # fmt: skip
+    g.add_argument("--init-image", help="image-to-image from this picture (resized to the output size)")
+    g.add_argument("--strength", type=cli_args.strength, default=None,
+                   help="how much of the init image to re-generate, 0-1 (default 0.6; 1.0 with --mask)")  # fmt: skip
+    g.add_argument("--mask", help="inpainting mask for --init-image: white is re-generated, black kept")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="apply a LoRA (safetensors) with this scale (default 1.0); repeatable")  # fmt: skip
+    g.add_argument("--hires", type=cli_args.hires_scale, default=None, metavar="SCALE",
+                   help="hires fix: upscale each image by SCALE (e.g. 1.5) and re-generate detail")  # fmt: skip
+    g.add_argument("--hires-strength", type=cli_args.strength, default=0.35,
+                   help="strength of the hires pass (0.3-0.4)")  # fmt: skip
+    g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png")
+    g.add_argument("--stats", type=cli_args.output_file, help="write timings and memory as JSON here")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="quantize a checkpoint to GGUF / FP8 (a model folder or one file)")
     c.add_argument("src", help="diffusers model folder, component folder, .safetensors or .gguf file")
-    c.add_argument("-o", "--output", required=True, help="output folder (for a model) or file")
+    c.add_argument(
+        "-o",
+        "--output",
+        type=cli_args.convert_output,
+        required=True,
+        help="output folder (for a model) or file",
+    )
     c.add_argument("--quant", required=True, help="bf16, q8_0, q6_k, q5_k, q4_k, q4_0, fp8, q4_k_m, q5_k_m")
     c.add_argument("--force", action="store_true", help="replace an existing output")
-    c.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
+    c.add_argument(
+        "--threads", type=cli_args.threads, default=None, help="quantization threads (default: all cores)"
+    )
     c.add_argument("--tokenizer", help="tokenizer folder to embed in a text-encoder GGUF")
     c.add_argument(
-        "--device", default=None, help="quantize on this torch device (e.g. cuda: q8_0, q4_0, fp8, bf16 only)"
+        "--device",
+        type=cli_args.torch_device,
+        default=None,
+        help="quantize on this torch device (e.g. cuda: q8_0, q4_0, fp8, bf16 only)",
     )
     c.add_argument(
         "--quantizer", choices=["ggml", "torch"], default=None,
@@ -225,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("synthetic", help="write a random-weight model of the real architecture (tests, demo)")
-    s.add_argument("output")
+    s.add_argument("output", type=cli_args.output_folder)
     s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=cli_args.seed, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument(
         "--device", choices=["cpu", "cuda"], default=None,
@@ -235,20 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
+    for command in (g, c, i, b, s):  # -v after the command too; SUPPRESS keeps a -v given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit code (0, 2 for a failure the user or machine caused, 130 for
+    Ctrl-C, 1 for a bug), having printed one line on stderr for any failure."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a bad argument whose one line _Parser.error printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return args.func(args)
-    except ZImageError as exc:
-        print(f"zimage-lite: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("zimage-lite: interrupted", file=sys.stderr)
-        return 130
+        with sigterm_raises():
+            return args.func(args)
+    except (Exception, KeyboardInterrupt, Terminated) as exc:
+        message, code = describe(exc)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"zimage-lite: error: {one_line(message)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -15,9 +15,14 @@ from typing import Any
 
 from zimage_lite.errors import CheckpointError
 from zimage_lite.quant.formats import QUANTIZER_KEY
-from zimage_lite.weights.checkpoint import classify_keys, is_model_folder, open_checkpoint, read_manifest
+from zimage_lite.weights.checkpoint import (
+    classify_keys,
+    is_model_folder,
+    open_checkpoint,
+    read_manifest,
+    stored_keys_and_shape,
+)
 from zimage_lite.weights.components import COMPONENTS, MANIFEST, resolve_model
-from zimage_lite.weights.gguf_io import GGUFSource, is_gguf_file
 
 _BLOCK = re.compile(
     r"^(?:model\.diffusion_model\.)?(layers|noise_refiner|context_refiner|blk|model\.layers)\.(\d+)\."
@@ -31,25 +36,6 @@ def _summarise(value: Any) -> Any:
     if isinstance(value, str) and len(value) > 200:
         return value[:200] + f"... ({len(value)} chars)"
     return value
-
-
-def _open(path: Path):
-    if path.is_file() and is_gguf_file(path):
-        return GGUFSource(path, check_types=False)  # show files with types we cannot decode, too
-    return open_checkpoint(path)
-
-
-def _stored_keys(source) -> list[str]:
-    if isinstance(source, GGUFSource):
-        return [source.stored_name(k) for k in source.keys()]
-    return source.keys()
-
-
-def _shape_of(source):
-    if isinstance(source, GGUFSource):
-        by_stored = {source.stored_name(k): k for k in source.keys()}
-        return lambda k: source.shape(by_stored.get(k, k))
-    return lambda k: source._st.shape(k)
 
 
 def _blocks(source) -> dict[str, dict[str, int]]:
@@ -70,30 +56,29 @@ def _blocks(source) -> dict[str, dict[str, int]]:
 
 
 def _file_report(path: Path) -> dict[str, Any]:
-    source = _open(path)
+    source = open_checkpoint(path, check_types=False)  # show files with types we cannot decode, too
     keys = source.keys()
     types: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
     for key in keys:
         entry = types[source.qtype(key)]
         entry["tensors"] += 1
         entry["bytes"] += source.nbytes(key)
-    is_gguf = isinstance(source, GGUFSource)
     report: dict[str, Any] = {
         "path": str(path),
-        "format": "gguf" if is_gguf else ("safetensors-fp8" if source.fp8_variant else "safetensors"),
+        "format": source.format,
         "architecture": source.architecture,
-        "fp8_variant": None if is_gguf else source.fp8_variant,
+        "fp8_variant": source.fp8_variant,
         "tensors": len(keys),
         "bytes": sum(t["bytes"] for t in types.values()),
         "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])),
         "blocks": _blocks(source),
     }
     try:
-        component, style, prefix = classify_keys(_stored_keys(source), _shape_of(source), source.architecture)
+        component, style, prefix = classify_keys(*stored_keys_and_shape(source), source.architecture)
         report.update(component=component, key_style=style, prefix=prefix)
     except CheckpointError as exc:
         report.update(component=None, problem=str(exc))
-    if is_gguf:
+    if source.format == "gguf":
         report["has_tokenizer"] = source.field("tokenizer.ggml.tokens") is not None
     report["quantizer"] = source.metadata.get(QUANTIZER_KEY)
     report["metadata"] = {k: _summarise(v) for k, v in source.metadata.items()}

@@ -16,7 +16,15 @@ import torch
 from PIL import Image
 
 from zimage_lite.errors import UsageError, ZImageError
-from zimage_lite.sampling import euler_sample, initial_noise
+from zimage_lite.init_image import image_tensor, init_latents, mask_tensor
+from zimage_lite.sampling import (
+    euler_sample,
+    initial_noise,
+    keep_unmasked,
+    noised,
+    strength_start,
+    turbo_sigmas,
+)
 from zimage_lite.weights.components import ModelPaths, resolve_model
 
 log = logging.getLogger(__name__)
@@ -133,6 +141,7 @@ class Pipeline:
         capacity = self.budget.total_bytes if self.budget.source == "card" and device.type == "cpu" else None
         self.runtime = DeviceRuntime(device, phase_models(text_encoder, transformer, vae), capacity)
         self._plans = None
+        self.loras: list[tuple[str, dict, float]] = []  # (file, {layer: LowRank}, scale), in load order
 
     @classmethod
     def load(
@@ -147,10 +156,14 @@ class Pipeline:
         dtype: str | torch.dtype | None = None,
         vram: str | int | None = None,
         card: str | int | None = None,
+        fp8_matmul: str = "dequant",
     ) -> Pipeline:
         """`vram` ("6GB", "auto", bytes): the device budget every phase is planned in; None plans
         against the free memory of a GPU (no limit on the CPU). `card` ("6GB"): run as on a card of
-        that size (the allocator capped as it would be, and that budget; see budget.emulate_card)."""
+        that size (the allocator capped as it would be, and that budget; see budget.emulate_card).
+        `fp8_matmul` "native": FP8 weights on the FP8 tensor cores where the card has them (sm >= 8.9;
+        kernels/fp8_matmul.py), else dequantized (the default, and the fallback elsewhere)."""
+        from zimage_lite.runtime.quant_linear import set_fp8_matmul
         from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
 
         start = time.perf_counter()
@@ -175,8 +188,30 @@ class Pipeline:
             dtype=dtype,
             budget=budget,
         )
+        for m in (pipe.text_encoder, pipe.transformer):
+            set_fp8_matmul(m, fp8_matmul)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Add a LoRA file's low-rank updates, times `scale`, beside the transformer's linears (any weight
+        format; nothing is dequantized or merged). A file that does not fit raises and changes nothing."""
+        from zimage_lite.runtime.lora import apply_loras
+        from zimage_lite.weights.lora import read_lora
+
+        updates = read_lora(path, self.transformer)
+        loras = [*self.loras, (str(path), updates, float(scale))]
+        self.runtime.forget("transformer")
+        added = apply_loras(self.transformer, [(u, s) for _, u, s in loras], self.dtype)
+        self.loras = loras
+        log.info("LoRA %s (scale %g): %d layers, %.1f MiB in all", path, scale, len(updates), added / 2**20)
+
+    def unload_loras(self) -> None:
+        from zimage_lite.runtime.lora import remove_loras
+
+        self.runtime.forget("transformer")
+        remove_loras(self.transformer)
+        self.loras = []
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """One (L_i, hidden) tensor per prompt: real tokens only (causal attention needs no padding)."""
@@ -203,25 +238,37 @@ class Pipeline:
         height: int = 1024,
         batch: int = 1,
         on_step: Callable[[int, int], None] | None = None,
+        image: Image.Image | None = None,
+        strength: float | None = None,
+        mask: Image.Image | None = None,
     ) -> torch.Tensor:
-        """Final float32 latents (B*batch, C, H/8, W/8) before VAE decoding."""
+        """Final float32 latents (B*batch, C, H/8, W/8) before VAE decoding.
+
+        With `image` (resized to width x height): image-to-image from the schedule cut by `strength`
+        (default 0.6); with `mask` too, inpainting (white = re-generate; strength default 1.0).
+        `on_step(i, n)` counts the steps that run (fewer than `steps` when strength < 1)."""
         check_size(width, height)
         if steps < 1 or batch < 1:
             raise UsageError("steps and batch must be >= 1")
+        if image is None and (mask is not None or strength is not None):
+            raise UsageError("a mask or a strength needs an init image")
+        if image is not None:
+            strength = (0.6 if mask is None else 1.0) if strength is None else strength
+        start = 0 if image is None else strength_start(steps, strength)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         stats = self.last_stats = Stats()
         timer = _Timer(self.device)
 
         ids = self.tokenizer.encode(prompts)
-        self._plan(ids, width, height, len(prompts) * batch)
+        self._plan(ids, width, height, len(prompts) * batch, encode=image is not None)
         t0 = timer.now()
         with self._phase("text_encoder"):
             captions = [c for c in self.encode_ids(ids) for _ in range(batch)]
         t1 = timer.now()
         stats.phases["text_encoder"] = t1 - t0
 
-        scale = self.vae.config.scale_factor
-        noise = initial_noise(len(captions), self.transformer.config.in_channels, height, width, seed, scale)
+        latents, blend = self._start(image, mask, start, steps, seed, len(captions), width, height)
+        t1 = timer.now()  # "denoise" starts after the VAE encode of an init image (timed on its own)
         last = [t1]
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -239,21 +286,62 @@ class Pipeline:
             stats.steps.append(now - last[0])
             last[0] = now
             if on_step is not None:
-                on_step(i, steps)
+                on_step(i - start, steps - start)
 
         with self._phase("transformer"):
-            latents = euler_sample(denoise, noise.to(self.device), steps, on_step=step_done)
+            latents = euler_sample(denoise, latents, steps, on_step=step_done, start=start, blend=blend)
         stats.phases["denoise"] = timer.now() - t1
         return latents
 
-    def _plan(self, ids: list[list[int]], width: int, height: int, images: int) -> None:
-        """All phases planned before any work, so a budget too small fails first."""
+    def _start(self, image, mask, start, steps, seed, images, width, height):
+        """(start latents on the device, inpainting blend or None) for the schedule entered at `start`."""
+        cfg = self.vae.config
+        if image is None:
+            noise = initial_noise(
+                images, self.transformer.config.in_channels, height, width, seed, cfg.scale_factor
+            )
+            return noise.to(self.device), None
+        moments = self.encode_image(image, width, height)
+        init = init_latents(moments, images, seed, cfg.scaling_factor, cfg.shift_factor)
+        clean, noise = init.image.to(self.device), init.noise.to(self.device)
+        latents = noised(clean, noise, turbo_sigmas(steps)[start].to(self.device))
+        if mask is None:
+            return latents, None
+        latent_mask = mask_tensor(mask, width, height, cfg.scale_factor).to(self.device)
+        return latents, keep_unmasked(clean, noise, latent_mask)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """VAE encoder moments (1, 2C, H/8, W/8), float32 on the CPU, of `image` resized to width x height
+        (Lanczos), in the "vae_encoder" phase (planned by generate_latents, or now for this size)."""
+        if self._plans is None or self._plans.vae_encoder is None:
+            self._plan([[0]], width, height, 1, encode=True)
+        timer = _Timer(self.device)
+        t0 = timer.now()
+        s = self.last_stats
+        with self.runtime.phase("vae_encoder", self._plans.vae_encoder, False, s.streaming, s.device_memory):
+            moments = self.vae.encoder(image_tensor(image, width, height).to(self.device, self.vae.dtype))
+        s.phases["vae_encode"] = timer.now() - t0
+        return moments.float().cpu()
+
+    def _plan(self, ids: list[list[int]], width: int, height: int, images: int, encode: bool = False) -> None:
+        """All phases planned before any work, so a budget too small fails first (`encode`: with the
+        VAE encoder, for an init image)."""
         from zimage_lite.runtime.phases import plan_phases
 
-        self._plans = plan_phases(
-            self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width,
-            height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
-        )  # fmt: skip
+        try:
+            self._plans = plan_phases(
+                self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width,
+                height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
+                encode=encode,
+            )  # fmt: skip
+        except UsageError as exc:
+            if self.budget.source != "auto":
+                raise
+            raise UsageError(
+                f"{exc}; that budget is what the GPU had free when the model loaded (no --vram given): "
+                "close other GPU programs, or use a smaller size or quantization"
+            ) from None
         self.runtime.prepare(self._plans)
         self.last_stats.streaming["plans"] = self._plans.to_dict()
 
@@ -277,6 +365,19 @@ class Pipeline:
         self.last_stats.phases["vae"] = timer.now() - t0
         self.last_stats.peak_device_bytes = max(m["peak"] for m in self.last_stats.device_memory.values())
         return [Image.fromarray(p) for p in pixels]
+
+    def hires_fix(
+        self, image: Image.Image, prompt: str, *, scale: float = 1.5, strength: float = 0.35, **kwargs
+    ) -> Image.Image:
+        """The hires fix: `image` upscaled by `scale` in pixel space (Lanczos; sides rounded to multiples of
+        16), then image-to-image at that size with `strength`: more detail, same composition. kwargs
+        (seed, steps, on_step) as `generate_latents`."""
+        from zimage_lite.init_image import upscaled_size
+
+        if scale <= 1.0:
+            raise UsageError(f"the hires scale must be above 1 (got {scale})")
+        width, height = upscaled_size(*image.size, scale)
+        return self.generate(prompt, width=width, height=height, image=image, strength=strength, **kwargs)[0]
 
     def generate(self, prompt: str | list[str], **kwargs) -> list[Image.Image]:
         """Images for `prompt` (a string or a list; `batch` images each). kwargs as `generate_latents`."""

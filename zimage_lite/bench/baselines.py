@@ -20,13 +20,12 @@ from pathlib import Path
 
 from zimage_lite.bench import sources
 from zimage_lite.bench.engines import Generation, Sample, component_bytes, free_device_memory
+from zimage_lite.bench.rows import RowResult
 
 GGUF_PRECISIONS = ("q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q4_k_m", "q5_k_m")
 
 
-def planned_baselines(cfg) -> list:
-    from zimage_lite.bench.runner import RowResult
-
+def planned_baselines(cfg) -> list[RowResult]:
     rows = [RowResult("diffusers-bf16", "diffusers", sources.REFERENCE)]
     rows.append(RowResult("diffusers-offload", "diffusers", sources.REFERENCE))
     rows += [RowResult(f"diffusers-gguf-{p}", "diffusers", p) for p in cfg.precisions if p in GGUF_PRECISIONS]

@@ -61,15 +61,15 @@ def tensor_types(path: Path | None) -> dict[str, int] | None:
         return None
     try:
         if path.is_file() and path.suffix == ".gguf":
-            from zimage_lite.weights.gguf_io import GGUFSource
+            from zimage_lite.weights.gguf import GGUFCheckpoint
 
-            src = GGUFSource(path)
+            src = GGUFCheckpoint(path)
             types = [src.qtype(k) for k in src.keys()]
         else:
-            from zimage_lite.weights.safetensors_io import SafetensorsSource
+            from zimage_lite.weights.safetensors import SafetensorsCheckpoint
 
-            src = SafetensorsSource.open(path)
-            types = [str(src.dtype(k)).removeprefix("torch.") for k in src.keys()]
+            src = SafetensorsCheckpoint.open(path)  # every stored tensor, FP8 scales too, as torch names
+            types = [str(src.stored_dtype(k)).removeprefix("torch.") for k in src.all_keys()]
     except Exception:  # a report detail: an unreadable header must not cost the row
         return None
     return dict(Counter(types).most_common())
@@ -83,12 +83,12 @@ def file_quantizer(path: Path | None) -> str | None:
 
     try:
         if path.suffix == ".gguf":
-            from zimage_lite.weights.gguf_io import GGUFSource
+            from zimage_lite.weights.gguf import GGUFCheckpoint
 
-            return GGUFSource(path).field(QUANTIZER_KEY)
-        from zimage_lite.weights.safetensors_io import SafetensorsSource
+            return GGUFCheckpoint(path).field(QUANTIZER_KEY)
+        from zimage_lite.weights.safetensors import SafetensorsCheckpoint
 
-        return SafetensorsSource.open(path).metadata.get(QUANTIZER_KEY)
+        return SafetensorsCheckpoint.open(path).field(QUANTIZER_KEY)
     except Exception:  # a report detail: an unreadable header must not cost the row
         return None
 
@@ -132,6 +132,23 @@ def _h2d(stats: dict) -> int | None:
     return sum(known) if known else None
 
 
+def _sample(seconds: float, passes: list[dict]) -> Sample:
+    """One Sample from the stats of a generation's passes (one, or two for the hires fix)."""
+    phases: dict[str, float] = {}
+    for stats in passes:
+        for name, s in stats["phases_s"].items():
+            phases[name] = phases.get(name, 0.0) + s
+    peaks = [p["peak_device_bytes"] for p in passes if p.get("peak_device_bytes") is not None]
+    h2d = [_h2d(p) for p in passes]
+    return Sample(
+        seconds=seconds,
+        steps_s=[s for p in passes for s in p["steps_s"]],
+        phases_s=phases,
+        peak_device_bytes=max(peaks) if peaks else None,
+        h2d_bytes=None if None in h2d else sum(h2d),
+    )
+
+
 class OursEngine:
     """zimage-lite's Pipeline on one source folder (the reference or a converted cache folder)."""
 
@@ -144,38 +161,42 @@ class OursEngine:
         dtype: str | None,
         vram: str | None,
         card: str | None = None,
+        hires: tuple[float, float] | None = None,
         fp8_matmul: str | None = None,
     ):
+        """`hires` (scale, strength): each generation is the hires fix, its image and latents the
+        second pass's, its timings both passes together."""
         from zimage_lite.pipeline import Pipeline
 
+        self.hires = hires
         self.vram = {"requested": vram, "applied": vram is not None, "note": None, "card": card}
-        self.pipe = Pipeline.load(source, device=device, dtype=dtype, vram=vram, card=card)
+        self.pipe = Pipeline.load(
+            source, device=device, dtype=dtype, vram=vram, card=card, fp8_matmul=fp8_matmul or "dequant"
+        )
         self.load_seconds = self.pipe.load_seconds
         self.compute_dtype = str(self.pipe.dtype).removeprefix("torch.")
         self.device = str(self.pipe.device)
         self.files = component_bytes(self.pipe.paths)
         self.transformer_types = tensor_types(self.pipe.paths.transformer)
         self.quantizer = file_quantizer(self.pipe.paths.transformer)
-        if fp8_matmul is not None:
-            from zimage_lite.runtime.quant_linear import set_fp8_matmul
-
-            for model in (self.pipe.text_encoder, self.pipe.transformer):
-                set_fp8_matmul(model, fp8_matmul)
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()
         latents = self.pipe.generate_latents(prompt, seed=seed, steps=steps, width=width, height=height)
         image = self.pipe.decode(latents)[0]
+        passes = [self.pipe.last_stats.to_dict()]
+        if self.hires is not None:
+            from zimage_lite.init_image import upscaled_size
+
+            scale, strength = self.hires
+            w, h = upscaled_size(width, height, scale)
+            latents = self.pipe.generate_latents(
+                prompt, seed=seed, steps=steps, width=w, height=h, image=image, strength=strength
+            )
+            image = self.pipe.decode(latents)[0]
+            passes.append(self.pipe.last_stats.to_dict())
         seconds = time.perf_counter() - start  # decode ends with a device->host copy: synchronised
-        stats = self.pipe.last_stats.to_dict()
-        sample = Sample(
-            seconds=seconds,
-            steps_s=list(stats["steps_s"]),
-            phases_s=dict(stats["phases_s"]),
-            peak_device_bytes=stats.get("peak_device_bytes"),
-            h2d_bytes=_h2d(stats),
-        )
-        return Generation(latents.float().cpu().numpy(), image, sample)
+        return Generation(latents.float().cpu().numpy(), image, _sample(seconds, passes))
 
     def pinned_host_bytes(self) -> int | None:
         return _stat(self.pipe.last_stats.to_dict(), self.pipe, "pinned_host_bytes")

@@ -174,6 +174,7 @@ def settings(cfg, reference: Path) -> dict:
         "dtype": cfg.dtype,
         "vram": cfg.vram,
         "cards": cfg.cards,
+        "hires": None if cfg.hires is None else {"scale": cfg.hires, "strength": cfg.hires_strength},
     }
 
 

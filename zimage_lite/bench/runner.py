@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zimage_lite.bench import sources
-from zimage_lite.bench.engines import Generation, OursEngine, Sample
+from zimage_lite.bench.engines import Generation, OursEngine
 from zimage_lite.bench.metrics import latent_relative_error, psnr, ssim
 from zimage_lite.bench.prompts import BenchPrompt, bench_prompts
+from zimage_lite.bench.rows import RowResult
 from zimage_lite.errors import UsageError, ZImageError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class BenchConfig:
     warmup: int = 1
     vram: str | None = None
     cards: list[str] = field(default_factory=list)  # --card: extra rows per precision, run as on that card
+    hires: float | None = None  # --hires: extra rows per precision, the hires fix at this scale
+    hires_strength: float = 0.35
     device: str | None = None
     dtype: str | None = None
     cache: Path = field(default_factory=sources.default_cache_dir)
@@ -52,25 +55,10 @@ class BenchConfig:
     progress: bool = True
 
 
-@dataclass
-class RowResult:
-    """What one row measured; report.build_row turns it into the JSON row."""
-
-    name: str
-    kind: str
-    precision: str
-    card: str | None = None  # the card this row emulates (--card), None: the whole device or --vram
-    status: str = "ok"  # ok | skipped | failed
-    reason: str | None = None
-    engine: object | None = None  # filled while running; not reported
-    samples: list[Sample] = field(default_factory=list)
-    quality: list[dict] = field(default_factory=list)
-    thumbs: list = field(default_factory=list)  # PIL thumbnails in (prompt, seed) order, for the grid
-    info: dict = field(default_factory=dict)  # load_s, compute_dtype, files, vram, convert, deterministic...
-
-
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The `zimage-lite bench` options (see docs/bench-report-schema.md for what they produce)."""
+    from zimage_lite import cli_args
+
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="the reference: a diffusers-layout model folder (BF16 or FP32 weights)")
     src.add_argument(
@@ -80,12 +68,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--precisions", help="comma list, e.g. bf16,q8_0,q4_k (default: all available)")
     parser.add_argument("--prompts", type=int, help="use the first N prompts of the fixed set (default all)")
-    parser.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--width", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny/small)")
-    parser.add_argument("--height", type=int, help=f"default 1024 ({TINY_SIZE} with --synthetic tiny/small)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed generations per prompt and seed")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed generations per row first")
+    parser.add_argument(
+        "--seeds", type=cli_args.seed_list, default="0", help="comma list of seeds (default 0)"
+    )
+    parser.add_argument("--steps", type=cli_args.steps, default=8)
+    size_help = f"default 1024 ({TINY_SIZE} with --synthetic tiny/small)"
+    parser.add_argument("--width", type=cli_args.image_size, help=size_help)
+    parser.add_argument("--height", type=cli_args.image_size, help=size_help)
+    parser.add_argument(
+        "--repeats", type=cli_args.repeats, default=1, help="timed generations per prompt and seed"
+    )
+    parser.add_argument("--warmup", type=cli_args.warmup, default=1, help="untimed generations per row first")
     parser.add_argument("--vram", help="VRAM cap passed to the runtime, e.g. 6GB")
     parser.add_argument(
         "--card",
@@ -94,8 +87,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
-    parser.add_argument("--out", default="bench-out", help="report folder (default bench-out)")
-    parser.add_argument("--cache", help=f"converted-model cache (default {sources.default_cache_dir()})")
+    out_help = "report folder (default bench-out)"
+    parser.add_argument("--out", type=cli_args.output_folder, default="bench-out", help=out_help)
+    parser.add_argument(
+        "--cache",
+        type=cli_args.output_folder,
+        help=f"converted-model cache (default {sources.default_cache_dir()})",
+    )
+    parser.add_argument(
+        "--hires",
+        type=cli_args.hires_scale,
+        help="every precision also runs the hires fix at this scale (e.g. 1.5): generate, upscale, "
+        "image-to-image; rows named q8_0+hires1.5x, compared with the reference's hires images",
+    )
+    parser.add_argument(
+        "--hires-strength", type=cli_args.strength, default=0.35, help="strength of the hires pass"
+    )
     parser.add_argument("--baselines", default="", help="'diffusers': add diffusers rows when installed")
     parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -109,6 +116,21 @@ def _int_list(text: str, what: str) -> list[int]:
     if not values:
         raise UsageError(f"{what} is empty")
     return values
+
+
+def _hires(scale: float | None) -> float | None:
+    if scale is not None and scale <= 1.0:
+        raise UsageError(f"--hires must be above 1 (got {scale})")
+    return scale
+
+
+def hires_name(precision: str, scale: float) -> str:
+    return f"{precision}+hires{scale:g}x"
+
+
+def _reference_name(row: RowResult) -> str:
+    """The row a row's images are compared with: the reference precision, in the same workflow."""
+    return sources.REFERENCE if row.hires is None else hires_name(sources.REFERENCE, row.hires)
 
 
 def _cards(text: str | None) -> list[str]:
@@ -139,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         precisions=sources.parse_precisions(args.precisions), prompts=bench_prompts(args.prompts),
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
-        cards=_cards(args.card),
+        cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength,
         device=args.device, dtype=args.dtype, cache=Path(args.cache) if args.cache else sources.default_cache_dir(),
         baselines=baselines, save_images=not args.no_images, progress=not args.quiet,
     )  # fmt: skip
@@ -174,7 +196,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             try:
                 _run_row(cfg, reference, row, refs, bar)
             except (ZImageError, RuntimeError, OSError, ValueError, ImportError) as exc:
-                if row.name == sources.REFERENCE:
+                if row.name == _reference_name(row):  # the rows after it have nothing to compare with
                     raise
                 row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
                 log.warning("row %s failed: %s", row.name, row.reason)
@@ -188,6 +210,10 @@ def run_bench(cfg: BenchConfig) -> dict:
 def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
     rows = [RowResult(p, "zimage-lite", p) for p in cfg.precisions]
     rows += [RowResult(f"{p}@{card}", "zimage-lite", p, card) for card in cfg.cards for p in cfg.precisions]
+    if cfg.hires is not None:
+        rows += [
+            RowResult(hires_name(p, cfg.hires), "zimage-lite", p, hires=cfg.hires) for p in cfg.precisions
+        ]
     if "diffusers" in cfg.baselines:
         from zimage_lite.bench.baselines import planned_baselines
 
@@ -212,8 +238,9 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
     row.info["source"] = str(folder)
     row.info["convert"] = convert_info
     _, options = sources.base_precision(row.precision)
+    hires = None if row.hires is None else (row.hires, cfg.hires_strength)
     return OursEngine(
-        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, **options
+        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires, **options
     )
 
 
@@ -247,9 +274,9 @@ def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar)
 
 def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gens: list[Generation], refs) -> None:
     gen = gens[0]
-    if row.name == sources.REFERENCE:
-        refs[(prompt.id, seed)] = gen
-    ref = refs[(prompt.id, seed)]
+    if row.name == _reference_name(row):
+        refs[(prompt.id, seed, row.hires)] = gen
+    ref = refs[(prompt.id, seed, row.hires)]
     repeat_err = max(latent_relative_error(g.latents, gen.latents) for g in gens)
     entry = {
         "prompt_id": prompt.id,

@@ -28,7 +28,8 @@ from zimage_lite.convert.plan import (
 from zimage_lite.convert.quantizers import check_device, quantizer_metadata
 from zimage_lite.convert.stream import DENSE, run_jobs
 from zimage_lite.errors import CheckpointError, UsageError
-from zimage_lite.weights.checkpoint import detect, open_checkpoint
+from zimage_lite.preflight import check_disk, convert_output_bytes
+from zimage_lite.weights.checkpoint import describe, open_checkpoint
 from zimage_lite.weights.components import MANIFEST, resolve_model
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def write_plan(
     """Write one component file at `path` (already a temporary name); returns bytes written."""
     metadata = {**plan.metadata, **quantizer_metadata(plan, device, quantizer)}
     if plan.container == "gguf":
-        from zimage_lite.weights.gguf_io import GGUFStreamWriter
+        from zimage_lite.weights.gguf_writer import GGUFStreamWriter
 
         writer = GGUFStreamWriter(path, plan.architecture, metadata)
         for o in plan.outputs:
@@ -85,7 +86,7 @@ def write_plan(
     else:
         import torch
 
-        from zimage_lite.weights.fp8_io import SafetensorsStreamWriter
+        from zimage_lite.weights.safetensors_writer import SafetensorsStreamWriter
 
         dtypes = {**DENSE, "FP8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8}
         writer = SafetensorsStreamWriter(path, {k: str(v) for k, v in metadata.items()})
@@ -141,8 +142,8 @@ def _convert_one(
     device: str | None,
     quantizer: str | None,
 ) -> ConvertResult:
-    detected = detect(src)
     source = open_checkpoint(src)
+    detected = describe(source, src)
     plan = _plan_for(detected.component, source, src, quant, tokenizer or _sibling_tokenizer(src))
     quantizer_metadata(plan, device, quantizer)  # a forced quantizer that cannot run fails here
     if out.is_dir():  # an existing folder: put the file in it, named after the input
@@ -154,6 +155,7 @@ def _convert_one(
             f"{out}: a {detected.component.replace('_', ' ')} converted to {quant} is a {_suffix(plan)} file"
         )
     result = ConvertResult(out, quant)
+    check_disk(out, convert_output_bytes([plan]))
     with atomic_path(out, force) as tmp:
         _account(result, plan, write_plan(plan, tmp, threads, progress, device, quantizer))
     result.components[detected.component] = out
@@ -176,14 +178,16 @@ def _convert_model(
     plans: dict[str, ComponentPlan] = {}
     for component in ("transformer", "text_encoder", "vae"):
         path = getattr(paths, component)
-        found = detect(path).component
+        source = open_checkpoint(path)
+        found = describe(source, path).component
         if found != component:
             raise CheckpointError(
                 f"{path}: expected a {component.replace('_', ' ')}, found a {found.replace('_', ' ')}"
             )
         tok_dir = paths.tokenizer if paths.tokenizer.is_dir() else None
-        plans[component] = _plan_for(component, open_checkpoint(path), path, quant, tok_dir)
+        plans[component] = _plan_for(component, source, path, quant, tok_dir)
         quantizer_metadata(plans[component], device, quantizer)  # a forced quantizer that cannot run
+    check_disk(out, convert_output_bytes(plans.values(), [paths.tokenizer, src / "scheduler"]))
     with atomic_path(out, force, folder=True) as tmp:
         manifest: dict[str, str] = {}
         for component, plan in plans.items():

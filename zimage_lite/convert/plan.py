@@ -23,7 +23,9 @@ import torch
 
 from zimage_lite.config import Qwen3Config, VAEConfig
 from zimage_lite.convert.stream import Job, OutTensor
-from zimage_lite.weights.gguf_io import FILE_TYPES, GGUFSource, qwen3_config_from_gguf, qwen3_gguf_fields
+from zimage_lite.weights.checkpoint import Checkpoint
+from zimage_lite.weights.gguf_qwen3 import qwen3_config_from_gguf, qwen3_gguf_fields
+from zimage_lite.weights.gguf_writer import FILE_TYPES
 from zimage_lite.weights.load import build_meta, check_keys
 
 log = logging.getLogger(__name__)
@@ -47,14 +49,8 @@ class ComponentPlan:
         return [o for job in self.jobs for o in job.outputs]
 
 
-def _view(source, key: str) -> torch.Tensor:
-    return source.get_view(key) if hasattr(source, "get_view") else source.get(key)
-
-
-def _paging(source, method: str, keys: tuple[str, ...]):
-    """`source.<method>(key)` for every key (release: drop pages; prefetch: read ahead), or None."""
-    if not hasattr(source, method):
-        return None
+def _paging(source: Checkpoint, method: str, keys: tuple[str, ...]):
+    """`source.<method>(key)` for every key (release: drop pages; prefetch: read ahead)."""
     return lambda: [getattr(source, method)(k) for k in keys]
 
 
@@ -62,7 +58,7 @@ def _outputs(name: str, shape: tuple[int, ...], qtype: str) -> list[OutTensor]:
     if qtype != "FP8_E4M3":
         return [OutTensor(name, shape, qtype)]
     layer = name.removesuffix(".weight")
-    from zimage_lite.weights.fp8_io import comfy_quant_marker
+    from zimage_lite.weights.fp8 import comfy_quant_marker
 
     return [
         OutTensor(name, shape, "FP8_E4M3"),
@@ -73,7 +69,7 @@ def _outputs(name: str, shape: tuple[int, ...], qtype: str) -> list[OutTensor]:
 
 def _job(source, name: str, keys: tuple[str, ...], shape: tuple[int, ...], qtype: str, origin: str) -> Job:
     def load() -> torch.Tensor:
-        parts = [_view(source, k) for k in keys]
+        parts = [source.get_view(k) for k in keys]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return t.reshape(shape) if t.numel() == torch.Size(shape).numel() else t
 
@@ -124,7 +120,7 @@ def plan_transformer(source, path: Path, preset: str) -> ComponentPlan:
         jobs.append(_job(source, name, plan[name], expected[name], qtype, f"{path}: "))
     if container == "gguf":
         return ComponentPlan("transformer", "gguf", jobs, "lumina2", _general("Z-Image transformer", preset))
-    from zimage_lite.weights.fp8_io import quant_metadata
+    from zimage_lite.weights.fp8 import quant_metadata
 
     fp8_layers = [j.name.removesuffix(".weight") for j in jobs if j.qtype == "FP8_E4M3"]
     meta = {"_quantization_metadata": quant_metadata(fp8_layers), "format": "pt"}
@@ -139,18 +135,9 @@ def _text_config(source, path: Path, bare_shapes: dict[str, tuple[int, ...]]) ->
     if config_file is not None and config_file.is_file():
         raw = json.loads(config_file.read_text(encoding="utf-8"))
         return Qwen3Config.from_dict(raw), raw
-    if isinstance(source, GGUFSource):
+    if source.format == "gguf":
         return qwen3_config_from_gguf(source), {}
     return infer_qwen3_config(bare_shapes), {}
-
-
-def _bare_names(source) -> dict[str, str]:
-    """bare HF name (no `model.`) -> source key."""
-    from zimage_lite.weights.names_qwen3 import gguf_to_hf_name, strip_model_prefix
-
-    if isinstance(source, GGUFSource):
-        return {gguf_to_hf_name(k): k for k in source.keys()}
-    return strip_model_prefix(source.keys())
 
 
 def plan_text_encoder(
@@ -158,9 +145,9 @@ def plan_text_encoder(
 ) -> ComponentPlan:
     from zimage_lite.models.qwen3 import Qwen3Encoder
     from zimage_lite.quant.policy import choose_qtype
-    from zimage_lite.weights.names_qwen3 import hf_to_gguf_name
+    from zimage_lite.weights.names_qwen3 import bare_names, hf_to_gguf_name
 
-    bare = _bare_names(source)
+    bare = bare_names(source)
     shapes = {name: tuple(source.shape(key)) for name, key in bare.items()}
     cfg, raw_config = _text_config(source, path, shapes)
     # every layer (our encoder builds num_hidden_layers - 1; llama.cpp needs them all) and the final norm
@@ -190,8 +177,9 @@ def plan_text_encoder(
 def text_encoder_tokenizer_fields(source, path: Path, tokenizer_dir: Path | None) -> dict[str, Any] | None:
     """Tokenizer fields for the text encoder GGUF: from a tokenizer folder, else the source GGUF's own."""
     from zimage_lite.weights.gguf_tokenizer import load_tokenizer_files, tokenizer_gguf_fields
+    from zimage_lite.weights.names_qwen3 import bare_names
 
-    bare = _bare_names(source)
+    bare = bare_names(source)
     vocab = source.shape(bare["embed_tokens.weight"])[0] if "embed_tokens.weight" in bare else None
     if vocab is None:
         return None
@@ -202,13 +190,13 @@ def text_encoder_tokenizer_fields(source, path: Path, tokenizer_dir: Path | None
         if config_file is not None and config_file.is_file():
             bos = json.loads(config_file.read_text(encoding="utf-8")).get("bos_token_id")
         return tokenizer_gguf_fields(tok, vocab, tok_config, bos)
-    if isinstance(source, GGUFSource) and source.field("tokenizer.ggml.tokens") is not None:
+    if source.format == "gguf" and source.field("tokenizer.ggml.tokens") is not None:
         keys = [k for k in source.metadata if k.startswith("tokenizer.")]
         return {k: _typed(source, k) for k in keys}
     return None
 
 
-def _typed(source: GGUFSource, key: str) -> Any:
+def _typed(source: Checkpoint, key: str) -> Any:
     """A metadata value of a GGUF we read, typed for GGUFStreamWriter (ids stay u32, lists arrays)."""
     value = source.metadata[key]
     if isinstance(value, list):

@@ -93,7 +93,7 @@ def _encode_values(
         return {job.name: quantize(w, job.qtype, quantizer, pool)}
     if job.qtype == "FP8_E4M3":
         from zimage_lite.quant.fp8 import quantize_fp8
-        from zimage_lite.weights.fp8_io import comfy_quant_marker
+        from zimage_lite.weights.fp8 import comfy_quant_marker
 
         q, scale = quantize_fp8(w)
         layer = job.name.removesuffix(".weight")

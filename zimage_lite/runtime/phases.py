@@ -37,7 +37,7 @@ from zimage_lite.runtime.planner import (
     qwen3_host_only,
 )
 from zimage_lite.runtime.streamer import BlockStreamer
-from zimage_lite.runtime.vae_tiling import choose_vae_tile, decode_bytes
+from zimage_lite.runtime.vae_tiling import choose_vae_tile, decode_bytes, encode_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def phase_models(text_encoder: nn.Module, transformer: nn.Module, vae: nn.Module
         "text_encoder": PhaseModel(text_encoder, qwen3_blocks(text_encoder), qwen3_host_only(text_encoder)),
         "transformer": PhaseModel(transformer, dit_blocks(transformer)),
         "vae": PhaseModel(vae.decoder),
+        "vae_encoder": PhaseModel(vae.encoder),
     }
 
 
@@ -70,18 +71,24 @@ class PhasePlans:
     vae: Plan  # the decoder as fixed weights, no blocks; activations of the (tiled) decode
     vae_tile: int | None  # latent cells per tile; None = whole decode fits
     keep: bool  # every phase's weights fit on the device together: nothing is given back
+    # image-to-image: the encoder as fixed weights, activations of an untiled encode; always given back
+    # after its phase (it runs once per generation, and a later text-to-image run does not plan it)
+    vae_encoder: Plan | None = None
 
     def of(self, name: str) -> Plan:
         return getattr(self, name)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "text_encoder": self.text_encoder.to_dict(),
             "transformer": self.transformer.to_dict(),
             "vae": self.vae.to_dict(),
             "vae_tile": self.vae_tile,
             "keep": self.keep,
         }
+        if self.vae_encoder is not None:
+            out["vae_encoder"] = self.vae_encoder.to_dict()
+        return out
 
 
 def _torch_dequant(device: torch.device) -> bool:
@@ -111,8 +118,10 @@ def plan_phases(
     images: int,
     caption_tokens: int,
     dtype: torch.dtype,
+    encode: bool = False,
 ) -> PhasePlans:
-    """Plan every phase; raises UsageError (naming the minimum) when any phase cannot fit."""
+    """Plan every phase (`encode`: the VAE encoder too, for an init image); raises UsageError (naming
+    the minimum) when any phase cannot fit."""
     total = budget.total_bytes if budget.total_bytes is not None else UNLIMITED
     over = dict(context_bytes=budget.context_bytes, margin_bytes=budget.margin_bytes)
     slow = _torch_dequant(device)
@@ -153,7 +162,18 @@ def plan_phases(
     )
     everything = sum(_weights(p) for p in plans.values()) + max(_working(p) for p in plans.values())
     keep = all(not p.streamed for p in plans.values()) and reserved + everything <= total
-    result = PhasePlans(plans["text_encoder"], plans["transformer"], plans["vae"], tile, keep)
+    encoder = None
+    if encode:  # planned alone: the other phases' weights are given back or counted as kept
+        kept = sum(_weights(p) for p in plans.values()) if keep else 0
+        encoder = plan_blocks(
+            [],
+            total - kept,
+            fixed_bytes=fixed_bytes(vae.encoder, []),
+            activation_bytes=encode_bytes(vae.config, -(-height // f), -(-width // f), vae.dtype),
+            what=f"VAE encode at {width}x{height}",
+            **over,
+        )
+    result = PhasePlans(plans["text_encoder"], plans["transformer"], plans["vae"], tile, keep, encoder)
     for name in ("text_encoder", "transformer", "vae"):
         log.info("%s", result.of(name).summary())
     log.info("VAE: %s; %s", "whole decode" if tile is None else f"tiles of {tile} latent cells",
@@ -219,6 +239,13 @@ class DeviceRuntime:
         (a larger image may no longer leave room for every phase at once)."""
         if not plans.keep:
             self.release()
+
+    def forget(self, name: str) -> None:
+        """Give back phase `name`'s weights and drop its streamer: its tensors are about to change (a
+        LoRA's buffers), so the next phase packs them anew."""
+        streamer = self.streamers.pop(name, None)
+        if streamer is not None:
+            streamer.detach()
 
     def release(self) -> None:
         """Give back everything placed."""

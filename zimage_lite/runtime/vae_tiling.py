@@ -77,6 +77,19 @@ def decode_bytes(cfg: VAEConfig, latent_h: int, latent_w: int, batch: int, dtype
     return max(mid_block_bytes(cfg, latent_h, latent_w, batch, dtype, attention), tiles)
 
 
+def encode_bytes(
+    cfg: VAEConfig, latent_h: int, latent_w: int, dtype: torch.dtype, attention: str = "math"
+) -> int:
+    """Peak activation bytes of an untiled encode of one image (image-to-image encodes one): the encoder
+    mirrors the decoder (same widths per resolution, a downsample holds less than an upsample), so the
+    decoder's whole-latent mid block and untiled up blocks bound it, plus the float32 input image."""
+    image = cfg.out_channels * latent_h * latent_w * cfg.scale_factor**2 * 4
+    return image + max(
+        mid_block_bytes(cfg, latent_h, latent_w, 1, dtype, attention),
+        up_blocks_bytes(cfg, latent_h, latent_w, 1, dtype),
+    )
+
+
 def choose_vae_tile(
     cfg: VAEConfig,
     budget_bytes: int,

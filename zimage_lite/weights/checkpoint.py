@@ -1,10 +1,12 @@
 """Open any checkpoint by its content, and tell what it holds.
 
-`open_checkpoint(path)` -> a source with the same read interface whatever the format:
-`keys()`, `shape(k)` (torch order), `qtype(k)` ("F32", "BF16", "Q4_K", "FP8_E4M3", ...), `get(k)` (dense
-float), `get_quant(k)` (QuantWeight, quantized tensors only), `metadata`, `architecture`, `tokenizer()`.
-Dispatch is on the bytes, not the file name: "GGUF" magic -> GGUFSource, a valid safetensors header ->
-SafetensorsCheckpoint (plain or FP8).
+Each container format has one reader, and both implement `Checkpoint` (the map of weights/ is in its
+__init__.py): `SafetensorsCheckpoint` (safetensors.py, FP8 conventions in fp8.py) and `GGUFCheckpoint`
+(gguf.py). Callers ask the protocol (`format`, `field`, `tokenizer`), not the reader's class.
+
+`open_checkpoint(path)` -> a `Checkpoint`. Dispatch is on the bytes, not the file name: "GGUF" magic ->
+GGUFCheckpoint, a valid safetensors header -> SafetensorsCheckpoint (plain or FP8); the reader parses
+the header once, and its error is the answer for a damaged file.
 
 `detect(path)` -> Detected(format, component, architecture, ...): a Z-Image transformer, a Qwen3 text
 encoder, a FLUX VAE, or a whole model folder; anything else (Flux, SDXL, SD3, another LLM, an SD VAE) is
@@ -14,16 +16,55 @@ a CheckpointError that says what it looks like.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
 
 from zimage_lite.errors import CheckpointError
 from zimage_lite.weights.components import MANIFEST
-from zimage_lite.weights.fp8_io import SafetensorsCheckpoint
-from zimage_lite.weights.gguf_io import GGUFSource, is_gguf_file, qwen3_config_from_gguf
-from zimage_lite.weights.safetensors_io import SafetensorsSource, read_header
+from zimage_lite.weights.gguf import GGUFCheckpoint, is_gguf_file
+from zimage_lite.weights.safetensors import SafetensorsCheckpoint
 
-__all__ = ["Detected", "detect", "open_checkpoint", "qwen3_config_from_gguf", "classify_keys"]
+__all__ = ["Checkpoint", "Detected", "classify_keys", "describe", "detect", "open_checkpoint"]
+
+
+@runtime_checkable
+class Checkpoint(Protocol):
+    """The read side every loader, the converter and `inspect` share, whatever the container.
+
+    Names are logical: a GGUF's `model.diffusion_model.` prefix stripped, FP8 scales and markers hidden;
+    `stored_name` gives the name in the file. Shapes are in torch order. Nothing reads tensor data
+    until `get`, `get_view` or `get_quant`."""
+
+    path: Path
+    architecture: str | None  # GGUF `general.architecture`; None for safetensors
+
+    @property
+    def format(self) -> str: ...  # "safetensors", "safetensors-fp8" or "gguf", as `Detected.format`
+    @property
+    def fp8_variant(self) -> str | None: ...  # ComfyUI's FP8 convention (fp8.py), None without FP8
+    @property
+    def metadata(self) -> dict[str, Any]: ...  # safetensors `__metadata__`, GGUF key/values
+    def field(self, key: str, default: Any = None) -> Any: ...  # one metadata value, cheaply
+    def tokenizer(self) -> Any: ...  # a `tokenizers.Tokenizer` (GGUF `tokenizer.ggml.*`) or None
+    def keys(self) -> list[str]: ...
+    def __contains__(self, name: str) -> bool: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def stored_name(self, name: str) -> str: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+    def qtype(self, name: str) -> str: ...  # storage type: "F32", "BF16", "Q4_K", "FP8_E4M3", ...
+    def dtype(self, name: str) -> torch.dtype: ...  # dtype of `get(name)`
+    def nbytes(self, name: str) -> int: ...  # stored bytes
+    def get(self, name: str) -> torch.Tensor: ...  # dense, owning its memory
+    def get_view(self, name: str) -> torch.Tensor: ...  # dense, zero-copy read-only where stored dense
+    def get_quant(self, name: str) -> Any: ...  # a quantized tensor as `QuantWeight` (raw, zero copy)
+    def prefetch(self, name: str) -> None: ...  # paging hints for streaming reads, best effort
+    def release(self, name: str) -> None: ...
+
 
 COMFY_PREFIX = "model.diffusion_model."
 _VAE_PREFIXES = ("first_stage_model.", "vae.")
@@ -65,8 +106,10 @@ def is_model_folder(path: Path) -> bool:
     )
 
 
-def open_checkpoint(path: str | Path):
-    """A GGUF file, a safetensors file, or a component folder of safetensors shards."""
+def open_checkpoint(path: str | Path, check_types: bool = True) -> Checkpoint:
+    """A GGUF file, a safetensors file, or a component folder of safetensors shards.
+
+    `check_types=False` opens GGUF files with tensor types we cannot decode (for `inspect`)."""
     path = Path(path).expanduser()
     if path.is_dir():
         if is_model_folder(path):
@@ -77,22 +120,25 @@ def open_checkpoint(path: str | Path):
         if ggufs and not any(path.glob("*.safetensors")):
             if len(ggufs) > 1:
                 raise CheckpointError(f"{path}: several GGUF files, name the one to use")
-            return GGUFSource(ggufs[0])
+            return GGUFCheckpoint(ggufs[0], check_types=check_types)
         return SafetensorsCheckpoint.open(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder")
     if is_gguf_file(path):
-        return GGUFSource(path)
+        return GGUFCheckpoint(path, check_types=check_types)
     try:
-        read_header(path)
+        return SafetensorsCheckpoint([path])
     except CheckpointError:
-        with open(path, "rb") as f:
-            looks_safetensors = f.read(9)[8:9] == b"{"  # the JSON header follows an 8-byte length
-        if looks_safetensors:
+        if _has_json_header(path):
             raise  # a damaged safetensors file: its own message (truncated, bad header) is clearer
         kind = "GGUF" if path.suffix.lower() == ".gguf" else "GGUF or safetensors"
         raise CheckpointError(f"{path}: not a {kind} file (unrecognised content)") from None
-    return SafetensorsCheckpoint(SafetensorsSource([path]))
+
+
+def _has_json_header(path: Path) -> bool:
+    """Whether the file starts as safetensors does: an 8-byte length, then the JSON header's `{`."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:9] == b"{"
 
 
 def _strip(keys: list[str], prefix: str) -> tuple[list[str], str | None]:
@@ -172,13 +218,10 @@ def classify_keys(
     )
 
 
-def _source_shape(source):
-    def shape(key: str) -> tuple[int, ...]:
-        if isinstance(source, GGUFSource):
-            return source.shape(key)
-        return source._st.shape(key)  # stored names, prefixes included
-
-    return shape
+def stored_keys_and_shape(source: Checkpoint) -> tuple[list[str], Any]:
+    """The tensor names as stored (prefixes included) and `shape(stored name)`, for `classify_keys`."""
+    by_stored = {source.stored_name(k): k for k in source.keys()}
+    return list(by_stored), lambda stored: source.shape(by_stored.get(stored, stored))
 
 
 def detect(path: str | Path) -> Detected:
@@ -188,25 +231,19 @@ def detect(path: str | Path) -> Detected:
         return Detected(path, "zimage-lite", "model")
     if is_model_folder(path):
         return Detected(path, "diffusers", "model")
-    source = open_checkpoint(path)
+    return describe(open_checkpoint(path), path)
+
+
+def describe(source: Checkpoint, path: Path) -> Detected:
+    """What an opened checkpoint holds (`detect` without opening it again); `path` names it in errors."""
+    keys, shape = stored_keys_and_shape(source)
     try:
-        if isinstance(source, GGUFSource):
-            keys = [source.stored_name(k) for k in source.keys()]
-            component, style, prefix = classify_keys(
-                keys, lambda k: _gguf_shape(source, k), source.architecture
-            )
-            return Detected(path, "gguf", component, source.architecture, style, prefix, None, len(keys))
-        keys = source.keys()
-        component, style, prefix = classify_keys(keys, _source_shape(source))
-        fmt = "safetensors-fp8" if source.fp8_variant else "safetensors"
-        return Detected(path, fmt, component, None, style, prefix, source.fp8_variant, len(keys))
+        component, style, prefix = classify_keys(keys, shape, source.architecture)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-
-
-def _gguf_shape(source: GGUFSource, stored: str) -> tuple[int, ...]:
-    name = stored[len(COMFY_PREFIX) :] if source.has_prefix and stored.startswith(COMFY_PREFIX) else stored
-    return source.shape(name)
+    return Detected(
+        path, source.format, component, source.architecture, style, prefix, source.fp8_variant, len(keys)
+    )
 
 
 def read_manifest(folder: Path) -> dict:

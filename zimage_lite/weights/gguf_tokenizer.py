@@ -117,7 +117,7 @@ def tokenizer_gguf_fields(
 
 
 def tokenizer_from_gguf(source: Any) -> Tokenizer:
-    """Rebuild the tokenizer from a GGUFSource (or a metadata dict)."""
+    """Rebuild the tokenizer from a GGUF checkpoint (or a metadata dict)."""
     get = source.field if hasattr(source, "field") else source.get
     kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")
     if kind != "gpt2" or pre not in ("qwen2", None):

@@ -117,14 +117,13 @@ def protect_fp16(model: nn.Module) -> None:
 def _qwen3_plan(source, path: Path) -> tuple[dict[str, tuple[str, ...]], Qwen3Config]:
     """Our (HF, unprefixed) names -> source keys, and the config, for safetensors or llama.cpp GGUF."""
     from zimage_lite.models.qwen3 import infer_qwen3_config
-    from zimage_lite.weights.gguf_io import GGUFSource, qwen3_config_from_gguf
-    from zimage_lite.weights.names_qwen3 import gguf_to_hf_name, is_unused_by_encoder, strip_model_prefix
+    from zimage_lite.weights.gguf_qwen3 import qwen3_config_from_gguf
+    from zimage_lite.weights.names_qwen3 import bare_names, is_unused_by_encoder
 
-    if isinstance(source, GGUFSource):
-        by_name = {gguf_to_hf_name(k): k for k in source.keys()}
+    by_name = bare_names(source)
+    if source.format == "gguf":
         config = qwen3_config_from_gguf(source)
     else:
-        by_name = strip_model_prefix(source.keys())
         cfg_file = path / "config.json" if path.is_dir() else None
         if cfg_file is not None and cfg_file.is_file():
             config = Qwen3Config.from_json(cfg_file)
@@ -153,11 +152,11 @@ def load_text_encoder(path: str | Path, dtype: torch.dtype, device: torch.device
 def load_tokenizer(path: str | Path):
     """tokenizer.json (file, `tokenizer/` folder or model root), or the tokenizer inside a GGUF."""
     from zimage_lite.text import PromptTokenizer
-    from zimage_lite.weights.gguf_io import GGUFSource, is_gguf_file
+    from zimage_lite.weights.gguf import is_gguf_file
 
     path = Path(path)
     if path.is_file() and is_gguf_file(path):
-        tok = GGUFSource(path).tokenizer()
+        tok = open_checkpoint(path).tokenizer()
         if tok is None:
             raise CheckpointError(f"{path}: this GGUF carries no tokenizer; pass --tokenizer")
         return PromptTokenizer(tok)

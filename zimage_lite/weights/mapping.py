@@ -1,8 +1,21 @@
-"""Paging hints for tensors read through a file mapping (the converter's streaming reads)."""
+"""Tensors read through a file mapping: zero-copy views, and paging hints for streaming reads."""
 
 from __future__ import annotations
 
 import mmap
+import warnings
+
+import numpy as np
+import torch
+
+
+def readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """A read-only mapped numpy array as a torch tensor over the same memory (no copy).
+
+    torch warns that the memory is not writable; nothing here writes to it (consumers copy or cast)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def advise(mm: mmap.mmap | None, begin: int, end: int, advice: str) -> None:

@@ -69,7 +69,7 @@ def dit_key_plan(keys: Iterable[str]) -> dict[str, tuple[str, ...]]:
     return plan
 
 
-def _to_diffusers_name(name: str) -> str:
+def to_diffusers_name(name: str) -> str:
     for old, new in _RENAMES:
         if new.startswith("."):
             name = name.replace(new, old)
@@ -87,7 +87,7 @@ def dit_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
             for suffix, part in zip(_QKV, tensor.chunk(3, dim=0)):
                 out[base + suffix] = part.contiguous()
         else:
-            out[_to_diffusers_name(name)] = tensor
+            out[to_diffusers_name(name)] = tensor
     return out
 
 

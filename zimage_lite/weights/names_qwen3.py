@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from zimage_lite.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from zimage_lite.weights.checkpoint import Checkpoint
 
 MODEL_PREFIX = "model."
 
@@ -70,6 +74,14 @@ def strip_model_prefix(keys: Iterable[str]) -> dict[str, str]:
             raise CheckpointError(f"text encoder checkpoint has both {bare[name]} and {key}")
         bare[name] = key
     return bare
+
+
+def bare_names(source: Checkpoint) -> dict[str, str]:
+    """Bare HF name -> key of a text encoder checkpoint: llama.cpp names in a GGUF, HF names (with or
+    without `model.`) in safetensors."""
+    if source.format == "gguf":
+        return {gguf_to_hf_name(k): k for k in source.keys()}
+    return strip_model_prefix(source.keys())
 
 
 def layer_index(name: str) -> int | None:

@@ -32,7 +32,7 @@ from zimage_lite.config import VAEConfig
 from zimage_lite.errors import CheckpointError, ConfigError
 from zimage_lite.models.vae import VAE
 from zimage_lite.weights.load import build_meta, load_strict
-from zimage_lite.weights.safetensors_io import SafetensorsSource
+from zimage_lite.weights.safetensors import SafetensorsCheckpoint
 
 # Full-model checkpoints (SD-style) nest the VAE under one of these; ComfyUI's ae.safetensors has none.
 _PREFIXES = ("first_stage_model.", "vae.")
@@ -182,16 +182,16 @@ def _read_diffusers_config(path: Path) -> VAEConfig:
     return VAEConfig.from_dict({k: v for k, v in values.items() if v is not None})
 
 
-def _open_vae_source(path: Path) -> tuple[SafetensorsSource, VAEConfig | None]:
+def _open_vae_source(path: Path) -> tuple[SafetensorsCheckpoint, VAEConfig | None]:
     """(tensors, config from config.json if there is one) for a diffusers vae/ folder or one file."""
     if path.is_dir():
         weights = path / "diffusion_pytorch_model.safetensors"
-        source = SafetensorsSource.open(weights if weights.is_file() else path)
+        source = SafetensorsCheckpoint.open(weights if weights.is_file() else path)
         config = path / "config.json"
         return source, (_read_diffusers_config(config) if config.is_file() else None)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such VAE file or folder")
-    return SafetensorsSource.open(path), None
+    return SafetensorsCheckpoint.open(path), None
 
 
 def load_vae(

@@ -1,0 +1,25 @@
+"""`RowResult`: what one row of the benchmark measured, shared by the runner and the baselines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zimage_lite.bench.engines import Sample
+
+
+@dataclass
+class RowResult:
+    """What one row measured; report.build_row turns it into the JSON row."""
+
+    name: str
+    kind: str
+    precision: str
+    card: str | None = None  # the card this row emulates (--card), None: the whole device or --vram
+    hires: float | None = None  # hires-fix scale (--hires): generate, upscale, image-to-image
+    status: str = "ok"  # ok | skipped | failed
+    reason: str | None = None
+    engine: object | None = None  # filled while running; not reported
+    samples: list[Sample] = field(default_factory=list)
+    quality: list[dict] = field(default_factory=list)
+    thumbs: list = field(default_factory=list)  # PIL thumbnails in (prompt, seed) order, for the grid
+    info: dict = field(default_factory=dict)  # load_s, compute_dtype, files, vram, convert, deterministic...
