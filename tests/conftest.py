@@ -26,3 +26,16 @@ def _deterministic():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory):
+    """The small synthetic model converted to q4_k_m (K-quants apply to its rows), shared by the
+    streaming tests: converting it once saves CI the repeats."""
+    from zimage_lite.convert.converter import convert
+    from zimage_lite.synthetic import write_synthetic_model
+
+    root = tmp_path_factory.mktemp("stream")
+    src = write_synthetic_model(root / "small", "small", seed=0)
+    convert(src, root / "q4", "q4_k_m", progress=False)
+    return root / "q4"

@@ -9,23 +9,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from zimage_lite.convert.converter import convert
 from zimage_lite.errors import UsageError
 from zimage_lite.pipeline import Pipeline
 from zimage_lite.runtime.quant_linear import QuantLinear
-from zimage_lite.synthetic import write_synthetic_model
 from zimage_lite.weights.lora import linear_shapes
 
 MB = 1 << 20
 BUDGET = 14 * MB  # streams the small transformer's blocks (test_pipeline_streaming)
-
-
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream")
-    src = write_synthetic_model(root / "small", "small", seed=0)
-    convert(src, root / "q4", "q4_k_m", progress=False)
-    return root / "q4"
 
 
 @pytest.fixture(scope="module")

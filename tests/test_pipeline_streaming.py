@@ -9,21 +9,11 @@ import pytest
 import torch
 
 from zimage_lite.cli import main
-from zimage_lite.convert.converter import convert
 from zimage_lite.errors import UsageError
 from zimage_lite.pipeline import Pipeline
 from zimage_lite.runtime.budget import parse_vram
-from zimage_lite.synthetic import write_synthetic_model
 
 MB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream")
-    src = write_synthetic_model(root / "small", "small", seed=0)
-    convert(src, root / "q4", "q4_k_m", progress=False)
-    return root / "q4"
 
 
 @pytest.fixture(scope="module")
