@@ -115,6 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from zimage_lite import preflight
+    from zimage_lite.init_image import upscaled_size
     from zimage_lite.pipeline import Pipeline, check_size
     from zimage_lite.text import MAX_PROMPT_TOKENS
 
@@ -137,9 +138,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     for spec in args.lora or []:
         pipe.load_lora(*parse_lora(spec))
-    scale = args.hires or 1.0  # upper bounds: the larger pass, the longest caption
-    big = [-(-int(v * scale) // 16) * 16 for v in (args.width, args.height)]
-    size = (*big, args.batch, MAX_PROMPT_TOKENS)
+    big = (
+        (args.width, args.height)
+        if args.hires is None
+        else upscaled_size(args.width, args.height, args.hires)
+    )
+    size = (*big, args.batch, MAX_PROMPT_TOKENS)  # upper bounds: the larger pass, the longest caption
     preflight.check_generation(pipe, *size)
     bar = None
 
@@ -228,14 +232,11 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     import torch
 
     from zimage_lite.convert.atomic import atomic_path
+    from zimage_lite.pipeline import resolve_device
     from zimage_lite.synthetic import write_synthetic_model
 
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise UsageError(f"{out}: already exists (use --force to overwrite)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    from zimage_lite.pipeline import resolve_device
-
     device = str(resolve_device(args.device or "cpu"))
     with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
         write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)

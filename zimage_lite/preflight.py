@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 FILE_SLACK_BYTES = 64 * KIB  # per output file: header, metadata, file-system blocks
 TENSOR_SLACK_BYTES = 256  # per tensor: its name and shape in the header, alignment padding
 HOST_RESERVE_BYTES = 512 * MIB  # left to the OS and to Python's own allocations
-DENSE_QTYPES = frozenset({"F32", "F16", "BF16", "F64"})  # loaded in the compute dtype (weights/loaders.py)
 SMALLER = "try a smaller --width/--height/--batch, or close other programs"
 _SAFETENSORS_ITEM = {"F32": 4, "F16": 2, "BF16": 2, "FP8_E4M3": 1, "U8": 1}
 
@@ -98,6 +97,7 @@ def held_weight_bytes(paths, dtype: torch.dtype) -> int:
     """Bytes the loaders will hold for the three components: dense tensors in the compute dtype,
     quantized ones (GGUF blocks, FP8) as stored."""
     from zimage_lite.weights.checkpoint import open_checkpoint
+    from zimage_lite.weights.loaders import DENSE_QTYPES  # the types the loaders cast to `dtype`
 
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
