@@ -20,7 +20,7 @@ CpuDevice: the "device" is the CPU. Buffers are distinct storage from the host s
 mapping gives wrong numbers, which the tests rely on); copies are synchronous, events are immediate,
 and nothing overlaps: stall == copy time.
 
-Both layers keep a `DeviceLedger`: the CPU's view of device memory. On the CPU every buffer `alloc`
+The CPU layer keeps a `DeviceLedger`, the CPU's view of device memory: every buffer its `alloc`
 hands out is backed by a numpy array whose finaliser runs when torch frees the storage, so the ledger's
 live bytes are the bytes really still referenced (a parameter left pointing into a freed phase's
 buffer keeps them live, as it would on a GPU), it knows which tensors live in device buffers
