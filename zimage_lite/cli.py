@@ -243,8 +243,8 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = str(resolve_device(args.device or "cpu"))
     with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
-        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)
-    print(f"wrote synthetic {args.size} model to {out}")
+        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device, variant=args.variant)
+    print(f"wrote synthetic {args.size} {args.variant} model to {out}")
     return 0
 
 
@@ -348,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
     s.add_argument("--seed", type=cli_args.seed, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument("--variant", choices=["turbo", "base"], default="turbo", help="its scheduler config's variant")
     s.add_argument(
         "--device", choices=["cpu", "cuda"], default=None,
         help="draw the values there (cuda: the full model in seconds; other values for the same seed)",
