@@ -144,7 +144,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.hires is None
         else upscaled_size(args.width, args.height, args.hires)
     )
-    size = (*big, args.batch, MAX_PROMPT_TOKENS)  # upper bounds: the larger pass, the longest caption
+    _, cfg = pipe.sampling_settings(args.steps, args.guidance, args.cfg_normalization, args.cfg_truncation)
+    # upper bounds: the larger pass, the longest caption, a negative pass beside each image under guidance
+    size = (*big, args.batch * (2 if cfg.active else 1), MAX_PROMPT_TOKENS)
     preflight.check_generation(pipe, *size)
     bar = None
 
@@ -243,7 +245,9 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = str(resolve_device(args.device or "cpu"))
     with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
-        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device, variant=args.variant)
+        write_synthetic_model(
+            tmp, size=args.size, seed=args.seed, dtype=dtype, device=device, variant=args.variant
+        )
     print(f"wrote synthetic {args.size} {args.variant} model to {out}")
     return 0
 
@@ -348,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
     s.add_argument("--seed", type=cli_args.seed, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    s.add_argument("--variant", choices=["turbo", "base"], default="turbo", help="its scheduler config's variant")
+    s.add_argument(
+        "--variant", choices=["turbo", "base"], default="turbo", help="its scheduler config's variant"
+    )
     s.add_argument(
         "--device", choices=["cpu", "cuda"], default=None,
         help="draw the values there (cuda: the full model in seconds; other values for the same seed)",

@@ -100,7 +100,11 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         manifest = read_manifest(path)
         report["quant"] = manifest.get("quant")
     variant = read_variant(path)
-    report["variant"] = {"name": variant.name, "decided_by": variant.decided_by, **variant.scheduler.to_dict()}
+    report["variant"] = {
+        "name": variant.name,
+        "decided_by": variant.decided_by,
+        **variant.scheduler.to_dict(),
+    }
     for name in COMPONENTS:
         p = getattr(paths, name)
         if name == "tokenizer":

@@ -109,7 +109,7 @@ class _Timer:
 
 
 class Pipeline:
-    """Z-Image-Turbo text-to-image. Build with `Pipeline.load(...)`, call `generate(...)`.
+    """Z-Image (Turbo or base) text-to-image. Build with `Pipeline.load(...)`, call `generate(...)`.
 
     Weights are loaded into host memory; each phase places what its plan says on the device
     (`runtime.phases`), whatever the budget: with no `vram` the plan is made against the card's free

@@ -212,7 +212,8 @@ def _convert_model(
                     manifest["tokenizer"] = "tokenizer"
         (tmp / MANIFEST).write_text(
             json.dumps(
-                {"format": MANIFEST_FORMAT, "quant": quant, "variant": variant, "components": manifest}, indent=2
+                {"format": MANIFEST_FORMAT, "quant": quant, "variant": variant, "components": manifest},
+                indent=2,
             )
         )
     result.components = {k: out / v for k, v in manifest.items()}
