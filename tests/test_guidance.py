@@ -1,7 +1,7 @@
 """Classifier-free guidance: parity with diffusers' ZImagePipeline / ZImageImg2ImgPipeline /
 ZImageInpaintPipeline on the tiny synthetic *base* model (its scheduler config, shift 6, is read by both),
 float32, same seed, every pixel within 1/255; and the parts diffusers does not show (no negative pass at
-guidance 0, the two passes run one after the other give the same result, prompts without tokens)."""
+guidance 0, the two passes run one after the other give the same result)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
-from PIL import Image
 from safetensors.torch import save_file
+from test_img2img import mask_picture, max_diff, picture
 
 from zimage_lite.errors import UsageError
 from zimage_lite.guidance import Guidance, guided
@@ -26,25 +26,6 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(base):
     return Pipeline.load(base, device="cpu", dtype="float32")
-
-
-def picture(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 255, (height // 8 + 1, width // 8 + 1, 3)).astype(np.uint8)
-    return Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
-
-
-def mask_picture(width: int, height: int) -> Image.Image:
-    m = np.zeros((height, width), np.uint8)
-    m[: height // 2, : width // 2] = 255
-    return Image.fromarray(m)
-
-
-def max_diff(ours, theirs) -> int:
-    assert len(ours) == len(theirs)
-    return max(
-        int(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max()) for a, b in zip(ours, theirs)
-    )
 
 
 def ours_and_theirs(pipe, base, cls=ZImagePipeline, *, prompt, seed, steps, width, height, guidance,
