@@ -137,3 +137,28 @@ class ControlRun:
             self.net.control_layers, places, joint, self.seq.joint_freqs, self.seq.joint_mask, self.adaln,
             self.scale,
         )  # fmt: skip
+
+
+def execution_order(dit: nn.Module, net: ZImageControlNet) -> list[nn.Module]:
+    """The DiT's and the branch's blocks in the order one controlled forward runs them (each once: 2.0's
+    main blocks also run in its refiner stage, and are listed where the main stage runs them)."""
+    cfg = net.config
+    order: list[nn.Module] = []
+    chain = [] if cfg.version in ("v1", "2.0") else list(net.control_noise_refiner)
+    refiner = dict(zip(cfg.refiner_places, chain))
+    for i, block in enumerate(dit.noise_refiner):
+        order += [refiner[i], block] if i in refiner else [block]
+    order += list(dit.context_refiner)
+    if cfg.version == "v1":
+        order += list(net.control_noise_refiner)
+    hints = dict(zip(cfg.places, net.control_layers))
+    for i, block in enumerate(dit.layers):
+        order += [hints[i], block] if i in hints else [block]
+    return order
+
+
+def live_hint_bytes(cfg: ControlNetConfig, tokens: int, batch: int, element: int, one_live: bool = True) -> int:
+    """Device bytes the branch adds to a forward over `tokens` joint tokens: the control stream c and the
+    hints alive at once (one, as computed here; all of them if computed up front, as diffusers does)."""
+    hints = 1 if one_live else len(cfg.places)
+    return batch * (1 + hints) * tokens * cfg.dim * element
