@@ -199,7 +199,7 @@ class Pipeline:
             budget=budget,
             controlnet=control,
         )
-        for m in (pipe.text_encoder, pipe.transformer, control):
+        for m in (pipe.text_encoder, pipe.transformer, *([control] if control is not None else [])):
             set_fp8_matmul(m, fp8_matmul)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
