@@ -219,3 +219,37 @@ def test_control_range_limits_the_steps(tiny, nets):
     assert max_diff([none], [plain]) == 0
     assert max_diff([late], [plain]) > 0 and max_diff([late], [full]) > 0
     assert np.asarray(full).std() > 0
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "fp8"])
+def test_converted_controlnet_loads_as_its_version(nets, tmp_path, quant):
+    from zimage_lite.convert.converter import convert
+
+    out = convert(nets["2.1"][0], tmp_path / "cn", quant).out
+    cfg = load_controlnet(out, torch.float32).config
+    assert (cfg.version, cfg.places, cfg.refiner_places) == ("2.1", (0, 1), (0,))
+
+
+def test_alibaba_2_0_converts_without_its_unused_refiner(tmp_path):
+    from zimage_lite.convert.converter import convert
+    from zimage_lite.inspect import inspect_path
+
+    out = convert(write_alibaba(tmp_path / "a.safetensors", "2.0"), tmp_path / "a.gguf", "q8_0").out
+    report = inspect_path(out)
+    assert report["component"] == "controlnet" and report["controlnet"]["version"] == "2.0"
+    assert not any("control_noise_refiner" in k for k in load_controlnet(out, torch.float32).state_dict())
+
+
+def test_q8_0_control_effect_correlates_with_float32(tiny, nets, tmp_path):
+    """Control minus no control, in latents: the q8_0 branch's effect follows the float32 branch's."""
+    from zimage_lite.convert.converter import convert
+
+    q8 = convert(nets["2.1"][0], tmp_path / "cn", "q8_0").out
+    kw = dict(seed=2, steps=4, width=64, height=48)
+    effects = []
+    for path in (nets["2.1"][0], q8):
+        pipe = Pipeline.load(tiny, device="cpu", dtype="float32", controlnet=path)
+        plain = pipe.generate_latents(PROMPT, **kw)
+        effects.append((pipe.generate_latents(PROMPT, control_image=picture(64, 48, 3), **kw) - plain).flatten())
+    corr = torch.corrcoef(torch.stack(effects))[0, 1]
+    assert effects[0].abs().mean() > 0.05 and corr > 0.9, (float(corr), float(effects[0].abs().mean()))

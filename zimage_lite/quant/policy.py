@@ -57,7 +57,19 @@ TEXT_ENCODER_RULES: tuple[Rule, ...] = (
     Rule(r"", "base"),
 )
 
-RULES: dict[str, tuple[Rule, ...]] = {"transformer": TRANSFORMER_RULES, "text_encoder": TEXT_ENCODER_RULES}
+# The ControlNet's blocks are DiT blocks: the same roles; its embedder and the zero-initialised
+# before_proj / after_proj (the hints' last linear; small weights next to large hints' effect) stay BF16.
+CONTROLNET_RULES: tuple[Rule, ...] = (
+    Rule(r"(^|\.)control_x_embedder\.", "keep"),
+    Rule(r"\.(before_proj|after_proj)\.", "keep"),
+    *TRANSFORMER_RULES[2:],
+)
+
+RULES: dict[str, tuple[Rule, ...]] = {
+    "transformer": TRANSFORMER_RULES,
+    "text_encoder": TEXT_ENCODER_RULES,
+    "controlnet": CONTROLNET_RULES,
+}
 
 
 def _preset(base: str, bumped: str | None = None, modulation: str | None = None, embedding: str = "Q6_K"):

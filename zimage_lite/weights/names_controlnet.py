@@ -31,6 +31,7 @@ EMBEDDER = "control_x_embedder.weight"
 REFINER_BEFORE = "control_noise_refiner.0.before_proj.weight"
 BLOCKS = {"v1": 6, "2.0": 15, "2.1": 15, "2.1-lite": 3}
 DIFFUSERS_MODES = {None: "v1", "control_layers": "2.0", "control_noise_refiner": "2.1"}
+CONTROLNET_KEY = "zimage_lite.controlnet"  # our converted files: JSON {version, places, refiner_places}
 
 
 def is_controlnet(keys) -> bool:
@@ -74,8 +75,12 @@ def controlnet_config(path: Path, source, plan, shapes) -> ControlNetConfig:
     dim = shapes[EMBEDDER][0]
     heads = dim // shapes["control_layers.0.attention.q_norm.weight"][0]
     values = _diffusers_config(path)
+    ours = source.field(CONTROLNET_KEY)
     try:
-        if values is not None:
+        if ours is not None:
+            values = json.loads(str(ours))
+            version, places, refiner = values["version"], tuple(values["places"]), tuple(values["refiner_places"])
+        elif values is not None:
             version = DIFFUSERS_MODES.get(values.get("add_control_noise_refiner"), "?")
             if version == "2.1" and len(values["control_layers_places"]) == 3:
                 version = "2.1-lite"
@@ -89,7 +94,7 @@ def controlnet_config(path: Path, source, plan, shapes) -> ControlNetConfig:
             version=version, dim=dim, n_heads=heads, control_in_dim=shapes[EMBEDDER][1] // 4, places=places,
             refiner_places=refiner, n_refiner_blocks=0 if version == "2.0" else _count(shapes, "control_noise_refiner"),
         )  # fmt: skip
-    except (ConfigError, KeyError, TypeError) as exc:
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: unknown ControlNet layout ({exc})") from None
 
 
