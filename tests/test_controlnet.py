@@ -253,3 +253,26 @@ def test_q8_0_control_effect_correlates_with_float32(tiny, nets, tmp_path):
         effects.append((pipe.generate_latents(PROMPT, control_image=picture(64, 48, 3), **kw) - plain).flatten())
     corr = torch.corrcoef(torch.stack(effects))[0, 1]
     assert effects[0].abs().mean() > 0.05 and corr > 0.9, (float(corr), float(effects[0].abs().mean()))
+
+
+def test_one_hint_is_alive_at_a_time(tiny, nets, monkeypatch):
+    """Every hint the chains hand to the DiT is gone before the next one is made: never two live
+    (diffusers computes all of them up front and holds them through the main layers)."""
+    import weakref
+
+    from zimage_lite.models.controlnet import HintChain
+
+    pipe = Pipeline.load(tiny, device="cpu", dtype="float32", controlnet=nets["2.1"][0])
+    alive, most = [], [0]
+    before = HintChain.before
+
+    def watched(self, i, x):  # the real method, its results watched through weak references
+        hint = before(self, i, x)
+        if hint is not None:
+            most[0] = max(most[0], sum(r() is not None for r in alive))
+            alive.append(weakref.ref(hint))
+        return hint
+
+    monkeypatch.setattr(HintChain, "before", watched)
+    pipe.generate_latents(PROMPT, seed=0, steps=2, width=32, height=32, control_image=picture(32, 32))
+    assert len(alive) == 2 * 3 and most[0] == 0
