@@ -140,6 +140,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, hints, *args) -> torch.Te
         x = block(x, *args)
         if hint is not None:
             x = x + hint
+            hint = None  # freed now, not when the next hint is already computed
     return x
 
 
