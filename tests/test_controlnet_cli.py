@@ -74,3 +74,17 @@ def test_canny_draws_the_edges_and_needs_opencv(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(UsageError, match=r"needs OpenCV: pip install 'zimage-lite\[control\]'"):
         canny(Image.fromarray(square), 32, 32)
+
+
+def test_control_joins_img2img_and_the_hires_pass(setup, tmp_path, capsys):
+    tiny, cn, root = setup
+    base = ["generate", "a barn", "--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--steps", "2",
+            "-q", "--init-image", str(root / "photo.png"), "--hires", "1.5"]  # fmt: skip
+    code, err = _run([*base, "-o", str(tmp_path / "c.png"), "--controlnet", str(cn), "--control",
+                      str(root / "photo.png")], capsys)  # fmt: skip
+    assert code == 0, err
+    code, err = _run([*base, "-o", str(tmp_path / "p.png")], capsys)
+    assert code == 0, err
+    with Image.open(tmp_path / "c.png") as c, Image.open(tmp_path / "p.png") as p:
+        assert c.size == p.size == (64, 48)  # the init image's 48x32, then the hires pass at 1.5x
+        assert not np.array_equal(np.asarray(c), np.asarray(p))

@@ -168,7 +168,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 hires = []
                 for img in images:
                     hires.append(pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
-                                                seed=args.seed, steps=args.steps, on_step=on_step))  # fmt: skip
+                                                seed=args.seed, steps=args.steps, on_step=on_step,
+                                                **cli_control.hires_inputs(inputs)))  # fmt: skip
                     hires_stats.append(pipe.last_stats.to_dict())
                 images = hires
     finally:

@@ -88,6 +88,11 @@ def control_inputs(args: argparse.Namespace) -> dict:
     return inputs
 
 
+def hires_inputs(inputs: dict) -> dict:
+    """The control keywords for the hires pass: the same control, resized to the larger size there."""
+    return {k: v for k, v in inputs.items() if k.startswith("control_")}
+
+
 def control_meta(args: argparse.Namespace) -> dict[str, str]:
     """PNG text for the control options."""
     if args.control is None:
