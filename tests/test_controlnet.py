@@ -32,7 +32,9 @@ def nets(tmp_path_factory):
     root = tmp_path_factory.mktemp("controlnets")
     made = {
         "v1": build(None, 16, [0, 1], None, n_refiner=1, seed=1),
-        "2.1-zero": build("control_noise_refiner", 33, [0, 1], [0], n_refiner=1, seed=2, zero_refiner_out=True),
+        "2.1-zero": build(
+            "control_noise_refiner", 33, [0, 1], [0], n_refiner=1, seed=2, zero_refiner_out=True
+        ),
         "2.1": build("control_noise_refiner", 33, [0, 1], [0], n_refiner=1, seed=3),
     }
     return {k: (write_diffusers(root / k, net), net) for k, net in made.items()}
@@ -56,7 +58,11 @@ def diffusers_images(tiny, net, W, H, batch, seed, scale, control, inpaint=None,
 def test_alibaba_files_load_as_their_version(tmp_path, version):
     net = load_controlnet(write_alibaba(tmp_path / "cn.safetensors", version), torch.float32)
     cfg = net.config
-    assert (cfg.version, list(cfg.places), cfg.control_in_dim) == (version, REAL[version][2], REAL[version][1])
+    assert (cfg.version, list(cfg.places), cfg.control_in_dim) == (
+        version,
+        REAL[version][2],
+        REAL[version][1],
+    )
     assert list(cfg.refiner_places) == (REAL[version][3] or [])
     # 2.0's untrained refiner blocks are dropped; 2.1's are its refiner stage; v1's are plain blocks
     assert len(net.control_noise_refiner) == (0 if version == "2.0" else 2)
@@ -98,7 +104,12 @@ def test_a_branch_for_another_transformer_is_refused(tiny, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name,W,H,batch,scale",
-    [("v1", 80, 48, 2, 0.5), ("v1", 48, 64, 1, 1.0), ("2.1-zero", 64, 64, 1, 1.0), ("2.1-zero", 48, 80, 2, 0.5)],
+    [
+        ("v1", 80, 48, 2, 0.5),
+        ("v1", 48, 64, 1, 1.0),
+        ("2.1-zero", 64, 64, 1, 1.0),
+        ("2.1-zero", 48, 80, 2, 0.5),
+    ],
 )
 def test_control_matches_diffusers_fp32(tiny, nets, name, W, H, batch, scale):
     path, net = nets[name]
@@ -250,7 +261,9 @@ def test_q8_0_control_effect_correlates_with_float32(tiny, nets, tmp_path):
     for path in (nets["2.1"][0], q8):
         pipe = Pipeline.load(tiny, device="cpu", dtype="float32", controlnet=path)
         plain = pipe.generate_latents(PROMPT, **kw)
-        effects.append((pipe.generate_latents(PROMPT, control_image=picture(64, 48, 3), **kw) - plain).flatten())
+        effects.append(
+            (pipe.generate_latents(PROMPT, control_image=picture(64, 48, 3), **kw) - plain).flatten()
+        )
     corr = torch.corrcoef(torch.stack(effects))[0, 1]
     assert effects[0].abs().mean() > 0.05 and corr > 0.9, (float(corr), float(effects[0].abs().mean()))
 

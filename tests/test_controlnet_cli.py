@@ -52,8 +52,10 @@ def test_generate_with_canny_control_writes_the_png(setup, tmp_path, capsys):
     [
         (["--control", "X"], "--control needs --controlnet"),
         (["--control-mask", "X"], "need --control IMAGE"),
-        (["--controlnet", "CN", "--control", "X", "--control-start", "0.8", "--control-end", "0.2"],
-         "must be below --control-end"),
+        (
+            ["--controlnet", "CN", "--control", "X", "--control-start", "0.8", "--control-end", "0.2"],
+            "must be below --control-end",
+        ),
         (["--control-scale", "-1"], "argument --control-scale: must be between 0 and 4"),
     ],
 )

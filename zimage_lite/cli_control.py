@@ -38,16 +38,26 @@ def _scale(text: str) -> float:
 
 
 def add_control_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--controlnet", help="Fun-Controlnet-Union file or folder (v1, 2.0, 2.1, 2.1-lite; any layout)")
+    g.add_argument(
+        "--controlnet", help="Fun-Controlnet-Union file or folder (v1, 2.0, 2.1, 2.1-lite; any layout)"
+    )
     g.add_argument("--control", metavar="IMAGE", help="control map (edges, depth, pose, ...) or, with "
                    "--control-preprocess, a picture to make one from")  # fmt: skip
     g.add_argument("--control-scale", type=_scale, default=0.75, help="strength of the hints (default 0.75)")
-    g.add_argument("--control-start", type=_fraction, default=0.0, help="fraction of the schedule where control starts")
-    g.add_argument("--control-end", type=_fraction, default=1.0, help="fraction of the schedule where it ends")
+    g.add_argument(
+        "--control-start", type=_fraction, default=0.0, help="fraction of the schedule where control starts"
+    )
+    g.add_argument(
+        "--control-end", type=_fraction, default=1.0, help="fraction of the schedule where it ends"
+    )
     g.add_argument("--control-preprocess", choices=PREPROCESSORS, default="none",
                    help="make the control map from --control: canny edges (needs opencv-python-headless)")  # fmt: skip
-    g.add_argument("--control-inpaint", metavar="IMAGE", help="ControlNet inpainting (2.x): the picture to repaint")
-    g.add_argument("--control-mask", metavar="MASK", help="ControlNet inpainting: white is repainted, black kept")
+    g.add_argument(
+        "--control-inpaint", metavar="IMAGE", help="ControlNet inpainting (2.x): the picture to repaint"
+    )
+    g.add_argument(
+        "--control-mask", metavar="MASK", help="ControlNet inpainting: white is repainted, black kept"
+    )
 
 
 def canny(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -75,7 +85,9 @@ def control_inputs(args: argparse.Namespace) -> dict:
     if args.controlnet is None:
         raise UsageError("--control needs --controlnet PATH")
     if args.control_start >= args.control_end:
-        raise UsageError(f"--control-start {args.control_start:g} must be below --control-end {args.control_end:g}")
+        raise UsageError(
+            f"--control-start {args.control_start:g} must be below --control-end {args.control_end:g}"
+        )
     image = open_image(args.control, "control image")
     if args.control_preprocess == "canny":
         image = canny(image, args.width, args.height)

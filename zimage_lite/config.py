@@ -256,7 +256,9 @@ class ControlNetConfig:
         _require(not two or len(self.refiner_places) >= 1, m, "2.x has refiner-stage hints")
         _require(two or not self.refiner_places, m, "v1 has no refiner-stage hints")
         _require(not self.refiner_places or self.refiner_places[0] == 0, m, "refiner hints start at layer 0")
-        _require(list(self.refiner_places) == sorted(set(self.refiner_places)), m, "refiner places must increase")
+        _require(
+            list(self.refiner_places) == sorted(set(self.refiner_places)), m, "refiner places must increase"
+        )
         stage = self.n_refiner_blocks if self.version != "2.0" else len(self.places)
         _require(not two or len(self.refiner_places) <= stage, m, "more refiner hints than refiner blocks")
 

@@ -60,7 +60,9 @@ def control_latents(
     if mask is None:
         return torch.cat([z, z.new_zeros(1, in_dim - z.shape[1], *z.shape[2:])], dim=1)
     if in_dim != 2 * z.shape[1] + 1:
-        raise UsageError(f"ControlNet inpainting needs a 2.x ControlNet (33 input channels, this has {in_dim})")
+        raise UsageError(
+            f"ControlNet inpainting needs a 2.x ControlNet (33 input channels, this has {in_dim})"
+        )
     full = mask_tensor(mask, width, height, 1)  # (1, 1, H, W) of 0 / 1
     masked = latent_mode(encode(image_tensor(inpaint, width, height) * (full < 0.5)), vae)
     keep = 1.0 - mask_tensor(mask, width, height, vae.scale_factor)

@@ -142,7 +142,9 @@ class Pipeline:
         self.last_stats = Stats()
         self.load_seconds = 0.0
         capacity = self.budget.total_bytes if self.budget.source == "card" and device.type == "cpu" else None
-        self.runtime = DeviceRuntime(device, phase_models(text_encoder, transformer, vae, controlnet), capacity)
+        self.runtime = DeviceRuntime(
+            device, phase_models(text_encoder, transformer, vae, controlnet), capacity
+        )
         self._plans = None
         self.loras: list[tuple[str, dict, float]] = []  # (file, {layer: LowRank}, scale), in load order
 
@@ -169,8 +171,8 @@ class Pipeline:
         kernels/fp8_matmul.py), else dequantized (the default, and the fallback elsewhere).
         `controlnet`: a Fun-Controlnet-Union file or folder (any layout weights/names_controlnet.py reads)."""
         from zimage_lite.runtime.quant_linear import set_fp8_matmul
-        from zimage_lite.weights.names_controlnet import load_controlnet
         from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
+        from zimage_lite.weights.names_controlnet import load_controlnet
 
         start = time.perf_counter()
         dev = resolve_device(device)
@@ -280,7 +282,9 @@ class Pipeline:
         timer = _Timer(self.device)
 
         ids = self.tokenizer.encode(prompts)
-        self._plan(ids, width, height, len(prompts) * batch, encode=image is not None or control_image is not None)
+        self._plan(
+            ids, width, height, len(prompts) * batch, encode=image is not None or control_image is not None
+        )
         t0 = timer.now()
         with self._phase("text_encoder"):
             captions = [c for c in self.encode_ids(ids) for _ in range(batch)]

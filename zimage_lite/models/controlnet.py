@@ -157,7 +157,9 @@ def execution_order(dit: nn.Module, net: ZImageControlNet) -> list[nn.Module]:
     return order
 
 
-def live_hint_bytes(cfg: ControlNetConfig, tokens: int, batch: int, element: int, one_live: bool = True) -> int:
+def live_hint_bytes(
+    cfg: ControlNetConfig, tokens: int, batch: int, element: int, one_live: bool = True
+) -> int:
     """Device bytes the branch adds to a forward over `tokens` joint tokens: the control stream c and the
     hints alive at once (one, as computed here; all of them if computed up front, as diffusers does)."""
     hints = 1 if one_live else len(cfg.places)

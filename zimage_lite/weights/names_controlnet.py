@@ -79,7 +79,11 @@ def controlnet_config(path: Path, source, plan, shapes) -> ControlNetConfig:
     try:
         if ours is not None:
             values = json.loads(str(ours))
-            version, places, refiner = values["version"], tuple(values["places"]), tuple(values["refiner_places"])
+            version, places, refiner = (
+                values["version"],
+                tuple(values["places"]),
+                tuple(values["refiner_places"]),
+            )
         elif values is not None:
             version = DIFFUSERS_MODES.get(values.get("add_control_noise_refiner"), "?")
             if version == "2.1" and len(values["control_layers_places"]) == 3:
