@@ -17,24 +17,23 @@ PREPROCESSORS = ("none", "canny")
 CANNY_THRESHOLDS = (100, 200)  # controlnet_aux's CannyDetector defaults (0-255 gradient magnitudes)
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {text})")
-    return value
+def _closed_range(low: float, high: float):
+    """An argparse type: a number in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g} (got {text})")
+        return value
+
+    return parse
 
 
-def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 4.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 4 (got {text})")
-    return value
+_fraction = _closed_range(0.0, 1.0)
+_scale = _closed_range(0.0, 4.0)
 
 
 def add_control_args(g: argparse.ArgumentParser) -> None:
