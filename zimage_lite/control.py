@@ -86,7 +86,7 @@ class ControlInput:
         tol = 1e-6
         return self if self.sigma_end - tol <= sigma <= self.sigma_start + tol else None
 
-    def start(self, seq, adaln: torch.Tensor, pad_token: torch.Tensor) -> ControlRun:
+    def start(self, seq, adaln: torch.Tensor, pad_token: torch.Tensor, chunks: int = 1) -> ControlRun:
         """The DiT hook: the control tokens for `seq`'s batch (a batch of k * n repeats n latents k times,
         as both passes of CFG take the same control), padded like the image tokens."""
         b, n_pad = seq.image_pad.shape
@@ -94,7 +94,7 @@ class ControlInput:
         lat = lat.repeat(b // lat.shape[0], 1, 1, 1) if lat.shape[0] != b else lat
         tokens = patchify(lat, 2)  # (B, C, h, w) -> (B, h/2 * w/2, 4*C)
         tokens = torch.cat([tokens, tokens[:, -1:].expand(b, n_pad - tokens.shape[1], -1)], dim=1)
-        return ControlRun(self.net, tokens, seq, adaln, pad_token, self.scale)
+        return ControlRun(self.net, tokens, seq, adaln, pad_token, self.scale, chunks)
 
 
 class NoControl:
@@ -125,6 +125,7 @@ def control_part(
     inpaint: Image.Image | None = None,
     mask: Image.Image | None = None,
     device: torch.device | str = "cpu",
+    scheduler: SchedulerConfig = TURBO,
 ) -> ControlInput | NoControl:
     """The control part the loop composes (NoControl without a control image)."""
     if image is None:
@@ -135,4 +136,16 @@ def control_part(
         raise UsageError("a control image needs a ControlNet (Pipeline.load(..., controlnet=PATH))")
     check_range(scale, start, end)
     lat = control_latents(encode, vae, net.config.control_in_dim, image, width, height, inpaint, mask)
-    return ControlInput(net, lat.to(device, net.dtype), scale, percent_sigma(start), percent_sigma(end))
+    sigmas = percent_sigma(start, scheduler), percent_sigma(end, scheduler)
+    return ControlInput(net, lat.to(device, net.dtype), scale, *sigmas)
+
+
+def controlled(transformer, part: ControlInput | NoControl):
+    """The transformer as guidance calls it, `(x, t, captions, chunks=1)`, with the part's control for
+    each step (the same hints for both passes of a guided batch: `ControlInput.start` repeats the
+    control latents)."""
+
+    def call(x: torch.Tensor, t: torch.Tensor, captions: list[torch.Tensor], chunks: int = 1) -> torch.Tensor:
+        return transformer(x, t, captions, chunks=chunks, control=part.at(t))
+
+    return call

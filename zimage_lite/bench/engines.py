@@ -163,14 +163,16 @@ class OursEngine:
         card: str | None = None,
         hires: tuple[float, float] | None = None,
         fp8_matmul: str | None = None,
+        guidance: float | None = None,
         control: tuple[Path, object] | None = None,
     ):
         """`hires` (scale, strength): each generation is the hires fix, its image and latents the
-        second pass's, its timings both passes together. `control` (ControlNet file, control image):
-        every generation runs under that control at scale 0.75."""
+        second pass's, its timings both passes together. `guidance`: the CFG scale (None: the model's).
+        `control` (ControlNet file, control image): every generation runs under that control at 0.75."""
         from zimage_lite.pipeline import Pipeline
 
         self.hires = hires
+        self.guidance = guidance
         self.control = {} if control is None else {"control_image": control[1], "control_scale": 0.75}
         self.vram = {"requested": vram, "applied": vram is not None, "note": None, "card": card}
         self.pipe = Pipeline.load(
@@ -186,9 +188,8 @@ class OursEngine:
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()
-        latents = self.pipe.generate_latents(
-            prompt, seed=seed, steps=steps, width=width, height=height, **self.control
-        )
+        kw = dict(seed=seed, steps=steps, guidance=self.guidance, **self.control)
+        latents = self.pipe.generate_latents(prompt, width=width, height=height, **kw)
         image = self.pipe.decode(latents)[0]
         passes = [self.pipe.last_stats.to_dict()]
         if self.hires is not None:
@@ -197,9 +198,8 @@ class OursEngine:
             scale, strength = self.hires
             w, h = upscaled_size(width, height, scale)
             latents = self.pipe.generate_latents(
-                prompt, seed=seed, steps=steps, width=w, height=h, image=image, strength=strength,
-                **self.control,
-            )  # fmt: skip
+                prompt, width=w, height=h, image=image, strength=strength, **kw
+            )
             image = self.pipe.decode(latents)[0]
             passes.append(self.pipe.last_stats.to_dict())
         seconds = time.perf_counter() - start  # decode ends with a device->host copy: synchronised

@@ -39,10 +39,10 @@ class ControlBlock(Block):
             self.before_proj = nn.Linear(cfg.dim, cfg.dim)
         self.after_proj = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, c, x, freqs, mask, adaln):  # type: ignore[override]
+    def forward(self, c, x, freqs, mask, adaln, chunks: int = 1):  # type: ignore[override]
         if x is not None:
             c = self.before_proj(c) + x
-        c = super().forward(c, freqs, mask, adaln)
+        c = super().forward(c, freqs, mask, adaln, chunks)
         return c, self.after_proj(c)
 
 
@@ -73,11 +73,11 @@ class HintChain:
     `before(i, x)` is called with the stream's value before its layer i and returns the hint to add after
     that layer (None if layer i takes none); `finish()` runs the chain's remaining blocks, returns c."""
 
-    def __init__(self, blocks, places, c, freqs, mask, adaln, scale: float):
+    def __init__(self, blocks, places, c, freqs, mask, adaln, scale: float, chunks: int = 1):
         self.todo = list(zip(places, blocks))
         self.rest = list(blocks)[len(places) :]
         self.c, self.first = c, True
-        self.args = (freqs, mask, adaln)
+        self.args = (freqs, mask, adaln, chunks)
         self.scale = scale
 
     def _step(self, block, x):
@@ -105,8 +105,8 @@ class ControlRun:
     refiner, so the main control blocks see the same joint sequence as the main layers. diffusers 0.42
     adds them only to the ControlNet's own copy of the image stream (README, "ControlNet")."""
 
-    def __init__(self, net: ZImageControlNet, tokens, seq, adaln, pad_token, scale: float):
-        self.net, self.seq, self.adaln, self.scale = net, seq, adaln, scale
+    def __init__(self, net: ZImageControlNet, tokens, seq, adaln, pad_token, scale: float, chunks: int = 1):
+        self.net, self.seq, self.adaln, self.scale, self.chunks = net, seq, adaln, scale, chunks
         c = net.control_x_embedder(tokens.to(net.dtype))  # (B, Ni_pad, 4*in) -> (B, Ni_pad, dim)
         self.c = torch.where(seq.image_pad[..., None], pad_token, c)
         self.chain: HintChain | None = None
@@ -118,7 +118,14 @@ class ControlRun:
             return None
         blocks = self.net.refiner_chain()
         self.chain = HintChain(
-            blocks, cfg.refiner_places, self.c, self.seq.image_freqs, None, self.adaln, self.scale
+            blocks,
+            cfg.refiner_places,
+            self.c,
+            self.seq.image_freqs,
+            None,
+            self.adaln,
+            self.scale,
+            self.chunks,
         )
         return self.chain
 
@@ -129,13 +136,13 @@ class ControlRun:
         else:  # v1: plain refiner blocks over the control tokens alone
             c = self.c
             for block in self.net.control_noise_refiner:
-                c = block(c, self.seq.image_freqs, None, self.adaln)
+                c = block(c, self.seq.image_freqs, None, self.adaln, self.chunks)
         self.c = self.chain = None
         places = self.net.config.places
         joint = self.seq.join(c, cap)
         return HintChain(
             self.net.control_layers, places, joint, self.seq.joint_freqs, self.seq.joint_mask, self.adaln,
-            self.scale,
+            self.scale, self.chunks,
         )  # fmt: skip
 
 
