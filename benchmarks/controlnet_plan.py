@@ -21,7 +21,7 @@ from zimage_lite.models.controlnet import ZImageControlNet, live_hint_bytes
 from zimage_lite.models.dit import ZImageDiT
 from zimage_lite.quant.policy import choose_qtype
 from zimage_lite.runtime.budget import CARD_CONTEXT_BYTES, VramBudget, allocator_margin, parse_vram
-from zimage_lite.runtime.planner import dit_tokens, plan_transformer
+from zimage_lite.runtime.planner import dit_tokens, plan_blocks, plan_transformer
 from zimage_lite.runtime.quant_linear import swap_linears
 from zimage_lite.weights.load import build_meta
 
@@ -62,8 +62,21 @@ def paper_plan(card: str, width: int, height: int, preset: str = "q4_k_m", versi
         }  # fmt: skip
     tokens = sum(dit_tokens(dit.config, width, height))
     cfg = net.config
-    out["hint_bytes"] = {"one_live": live_hint_bytes(cfg, tokens, 1, 2),
-                         "all_live": live_hint_bytes(cfg, tokens, 1, 2, one_live=False)}  # fmt: skip
+    hints = {
+        "one_live": live_hint_bytes(cfg, tokens, 1, 2),
+        "all_live": live_hint_bytes(cfg, tokens, 1, 2, False),
+    }
+    out["hint_bytes"] = hints
+    # the same plan with every hint computed up front and held (as diffusers does): more to stream
+    a = plan.accounted
+    held = plan_blocks(
+        plan.block_bytes, total, fixed_bytes=a["fixed_weights"], scratch_bytes=a["dequant_scratch"],
+        activation_bytes=a["activations"] + hints["all_live"] - hints["one_live"], **over,
+    )  # fmt: skip
+    out["all_hints_live"] = {
+        "resident": len(held.resident), "streamed": len(held.streamed),
+        "streamed_bytes_per_step": sum(held.block_bytes[i] for i in held.streamed),
+    }  # fmt: skip
     return out
 
 

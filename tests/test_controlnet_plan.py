@@ -32,3 +32,6 @@ def test_one_live_hint_saves_the_other_fourteen(paper):
     hints = paper["hint_bytes"]  # c + 1 hint vs c + 15 hints of 4608 tokens x 3840 x 2 bytes
     assert hints["one_live"] == 2 * 4608 * 3840 * 2
     assert hints["all_live"] - hints["one_live"] == 14 * 4608 * 3840 * 2  # ~0.5 GB
+    # held up front (diffusers' way) they push blocks out of the card: more streamed per step
+    held = paper["all_hints_live"]
+    assert held["streamed_bytes_per_step"] > paper["transformer+controlnet"]["streamed_bytes_per_step"]
