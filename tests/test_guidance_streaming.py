@@ -5,7 +5,6 @@ block) give the same latents."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from zimage_lite.guidance import Guidance, guided

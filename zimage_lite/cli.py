@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from zimage_lite import cli_args
+from zimage_lite import cli_args, cli_control
 from zimage_lite.cli_errors import EXIT_USAGE, Terminated, describe, one_line, sigterm_raises
 from zimage_lite.errors import UsageError
 
@@ -123,6 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     inputs = _image_inputs(args)
     check_size(args.width, args.height)
+    inputs.update(cli_control.control_inputs(args))
     outs = output_paths(out, args.batch)
     for p in outs:
         check_output(p)
@@ -135,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
         tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
-        fp8_matmul=args.fp8_matmul, variant=args.variant,
+        fp8_matmul=args.fp8_matmul, variant=args.variant, controlnet=args.controlnet,
     )  # fmt: skip
     for spec in args.lora or []:
         pipe.load_lora(*parse_lora(spec))
@@ -171,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 for img in images:
                     hires.append(pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
                                                 seed=args.seed, steps=args.steps, on_step=on_step,
-                                                **guidance_kwargs(args)))  # fmt: skip
+                                                **guidance_kwargs(args), **cli_control.hires_inputs(inputs)))  # fmt: skip
                     hires_stats.append(pipe.last_stats.to_dict())
                 images = hires
     finally:
@@ -186,6 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         meta["first_pass_size"] = f"{args.width}x{args.height}"
     meta.update(guidance_meta(pipe, args))
     meta.update(_pass_meta(args, pipe))
+    meta.update(cli_control.control_meta(args))
     for i, (img, path) in enumerate(zip(images, outs)):
         info = _png_info({**meta, "batch_index": str(i)})
         atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hires-strength", type=cli_args.strength, default=0.35,
                    help="strength of the hires pass (0.3-0.4)")  # fmt: skip
     add_guidance_arguments(g)
+    cli_control.add_control_args(g)
     g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png")
     g.add_argument("--stats", type=cli_args.output_file, help="write timings and memory as JSON here")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from zimage_lite.control import control_part, controlled
 from zimage_lite.errors import UsageError, ZImageError
 from zimage_lite.guidance import Guidance, guided, negative_prompts
 from zimage_lite.init_image import image_tensor, init_latents, mask_tensor
@@ -126,6 +127,7 @@ class Pipeline:
         dtype,
         budget=None,
         variant=None,
+        controlnet=None,
     ):
         from zimage_lite.runtime.budget import VramBudget
         from zimage_lite.runtime.phases import DeviceRuntime, phase_models
@@ -143,7 +145,10 @@ class Pipeline:
         self.last_stats = Stats()
         self.load_seconds = 0.0
         capacity = self.budget.total_bytes if self.budget.source == "card" and device.type == "cpu" else None
-        self.runtime = DeviceRuntime(device, phase_models(text_encoder, transformer, vae), capacity)
+        self.controlnet = controlnet
+        self.runtime = DeviceRuntime(
+            device, phase_models(text_encoder, transformer, vae, controlnet), capacity
+        )
         self._plans = None
         self.loras: list[tuple[str, dict, float]] = []  # (file, {layer: LowRank}, scale), in load order
 
@@ -162,16 +167,19 @@ class Pipeline:
         card: str | int | None = None,
         fp8_matmul: str = "dequant",
         variant: str | None = None,
+        controlnet: str | Path | None = None,
     ) -> Pipeline:
         """`vram` ("6GB", "auto", bytes): the device budget every phase is planned in; None plans
         against the free memory of a GPU (no limit on the CPU). `card` ("6GB"): run as on a card of
         that size (the allocator capped as it would be, and that budget; see budget.emulate_card).
         `fp8_matmul` "native": FP8 weights on the FP8 tensor cores where the card has them (sm >= 8.9;
         kernels/fp8_matmul.py), else dequantized (the default, and the fallback elsewhere). `variant`
-        ("turbo", "base"): whose sampling defaults apply (default: from the model's files, variants.py)."""
+        ("turbo", "base"): whose sampling defaults apply (default: from the model's files, variants.py).
+        `controlnet`: a Fun-Controlnet-Union file or folder (any layout weights/names_controlnet.py reads)."""
         from zimage_lite.runtime.quant_linear import set_fp8_matmul
         from zimage_lite.variants import read_variant
         from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
+        from zimage_lite.weights.names_controlnet import load_controlnet
 
         start = time.perf_counter()
         dev = resolve_device(device)
@@ -186,18 +194,23 @@ class Pipeline:
         paths = resolve_model(model, transformer, text_encoder, vae, tokenizer)
         model_variant = read_variant(paths.root, variant)
         host = torch.device("cpu")  # phases place weights on the device per their plan
+        dit = load_transformer(paths.transformer, dtype, host).eval()
+        control = None if controlnet is None else load_controlnet(controlnet, dtype, host)
+        if control is not None:
+            control.config.check_fits(dit.config)
         pipe = cls(
             paths,
             tokenizer=load_tokenizer(paths.tokenizer),
             text_encoder=load_text_encoder(paths.text_encoder, dtype, host).eval(),
-            transformer=load_transformer(paths.transformer, dtype, host).eval(),
+            transformer=dit,
             vae=load_vae(paths.vae, dtype, host).eval(),
             device=dev,
             dtype=dtype,
             budget=budget,
             variant=model_variant,
+            controlnet=control,
         )
-        for m in (pipe.text_encoder, pipe.transformer):
+        for m in (pipe.text_encoder, pipe.transformer, *([control] if control is not None else [])):
             set_fp8_matmul(m, fp8_matmul)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
@@ -254,6 +267,12 @@ class Pipeline:
         negative_prompt: str | list[str] | None = None,
         cfg_normalization: float | bool | None = None,
         cfg_truncation: float | None = None,
+        control_image: Image.Image | None = None,
+        control_scale: float = 0.75,
+        control_start: float = 0.0,
+        control_end: float = 1.0,
+        control_inpaint: Image.Image | None = None,
+        control_mask: Image.Image | None = None,
     ) -> torch.Tensor:
         """Final float32 latents (B*batch, C, H/8, W/8) before VAE decoding.
 
@@ -263,6 +282,9 @@ class Pipeline:
         With `image` (resized to width x height): image-to-image from the schedule cut by `strength`
         (default 0.6); with `mask` too, inpainting (white = re-generate; strength default 1.0).
         `on_step(i, n)` counts the steps that run (fewer than `steps` when strength < 1).
+        `control_image` (with a ControlNet loaded): its hints times `control_scale` join the steps whose
+        sigma lies in the schedule's [control_start, control_end] fraction, both passes of guidance;
+        `control_inpaint` + `control_mask`: ControlNet inpainting through the 33-channel input (control.py).
 
         Structure: settings -> tokens -> plans -> text encoder phase -> start latents -> the Euler loop
         over a denoiser (the transformer, wrapped by `guided`) with `_step_callback` after each step."""
@@ -281,7 +303,8 @@ class Pipeline:
         timer = _Timer(self.device)
 
         ids = self._tokens(prompts + negatives)
-        self._plan(ids, width, height, len(prompts) * batch, encode=image is not None, cfg=cfg.active)
+        encode = image is not None or control_image is not None
+        self._plan(ids, width, height, len(prompts) * batch, encode=encode, cfg=cfg.active)
         t0 = timer.now()
         with self._phase("text_encoder"):
             features = [c for c in self.encode_ids(ids) for _ in range(batch)]
@@ -290,8 +313,14 @@ class Pipeline:
         captions, negative = features[:n], features[n:]
 
         latents, blend = self._start(image, mask, start, steps, seed, n, width, height)
+        control = control_part(
+            self.controlnet, self.encode_pixels, self.vae.config, control_image, width, height,
+            scale=control_scale, start=control_start, end=control_end, inpaint=control_inpaint,
+            mask=control_mask, device=self.device, scheduler=self.variant.scheduler,
+        )  # fmt: skip
         t1 = timer.now()  # "denoise" starts after the VAE encode of an init image (timed on its own)
-        denoise = guided(self.transformer, captions, negative, cfg, self._plans.transformer_chunks)
+        transformer = controlled(self.transformer, control)
+        denoise = guided(transformer, captions, negative, cfg, self._plans.transformer_chunks)
         step_done = self._step_callback(timer, t1, start, steps, on_step)
         with self._phase("transformer"):
             latents = euler_sample(
@@ -373,12 +402,17 @@ class Pipeline:
         (Lanczos), in the "vae_encoder" phase (planned by generate_latents, or now for this size)."""
         if self._plans is None or self._plans.vae_encoder is None:
             self._plan([[0]], width, height, 1, encode=True)
+        return self.encode_pixels(image_tensor(image, width, height))
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE encoder moments of pixels (1, 3, H, W) in [-1, 1], as `encode_image` (planned first)."""
         timer = _Timer(self.device)
         t0 = timer.now()
         s = self.last_stats
         with self.runtime.phase("vae_encoder", self._plans.vae_encoder, False, s.streaming, s.device_memory):
-            moments = self.vae.encoder(image_tensor(image, width, height).to(self.device, self.vae.dtype))
-        s.phases["vae_encode"] = timer.now() - t0
+            moments = self.vae.encoder(pixels.to(self.device, self.vae.dtype))
+        s.phases["vae_encode"] = s.phases.get("vae_encode", 0.0) + timer.now() - t0
         return moments.float().cpu()
 
     def _plan(
@@ -398,7 +432,7 @@ class Pipeline:
             self._plans = plan_phases(
                 self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width,
                 height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
-                encode=encode, cfg=cfg,
+                encode=encode, cfg=cfg, controlnet=self.controlnet,
             )  # fmt: skip
         except UsageError as exc:
             if self.budget.source != "auto":

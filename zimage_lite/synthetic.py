@@ -219,3 +219,28 @@ MODEL_INDEX = {
     "transformer": ["diffusers", "ZImageTransformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
+
+
+def write_synthetic_controlnet(
+    path: str | Path, dit: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A random-weight 2.1-style Fun-Controlnet-Union branch for `dit`, in our layout (one safetensors
+    file, places in its metadata): control blocks before every second main layer (the real 2.1's
+    places on the real model), refiner-stage hints after the first two noise-refiner layers."""
+    import json
+
+    from zimage_lite.config import ControlNetConfig
+    from zimage_lite.models.controlnet import ZImageControlNet
+    from zimage_lite.weights.names_controlnet import CONTROLNET_KEY
+
+    refiner = tuple(range(min(2, dit.n_refiner_layers)))
+    cfg = ControlNetConfig(
+        "2.1", dit.dim, dit.n_heads, 33, tuple(range(0, dit.n_layers, 2)), refiner, len(refiner)
+    )
+    shapes = _meta_shapes(lambda: ZImageControlNet(cfg))
+    meta = {CONTROLNET_KEY: json.dumps({"version": cfg.version, "places": cfg.places,
+                                        "refiner_places": cfg.refiner_places})}  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(dict(_random_state(shapes, seed, dtype)), str(path), metadata=meta)
+    return path

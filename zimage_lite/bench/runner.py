@@ -48,6 +48,7 @@ class BenchConfig:
     hires: float | None = None  # --hires: extra rows per precision, the hires fix at this scale
     hires_strength: float = 0.35
     cfg: float | None = None  # --cfg: extra rows per precision, classifier-free guidance at this scale
+    controlnet: Path | None = None  # --controlnet: extra rows per precision with control (bench/control.py)
     device: str | None = None
     dtype: str | None = None
     cache: Path = field(default_factory=sources.default_cache_dir)
@@ -109,6 +110,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="every precision also runs with classifier-free guidance G (empty negative prompt: two passes "
         "per step, each block uploaded once); rows named q8_0+cfg4, compared with the reference's cfg row",
     )  # fmt: skip
+    parser.add_argument(
+        "--controlnet",
+        help="a ControlNet file, or 'synthetic' with --synthetic: every precision also runs under a fixed "
+        "control map with the ControlNet at that precision; rows named q8_0+control",
+    )
     parser.add_argument("--baselines", default="", help="'diffusers': add diffusers rows when installed")
     parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -141,8 +147,10 @@ def cfg_name(precision: str, guidance: float) -> str:
 def _reference_name(row: RowResult) -> str:
     """The row a row's images are compared with: the reference precision, in the same workflow."""
     if row.guidance is not None:
-        return cfg_name(sources.REFERENCE, row.guidance)
-    return sources.REFERENCE if row.hires is None else hires_name(sources.REFERENCE, row.hires)
+        name = cfg_name(sources.REFERENCE, row.guidance)
+    else:
+        name = sources.REFERENCE if row.hires is None else hires_name(sources.REFERENCE, row.hires)
+    return name + "+control" if row.control else name
 
 
 def _cards(text: str | None) -> list[str]:
@@ -153,6 +161,14 @@ def _cards(text: str | None) -> list[str]:
         if parse_vram(c) is None:
             raise UsageError(f"--card takes sizes like 4GB,6GB,8GB (got {c!r})")
     return cards
+
+
+def _controlnet(spec: str | None, synthetic: str | None) -> Path | None:
+    if spec is None or spec != "synthetic":
+        return None if spec is None else Path(spec)
+    if synthetic is None:
+        raise UsageError("--controlnet synthetic needs --synthetic")
+    return Path("synthetic")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -174,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
         cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength, cfg=args.cfg,
+        controlnet=_controlnet(args.controlnet, args.synthetic),
         device=args.device, dtype=args.dtype, cache=Path(args.cache) if args.cache else sources.default_cache_dir(),
         baselines=baselines, save_images=not args.no_images, progress=not args.quiet,
     )  # fmt: skip
@@ -228,6 +245,8 @@ def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
         ]
     if cfg.cfg is not None:
         rows += [RowResult(cfg_name(p, cfg.cfg), "zimage-lite", p, guidance=cfg.cfg) for p in cfg.precisions]
+    if cfg.controlnet is not None:
+        rows += [RowResult(f"{p}+control", "zimage-lite", p, control=True) for p in cfg.precisions]
     if "diffusers" in cfg.baselines:
         from zimage_lite.bench.baselines import planned_baselines
 
@@ -253,10 +272,24 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
     row.info["convert"] = convert_info
     _, options = sources.base_precision(row.precision)
     hires = None if row.hires is None else (row.hires, cfg.hires_strength)
+    if row.control:
+        options = {**options, "control": _control_source(cfg, row)}
     return OursEngine(
         folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires,
         guidance=row.guidance, **options,
     )  # fmt: skip
+
+
+def _control_source(cfg: BenchConfig, row: RowResult):
+    """(ControlNet file at the row's precision, the bench's control map)."""
+    from zimage_lite.bench.control import control_map
+
+    src = cfg.controlnet
+    if src == Path("synthetic"):
+        src = sources.synthetic_controlnet(cfg.synthetic, cfg.cache)
+    path, info = sources.controlnet_source(src, row.precision, cfg.cache, cfg.progress)
+    row.info["controlnet"] = {"source": str(path), **info}
+    return path, control_map(cfg.width, cfg.height)
 
 
 def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar) -> None:
@@ -290,8 +323,8 @@ def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar)
 def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gens: list[Generation], refs) -> None:
     gen = gens[0]
     if row.name == _reference_name(row):
-        refs[(prompt.id, seed, row.hires, row.guidance)] = gen
-    ref = refs[(prompt.id, seed, row.hires, row.guidance)]
+        refs[(prompt.id, seed, row.hires, row.guidance, row.control)] = gen
+    ref = refs[(prompt.id, seed, row.hires, row.guidance, row.control)]
     repeat_err = max(latent_relative_error(g.latents, gen.latents) for g in gens)
     entry = {
         "prompt_id": prompt.id,

@@ -20,6 +20,7 @@ from pathlib import Path
 from zimage_lite.convert.atomic import atomic_path, refuse_existing
 from zimage_lite.convert.plan import (
     ComponentPlan,
+    plan_controlnet,
     plan_text_encoder,
     plan_transformer,
     plan_vae,
@@ -105,6 +106,8 @@ def write_plan(
 def _plan_for(component: str, source, src: Path, quant: str, tokenizer_dir: Path | None) -> ComponentPlan:
     if component == "transformer":
         return plan_transformer(source, src, quant)
+    if component == "controlnet":
+        return plan_controlnet(source, src, quant)
     if component == "text_encoder":
         fields = text_encoder_tokenizer_fields(source, src, tokenizer_dir)
         return plan_text_encoder(source, src, quant, fields)

@@ -155,6 +155,17 @@ class FinalLayer(nn.Module):
         return self.linear(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * scale)
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, hints, *args) -> torch.Tensor:
+    """x through `blocks`; `hints.before(i, x)` (if given) returns what to add after block i, or None."""
+    for i, block in enumerate(blocks):
+        hint = None if hints is None else hints.before(i, x)
+        x = block(x, *args)
+        if hint is not None:
+            x = x + hint
+            hint = None  # freed now, not when the next hint is already computed
+    return x
+
+
 class ZImageDiT(nn.Module):
     """forward(latents (B, C, H, W), t (B,) in [0, 1] with 1 = clean, captions [(L_i, cap_dim)]) -> (B, C, H, W)."""
 
@@ -179,18 +190,27 @@ class ZImageDiT(nn.Module):
         return self.x_pad_token.dtype
 
     def forward(
-        self, latents: torch.Tensor, t: torch.Tensor, captions: list[torch.Tensor], chunks: int = 1
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        captions: list[torch.Tensor],
+        chunks: int = 1,
+        control=None,
     ) -> torch.Tensor:
-        """`chunks`: each block runs the batch in that many parts (Block.forward)."""
+        """`chunks`: each block runs the batch in that many parts (Block.forward). `control`: None, or a
+        hook whose `start(seq, adaln, x_pad_token, chunks)` gives a run with `refiner_hints()` and
+        `layer_hints(cap)`: objects whose `before(i, x)` returns what to add to the stream after its
+        layer i (models/controlnet.py)."""
         from zimage_lite.models.dit_sequence import build_sequences, unpatchify
 
         seq = build_sequences(self.config, latents, captions)
         adaln = self.t_embedder(t * self.config.t_scale).to(self.dtype)
+        run = None if control is None else control.start(seq, adaln, self.x_pad_token, chunks)
 
         x = self.x_embedder(seq.image_patches.to(self.dtype))
         x = torch.where(seq.image_pad[..., None], self.x_pad_token, x)
-        for block in self.noise_refiner:
-            x = block(x, seq.image_freqs, None, adaln, chunks)
+        hints = None if run is None else run.refiner_hints()
+        x = run_blocks(self.noise_refiner, x, hints, seq.image_freqs, None, adaln, chunks)
 
         cap = self.cap_embedder(seq.caption_feats.to(self.dtype))
         cap = torch.where(seq.caption_pad[..., None], self.cap_pad_token, cap)
@@ -198,7 +218,7 @@ class ZImageDiT(nn.Module):
             cap = block(cap, seq.caption_freqs, seq.caption_mask, None, chunks)
 
         h = seq.join(x, cap)
-        for block in self.layers:
-            h = block(h, seq.joint_freqs, seq.joint_mask, adaln, chunks)
+        hints = None if run is None else run.layer_hints(cap)
+        h = run_blocks(self.layers, h, hints, seq.joint_freqs, seq.joint_mask, adaln, chunks)
         out = self.final_layer(h, adaln)
         return unpatchify(out[:, : seq.image_len], latents.shape, self.config.patch_size)

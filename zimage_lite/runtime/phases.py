@@ -36,6 +36,7 @@ from zimage_lite.runtime.planner import (
     plan_transformer,
     qwen3_blocks,
     qwen3_host_only,
+    transformer_root,
 )
 from zimage_lite.runtime.streamer import BlockStreamer
 from zimage_lite.runtime.vae_tiling import choose_vae_tile, decode_bytes, encode_bytes
@@ -56,10 +57,15 @@ class PhaseModel:
     host_only: Sequence[nn.Module] = ()
 
 
-def phase_models(text_encoder: nn.Module, transformer: nn.Module, vae: nn.Module) -> dict[str, PhaseModel]:
+def phase_models(
+    text_encoder: nn.Module, transformer: nn.Module, vae: nn.Module, controlnet: nn.Module | None = None
+) -> dict[str, PhaseModel]:
+    """A ControlNet is placed and streamed in the transformer's phase, its blocks in execution order."""
     return {
         "text_encoder": PhaseModel(text_encoder, qwen3_blocks(text_encoder), qwen3_host_only(text_encoder)),
-        "transformer": PhaseModel(transformer, dit_blocks(transformer)),
+        "transformer": PhaseModel(
+            transformer_root(transformer, controlnet), dit_blocks(transformer, controlnet)
+        ),
         "vae": PhaseModel(vae.decoder),
         "vae_encoder": PhaseModel(vae.encoder),
     }
@@ -124,6 +130,7 @@ def plan_phases(
     caption_tokens: int,
     dtype: torch.dtype,
     encode: bool = False,
+    controlnet: nn.Module | None = None,
     cfg: bool = False,
 ) -> PhasePlans:
     """Plan every phase (`encode`: the VAE encoder too, for an init image; `cfg`: the transformer runs
@@ -149,6 +156,7 @@ def plan_phases(
             dtype=dtype,
             caption_tokens=caption_tokens,
             torch_dequant=slow,
+            controlnet=controlnet,
             **over,
         ),  # fmt: skip
     }
