@@ -42,10 +42,18 @@ def ms(values: list[float]) -> dict:
             "min_ms": round(min(values) * 1e3, 3), "max_ms": round(max(values) * 1e3, 3)}  # fmt: skip
 
 
-def timed(fn) -> float:
+def timed(fn, *args, **kwargs) -> float:
     t = time.perf_counter()
-    fn()
+    fn(*args, **kwargs)
     return time.perf_counter() - t
+
+
+def _post(client: httpx.Client, body: dict) -> None:
+    client.post("/v1/images/generations", json=body).raise_for_status()
+
+
+def _quiet(*step) -> None:
+    pass
 
 
 def overhead(pipe, url: str, n: int) -> dict:
@@ -53,9 +61,9 @@ def overhead(pipe, url: str, n: int) -> dict:
     direct, served = [], []
     for i in range(n + 3):  # 3 warm-up rounds, dropped
         prompt = f"overhead prompt number {i}"
-        d = timed(lambda: pipe.generate(prompt + " direct", seed=i, steps=STEPS, width=SIZE, height=SIZE))
+        d = timed(pipe.generate, prompt + " direct", seed=i, steps=STEPS, width=SIZE, height=SIZE)
         body = {"prompt": prompt + " served", "size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": i}
-        s = timed(lambda: client.post("/v1/images/generations", json=body).raise_for_status())
+        s = timed(_post, client, body)
         if i >= 3:
             direct.append(d)
             served.append(s)
@@ -69,9 +77,9 @@ def prompt_cache(engine: Engine, n: int) -> dict:
     engine.run(base, lambda *a: None)
     for i in range(n):
         new = JobParams(f"a new prompt {i}", SIZE, SIZE, i, STEPS)
-        miss.append(timed(lambda: engine.run(new, lambda *a: None)))
+        miss.append(timed(engine.run, new, _quiet))
         miss_te.append(engine.stats().phases["text_encoder"])
-        hit.append(timed(lambda: engine.run(base, lambda *a: None)))
+        hit.append(timed(engine.run, base, _quiet))
         hit_te.append(engine.stats().phases["text_encoder"])
         assert "text_encoder" not in engine.stats().device_memory  # the phase did not place its weights
     return {"miss_total": ms(miss), "hit_total": ms(hit), "miss_text_encoder_phase": ms(miss_te),
