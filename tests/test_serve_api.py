@@ -155,6 +155,26 @@ def test_hires_pass_equals_the_pipeline_hires_fix(client, pipe):
     assert got.shape == (32, 32, 3) and np.abs(got - want).max() <= 1
 
 
+def test_job_with_base64_image_and_mask_equals_the_pipeline_inpaint(server, pipe):
+    rng = np.random.default_rng(1)
+    init = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[:16] = 0  # transparent top half: edited
+    mask = Image.fromarray(np.dstack([np.zeros((32, 32, 3), np.uint8), alpha]), "RGBA")
+    as_url = lambda im: "data:image/png;base64," + base64.b64encode(_png(im)).decode()  # noqa: E731
+    body = {"prompt": "a roof", "image": as_url(init), "mask": as_url(mask), "seed": 8, "steps": 2}
+    job = httpx.post(f"{server.url}/v1/jobs", json=body).json()
+    deadline = time.monotonic() + 60
+    while (view := httpx.get(f"{server.url}/v1/jobs/{job['id']}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert view["state"] == "succeeded" and view["size"] == "32x32"
+    got = pixels(httpx.get(view["results"][0]["url"]).content)
+    ours_mask = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
+    want = ours(pipe, "a roof", seed=8, steps=2, width=32, height=32, image=init, mask=ours_mask)
+    assert np.abs(got - want).max() <= 1
+
+
 def test_lora_by_name_equals_the_pipeline_with_that_lora(client, tiny, lora_dir):
     r = client.images.generate(prompt="a tree", size="32x32",
                                extra_body={"seed": 2, "steps": 2, "loras": [{"name": "style", "scale": 0.7}]})  # fmt: skip
