@@ -1,4 +1,4 @@
-"""`zimage-lite` command line: generate | convert | inspect | bench | synthetic.
+"""`zimage-lite` command line: generate | convert | inspect | bench | synthetic | imatrix.
 
 Only this module prints. Every failure ends with one line on stderr (cli_errors.py: exit code 2 for what a
 user or the machine caused, 130 for Ctrl-C, 1 for a bug; `-v` adds the traceback). Arguments are checked
@@ -345,7 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
-    for command in (g, c, i, b, s):  # -v after the command too; SUPPRESS keeps a -v given before it
+
+    from zimage_lite.cli_imatrix import add_imatrix_arguments, cmd_imatrix
+
+    m = sub.add_parser("imatrix", help="gather an importance matrix (for convert --imatrix) by generating")
+    add_imatrix_arguments(m)
+    m.set_defaults(func=cmd_imatrix)
+    for command in (g, c, i, b, s, m):  # -v after the command too; SUPPRESS keeps a -v given before it
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return parser
 
