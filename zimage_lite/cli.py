@@ -199,12 +199,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from zimage_lite.cli_imatrix import recipe_options
     from zimage_lite.convert.converter import convert
 
     result = convert(
         Path(args.src), Path(args.output), args.quant, force=args.force, progress=not args.quiet,
         threads=args.threads, tokenizer=Path(args.tokenizer) if args.tokenizer else None, device=args.device,
-        quantizer=args.quantizer,
+        quantizer=args.quantizer, options=recipe_options(args),
     )  # fmt: skip
     ratio = result.out_bytes / max(result.in_bytes, 1)
     print(
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="output folder (for a model) or file",
     )
-    c.add_argument("--quant", required=True, help="bf16, q8_0, q6_k, q5_k, q4_k, q4_0, fp8, q4_k_m, q5_k_m")
+    c.add_argument("--quant", help="bf16, q8_0, q6_k, q5_k, q4_k, q4_0, fp8, q4_k_m, q5_k_m, q3_k, q3_k_m")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument(
         "--threads", type=cli_args.threads, default=None, help="quantization threads (default: all cores)"
@@ -321,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="force ggml's own quantizers (CPU) or zimage-lite's torch fallback (default: ggml where installed)",
     )  # fmt: skip
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from zimage_lite.cli_imatrix import add_recipe_arguments
+
+    add_recipe_arguments(c)
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="what a checkpoint file or folder holds")

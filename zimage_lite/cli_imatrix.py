@@ -85,3 +85,30 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
     tokens = sum(e.count for e in imatrix.entries.values())
     print(f"wrote {out} ({len(imatrix.entries)} entries, {imatrix.chunks} prompts, {tokens} rows in all)")
     return 0
+
+
+def add_recipe_arguments(c: argparse.ArgumentParser) -> None:
+    """convert's calibration options (convert/calibrated.py, convert/recipe.py)."""
+    c.add_argument("--imatrix", help="importance matrix (.gguf from zimage-lite imatrix or llama.cpp, .dat from "
+                   "stable-diffusion.cpp): ggml's quantizers weigh each input channel by it")  # fmt: skip
+    c.add_argument("--tensor-type-rules", metavar="REGEX=TYPE,...",
+                   help="per-tensor types, stable-diffusion.cpp's syntax (e.g. 'attention.qkv=q8_0,w2=q6_k')")  # fmt: skip
+    c.add_argument("--target-size", metavar="SIZE",
+                   help="instead of --quant: choose each tensor's type by measured sensitivity so the GGUF "
+                   "files fit SIZE (5GB, 4.5GiB, as --vram takes it)")  # fmt: skip
+
+
+def recipe_options(args: argparse.Namespace):
+    from zimage_lite.convert.recipe import RecipeOptions
+    from zimage_lite.runtime.budget import parse_vram
+
+    target = None
+    if args.target_size is not None:
+        try:
+            target = parse_vram(args.target_size)
+        except UsageError:
+            raise UsageError(f"invalid --target-size {args.target_size!r}: use a size like 5GB or 4.5GiB") from None
+        if target is None:
+            raise UsageError("--target-size needs a size, not auto")
+    imatrix = Path(args.imatrix) if args.imatrix else None
+    return RecipeOptions(imatrix, args.tensor_type_rules, target)
