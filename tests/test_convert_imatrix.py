@@ -109,7 +109,7 @@ def test_bytes_equal_libggml_with_the_imatrix_for_every_type(small, tmp_path, qu
                 "q4_0": {"Q4_0 imatrix"}}[quant]  # fmt: skip
     assert expected <= seen, seen
     manifest = json.loads((out / "zimage-lite.json").read_text())
-    assert manifest["imatrix"]["tensors"] > 0 and manifest["imatrix"]["quantize.imatrix.file"] == str(im_path)
+    assert manifest["imatrix"]["tensors"] > 0 and manifest["imatrix"]["file"] == str(im_path)
 
 
 def test_imatrix_changes_the_bytes_and_lowers_the_weighted_error(small, tmp_path):
@@ -213,3 +213,56 @@ def test_target_size_too_small_is_one_line(small, tmp_path, capsys):
     assert "--target-size" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["convert", str(model), "-o", str(tmp_path / "x"), "--target-size", "1GB", "--quant", "q4_k"]) == 2
     assert "either --quant or --target-size" in capsys.readouterr().err
+
+
+def test_imatrix_files_keep_comfyui_layout_names_types_and_shapes(small, tmp_path):
+    """Interop: an imatrix changes bytes only; names, types, shapes, architecture and key style are those of
+    the plain conversion (ComfyUI-GGUF's layout), and the folder loads and generates."""
+    from zimage_lite.inspect import inspect_path
+    from zimage_lite.pipeline import Pipeline
+
+    model, im_path = small
+    plain, calibrated = tmp_path / "plain", tmp_path / "im"
+    convert(model, plain, "q4_k_m", progress=False)
+    convert(model, calibrated, "q4_k_m", progress=False, options=RecipeOptions(imatrix=im_path))
+    for component in ("transformer", "text_encoder"):
+        a, b = (gguf.GGUFReader(str(f / f"{component}.gguf")) for f in (plain, calibrated))
+        assert [(t.name, t.tensor_type, t.shape.tolist()) for t in a.tensors] == [
+            (t.name, t.tensor_type, t.shape.tolist()) for t in b.tensors
+        ]
+        assert a.fields["general.architecture"].contents() == b.fields["general.architecture"].contents()
+    ra, rb = inspect_path(plain)["components"]["transformer"], inspect_path(calibrated)["components"]["transformer"]
+    assert (ra["component"], ra["key_style"], ra["prefix"]) == (rb["component"], rb["key_style"], rb["prefix"])
+    assert rb["imatrix"]["file"] == str(im_path) and rb["imatrix"]["chunks"] == 2
+    image = Pipeline.load(calibrated, device="cpu").generate("a fox", steps=1, width=32, height=32)[0]
+    assert image.size == (32, 32)
+
+
+def test_choose_fits_the_budget_and_no_single_change_that_fits_lowers_the_error():
+    import itertools
+    import random
+
+    from zimage_lite.convert.recipe import Candidate, choose
+
+    rng = random.Random(0)
+    for _ in range(30):
+        cands = []
+        for _ in range(4):
+            sizes = sorted(rng.sample(range(10, 200), 4))
+            errs = sorted((rng.random() for _ in range(4)), reverse=True)
+            cands.append(Candidate(None, None, [(f"T{k}", b, e) for k, (b, e) in enumerate(zip(sizes, errs))]))
+        budget = rng.randint(sum(c.options[0][1] for c in cands), sum(c.options[-1][1] for c in cands))
+        pick = choose(cands, budget)
+        used = sum(c.options[pick[i]][1] for i, c in enumerate(cands))
+        err = sum(c.options[pick[i]][2] for i, c in enumerate(cands))
+        assert used <= budget
+        for i, c in enumerate(cands):
+            for j, (_, b, e) in enumerate(c.options):
+                if used - c.options[pick[i]][1] + b <= budget:
+                    assert err - c.options[pick[i]][2] + e >= err - 1e-12
+        best = min(
+            sum(c.options[k][2] for c, k in zip(cands, combo))
+            for combo in itertools.product(range(4), repeat=4)
+            if sum(c.options[k][1] for c, k in zip(cands, combo)) <= budget
+        )
+        assert err <= best * 1.5 + 1e-12  # a knapsack heuristic: near the optimum, not always at it

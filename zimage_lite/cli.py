@@ -240,7 +240,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = str(resolve_device(args.device or "cpu"))
     with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
-        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)
+        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device, outliers=args.outliers)
     print(f"wrote synthetic {args.size} model to {out}")
     return 0
 
@@ -340,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synthetic", help="write a random-weight model of the real architecture (tests, demo)")
     s.add_argument("output", type=cli_args.output_folder)
-    s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
+    s.add_argument("--size", choices=["tiny", "small", "small-k", "full"], default="tiny")
+    s.add_argument("--outliers", action="store_true",
+                   help="a few outlier input channels in every layer, as trained models have (imatrix tests)")  # fmt: skip
     s.add_argument("--seed", type=cli_args.seed, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument(

@@ -82,10 +82,15 @@ def attach(plan: ComponentPlan, imatrix: Imatrix, path: Path | str) -> int:
     return used
 
 
+def summary(imatrix: Imatrix, path: Path | str) -> dict[str, Any]:
+    """file, dataset, entries, chunks: what a converted file records (the manifest keeps these names)."""
+    dataset = imatrix.datasets[0] if imatrix.datasets else ""
+    return {"file": str(path), "dataset": dataset, "entries": len(imatrix.entries), "chunks": imatrix.chunks}
+
+
 def record(imatrix: Imatrix, path: Path | str) -> dict[str, Any]:
+    """The GGUF metadata llama-quantize writes (its keys; counts as int32)."""
+    s = summary(imatrix, path)
     return {
-        IMATRIX_KEYS["file"]: str(path),
-        IMATRIX_KEYS["dataset"]: imatrix.datasets[0] if imatrix.datasets else "",
-        IMATRIX_KEYS["entries"]: ("i32", len(imatrix.entries)),
-        IMATRIX_KEYS["chunks"]: ("i32", imatrix.chunks),
+        IMATRIX_KEYS[k]: ("i32", v) if isinstance(v, int) else v for k, v in s.items()
     }

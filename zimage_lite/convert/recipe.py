@@ -20,6 +20,7 @@ import heapq
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 from collections import Counter
@@ -158,7 +159,7 @@ def measure(plans: list[ComponentPlan], fixed: set[str], imatrix, threads: int |
         (plan, job) for plan in plans for job in plan.jobs
         if eligible(job) and job.name not in fixed and role_of(job.name, plan.component) != "keep"
     ]  # fmt: skip
-    with ThreadPoolExecutor(max(1, threads or 1)) as pool:
+    with ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1)) as pool:
         measured = list(pool.map(lambda pj: _measure(pj[1], imatrix), jobs))
     out = []
     for (plan, job), errors in zip(jobs, measured):
@@ -340,7 +341,7 @@ def apply(plans: list[ComponentPlan], options: RecipeOptions, device, quantizer,
         record["recipe"] = recipe
     if imatrix is not None:
         used = sum(calibrated.attach(plan, imatrix, options.imatrix) for plan in plans)
-        record["imatrix"] = {**calibrated.record(imatrix, options.imatrix), "tensors": used}
+        record["imatrix"] = {**calibrated.summary(imatrix, options.imatrix), "tensors": used}
     return record
 
 
