@@ -44,7 +44,9 @@ def generate_all(folder: Path, args, prompts) -> list[tuple]:
     out = []
     for p in prompts:
         for seed in range(args.seeds):
-            latents = pipe.generate_latents(p.text, seed=seed, steps=args.steps, width=args.width, height=args.height)
+            latents = pipe.generate_latents(
+                p.text, seed=seed, steps=args.steps, width=args.width, height=args.height
+            )
             out.append((latents.float().cpu(), pipe.decode(latents)[0]))
     del pipe
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -56,7 +58,11 @@ def compare(images: list[tuple], reference: list[tuple]) -> dict:
 
     psnrs = [psnr(img, ref_img) for (_, img), (_, ref_img) in zip(images, reference)]
     lat = [latent_relative_error(lat, ref_lat) for (lat, _), (ref_lat, _) in zip(images, reference)]
-    return {"psnr_db_mean": statistics.mean(psnrs), "psnr_db_min": min(psnrs), "latent_rel_err": statistics.mean(lat)}
+    return {
+        "psnr_db_mean": statistics.mean(psnrs),
+        "psnr_db_min": min(psnrs),
+        "latent_rel_err": statistics.mean(lat),
+    }
 
 
 def variants(work: Path, imatrix: Path) -> list[tuple[str, dict]]:
@@ -67,7 +73,12 @@ def variants(work: Path, imatrix: Path) -> list[tuple[str, dict]]:
     for preset in PRESETS:
         rows.append((preset, {"quant": preset, "options": RecipeOptions()}))
         rows.append((f"{preset}+imatrix", {"quant": preset, "options": RecipeOptions(imatrix=imatrix)}))
-    rows.append(("q4_k_m+imatrix, refiners bf16", {"quant": "q4_k_m", "options": RecipeOptions(imatrix=imatrix, rules=REFINERS_BF16)}))
+    rows.append(
+        (
+            "q4_k_m+imatrix, refiners bf16",
+            {"quant": "q4_k_m", "options": RecipeOptions(imatrix=imatrix, rules=REFINERS_BF16)},
+        )
+    )
     return rows
 
 
@@ -108,13 +119,17 @@ def run(args) -> dict:
         row = {"name": name, "gguf_bytes": sizes[name], "convert_s": round(convert_s, 1),
                **compare(generate_all(folder, args, prompts), reference)}  # fmt: skip
         rows.append(row)
-        print(f"{name:<40} {sizes[name] / 1e6:8.2f} MB  {row['psnr_db_mean']:6.2f} dB  {row['latent_rel_err']:.4f}")
+        print(
+            f"{name:<40} {sizes[name] / 1e6:8.2f} MB  {row['psnr_db_mean']:6.2f} dB  {row['latent_rel_err']:.4f}"
+        )
 
     for name, kw in variants(work, imatrix):
         measure(name, kw["quant"], kw["options"])
     for base in ("q4_k_m+imatrix", "q4_k_m+imatrix, refiners bf16", "q3_k_m+imatrix"):
         measure(f"target {base} size +imatrix", None, RecipeOptions(imatrix=imatrix, target_size=sizes[base]))
-    measure("target q4_k_m+imatrix size, no imatrix", None, RecipeOptions(target_size=sizes["q4_k_m+imatrix"]))
+    measure(
+        "target q4_k_m+imatrix size, no imatrix", None, RecipeOptions(target_size=sizes["q4_k_m+imatrix"])
+    )
     return {
         "source": str(args.model or f"synthetic small-k, outliers={not args.no_outliers}"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},

@@ -41,7 +41,9 @@ def main() -> None:
         errors = []
         for im in (None, imatrix):
             dst = np.zeros(rows * n // block * size, np.uint8)
-            quantize(int(t), w.ctypes.data, dst.ctypes.data, 0, rows, n, None if im is None else im.ctypes.data)
+            quantize(
+                int(t), w.ctypes.data, dst.ctypes.data, 0, rows, n, None if im is None else im.ctypes.data
+            )
             back = gguf.quants.dequantize(dst.reshape(rows, -1), t).reshape(rows, n)
             errors.append(np.linalg.norm(x @ back.T - ref) / np.linalg.norm(ref))
         print(f"| {t.name} | {8 * size / block:.3f} | {errors[0]:.4f} | {errors[1]:.4f} |")

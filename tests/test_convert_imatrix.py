@@ -77,7 +77,9 @@ def small(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("calib")
     model = write_synthetic_model(root / "small", "small", seed=5)
-    im = collect(Pipeline.load(model, device="cpu"), ["a fox", "一只猫"], steps=1, width=32, height=32, dataset="t")
+    im = collect(
+        Pipeline.load(model, device="cpu"), ["a fox", "一只猫"], steps=1, width=32, height=32, dataset="t"
+    )
     return model, write_imatrix(im, root / "im.gguf")
 
 
@@ -136,7 +138,14 @@ def test_torch_quantizer_and_gpu_are_refused_with_one_line(small, tmp_path, caps
     from zimage_lite.errors import UsageError
 
     with pytest.raises(UsageError, match="which run on the CPU: leave out --device cuda"):
-        convert(model, tmp_path / "x", "q4_0", progress=False, device="cuda", options=RecipeOptions(imatrix=im_path))
+        convert(
+            model,
+            tmp_path / "x",
+            "q4_0",
+            progress=False,
+            device="cuda",
+            options=RecipeOptions(imatrix=im_path),
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -160,17 +169,36 @@ def test_tensor_type_rules_use_sdcpp_syntax_and_names(small, tmp_path):
     convert(model, out, "q4_k", progress=False, options=RecipeOptions(rules=rules))
     dit = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "transformer.gguf")).tensors}
     te = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "text_encoder.gguf")).tensors}
-    assert dit["layers.0.attention.qkv.weight"] == "Q8_0" and dit["layers.1.attention.qkv.weight"] == "Q4_0"  # 384-wide rows: Q4_K falls back
+    assert (
+        dit["layers.0.attention.qkv.weight"] == "Q8_0" and dit["layers.1.attention.qkv.weight"] == "Q4_0"
+    )  # 384-wide rows: Q4_K falls back
     assert dit["layers.1.feed_forward.w2.weight"] == "Q6_K" and te["blk.0.attn_v.weight"] == "BF16"
     assert dit["x_pad_token"] == "F32"  # pads are never retyped (ComfyUI-GGUF expects F32)
     manifest = json.loads((out / "zimage-lite.json").read_text())
-    assert manifest["recipe"]["rules"] == rules and manifest["recipe"]["types"]["layers.0.attention.qkv.weight"] == "Q8_0"
+    assert (
+        manifest["recipe"]["rules"] == rules
+        and manifest["recipe"]["types"]["layers.0.attention.qkv.weight"] == "Q8_0"
+    )
 
 
 @pytest.mark.parametrize("rules", ["qkv", "qkv=q7_k", "(=q8_0"])
 def test_bad_rules_are_one_line(small, tmp_path, capsys, rules):
     model, _ = small
-    assert main(["convert", str(model), "-o", str(tmp_path / "x"), "--quant", "q4_k", "--tensor-type-rules", rules]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                str(model),
+                "-o",
+                str(tmp_path / "x"),
+                "--quant",
+                "q4_k",
+                "--tensor-type-rules",
+                rules,
+            ]
+        )
+        == 2
+    )
     assert "tensor type rule" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
@@ -189,7 +217,14 @@ def test_target_size_fits_and_beats_the_preset_of_the_same_size(small, tmp_path)
     convert(model, preset, "q4_k_m", progress=False, options=RecipeOptions(imatrix=im_path))
     target = _gguf_bytes(preset)
     out = tmp_path / "t"
-    convert(model, out, None, progress=False, threads=2, options=RecipeOptions(imatrix=im_path, target_size=target))
+    convert(
+        model,
+        out,
+        None,
+        progress=False,
+        threads=2,
+        options=RecipeOptions(imatrix=im_path, target_size=target),
+    )
     assert _gguf_bytes(out) <= target
     manifest = json.loads((out / "zimage-lite.json").read_text())
     assert manifest["quant"] == f"target-{target}" and manifest["recipe"]["target_size"] == target
@@ -199,7 +234,11 @@ def test_target_size_fits_and_beats_the_preset_of_the_same_size(small, tmp_path)
         s = 0.0
         for component in ("transformer", "text_encoder"):
             for t in gguf.GGUFReader(str(folder / f"{component}.gguf")).tensors:
-                if t.name in manifest["recipe"]["types"] and t.name in weights and t.tensor_type.name != "F32":
+                if (
+                    t.name in manifest["recipe"]["types"]
+                    and t.name in weights
+                    and t.tensor_type.name != "F32"
+                ):
                     w = torch.from_numpy(weights[t.name])
                     s += tensor_errors(w, (t.tensor_type.name,), imatrix.values(t.name))[t.tensor_type.name]
         return s
@@ -211,7 +250,10 @@ def test_target_size_too_small_is_one_line(small, tmp_path, capsys):
     model, _ = small
     assert main(["convert", str(model), "-o", str(tmp_path / "x"), "--target-size", "1MB"]) == 2
     assert "--target-size" in capsys.readouterr().err and not (tmp_path / "x").exists()
-    assert main(["convert", str(model), "-o", str(tmp_path / "x"), "--target-size", "1GB", "--quant", "q4_k"]) == 2
+    assert (
+        main(["convert", str(model), "-o", str(tmp_path / "x"), "--target-size", "1GB", "--quant", "q4_k"])
+        == 2
+    )
     assert "either --quant or --target-size" in capsys.readouterr().err
 
 
@@ -231,8 +273,15 @@ def test_imatrix_files_keep_comfyui_layout_names_types_and_shapes(small, tmp_pat
             (t.name, t.tensor_type, t.shape.tolist()) for t in b.tensors
         ]
         assert a.fields["general.architecture"].contents() == b.fields["general.architecture"].contents()
-    ra, rb = inspect_path(plain)["components"]["transformer"], inspect_path(calibrated)["components"]["transformer"]
-    assert (ra["component"], ra["key_style"], ra["prefix"]) == (rb["component"], rb["key_style"], rb["prefix"])
+    ra, rb = (
+        inspect_path(plain)["components"]["transformer"],
+        inspect_path(calibrated)["components"]["transformer"],
+    )
+    assert (ra["component"], ra["key_style"], ra["prefix"]) == (
+        rb["component"],
+        rb["key_style"],
+        rb["prefix"],
+    )
     assert rb["imatrix"]["file"] == str(im_path) and rb["imatrix"]["chunks"] == 2
     image = Pipeline.load(calibrated, device="cpu").generate("a fox", steps=1, width=32, height=32)[0]
     assert image.size == (32, 32)
@@ -250,14 +299,16 @@ def test_choose_fits_the_budget_and_no_single_change_that_fits_lowers_the_error(
         for _ in range(4):
             sizes = sorted(rng.sample(range(10, 200), 4))
             errs = sorted((rng.random() for _ in range(4)), reverse=True)
-            cands.append(Candidate(None, None, [(f"T{k}", b, e) for k, (b, e) in enumerate(zip(sizes, errs))]))
+            cands.append(
+                Candidate(None, None, [(f"T{k}", b, e) for k, (b, e) in enumerate(zip(sizes, errs))])
+            )
         budget = rng.randint(sum(c.options[0][1] for c in cands), sum(c.options[-1][1] for c in cands))
         pick = choose(cands, budget)
         used = sum(c.options[pick[i]][1] for i, c in enumerate(cands))
         err = sum(c.options[pick[i]][2] for i, c in enumerate(cands))
         assert used <= budget
         for i, c in enumerate(cands):
-            for j, (_, b, e) in enumerate(c.options):
+            for _, b, e in c.options:
                 if used - c.options[pick[i]][1] + b <= budget:
                     assert err - c.options[pick[i]][2] + e >= err - 1e-12
         best = min(

@@ -48,7 +48,9 @@ def test_text_encoder_sums_equal_transformers_qwen3_inputs(tiny):
     ref: dict[str, list[torch.Tensor]] = {}
     for path, m in hf.named_modules():
         if isinstance(m, torch.nn.Linear):
-            m.register_forward_pre_hook(lambda mod, a, p=path: ref.setdefault(p, []).append(a[0].reshape(-1, a[0].shape[-1])))
+            m.register_forward_pre_hook(
+                lambda mod, a, p=path: ref.setdefault(p, []).append(a[0].reshape(-1, a[0].shape[-1]))
+            )
     with torch.no_grad():
         for row in ids:
             hf(torch.tensor([row]))
@@ -78,10 +80,14 @@ def test_transformer_entries_are_converter_names_with_token_counts(tiny, gathere
     dim = plan.outputs[[o.name for o in plan.outputs].index("layers.0.attention.qkv.weight")].shape[1]
     assert gathered.entries["layers.0.attention.qkv.weight"].sum2.shape == (dim,)
     image_tokens = 32 * -(-((SIZE // 16) ** 2) // 32)
-    assert gathered.entries["noise_refiner.0.attention.qkv.weight"].count == len(PROMPTS) * STEPS * image_tokens
+    assert (
+        gathered.entries["noise_refiner.0.attention.qkv.weight"].count == len(PROMPTS) * STEPS * image_tokens
+    )
     assert gathered.chunks == len(PROMPTS) and gathered.chunk_size == (SIZE // 16) ** 2
     layer = gathered.entries["layers.0.feed_forward.w1.weight"].count
-    assert (layer - len(PROMPTS) * STEPS * image_tokens) % (32 * STEPS) == 0 and layer > len(PROMPTS) * STEPS * image_tokens
+    assert (layer - len(PROMPTS) * STEPS * image_tokens) % (32 * STEPS) == 0 and layer > len(
+        PROMPTS
+    ) * STEPS * image_tokens
     assert all(torch.isfinite(e.sum2).all() and (e.sum2 > 0).all() for e in gathered.entries.values())
 
 
@@ -89,7 +95,9 @@ def test_streamed_quantized_run_gathers_the_same_as_resident(quantized):
     """Hooks sit on the linears, not on their placement: a run streamed in a tiny budget gives the resident
     run's sums exactly (same device, same order of work)."""
     resident = collect(Pipeline.load(quantized, device="cpu"), PROMPTS[:1], steps=1, width=32, height=32)
-    streamed = collect(Pipeline.load(quantized, device="cpu", vram="14MB"), PROMPTS[:1], steps=1, width=32, height=32)
+    streamed = collect(
+        Pipeline.load(quantized, device="cpu", vram="14MB"), PROMPTS[:1], steps=1, width=32, height=32
+    )
     assert resident.entries.keys() == streamed.entries.keys()
     for name, e in resident.entries.items():
         assert torch.equal(e.sum2, streamed.entries[name].sum2) and e.count == streamed.entries[name].count
@@ -109,7 +117,9 @@ def test_gguf_is_read_by_gguf_py_as_llama_cpp_imatrix(gathered, tmp_path):
     assert sums.tensor_type == counts.tensor_type == gguf.GGMLQuantizationType.F32
     n = gathered.entries[name].sum2.numel()
     assert sums.shape.tolist() == [n, 1] and counts.shape.tolist() == [1, 1]  # ggml ne order, as llama.cpp
-    np.testing.assert_array_equal(np.asarray(sums.data).reshape(-1), gathered.entries[name].sum2.float().numpy())
+    np.testing.assert_array_equal(
+        np.asarray(sums.data).reshape(-1), gathered.entries[name].sum2.float().numpy()
+    )
     assert float(np.asarray(counts.data).reshape(-1)[0]) == gathered.entries[name].count
 
 
@@ -143,7 +153,9 @@ def test_dat_is_sdcpp_layout_with_sdcpp_names_and_round_trips(gathered, tmp_path
     assert "model.diffusion_model.layers.0.attention.qkv.weight" in entries
     assert "text_encoders.llm.model.layers.0.self_attn.q_proj.weight" in entries
     ncall, values = entries["text_encoders.llm.model.layers.0.self_attn.q_proj.weight"]
-    torch.testing.assert_close(torch.from_numpy(values / ncall), gathered.entries["blk.0.attn_q.weight"].values())
+    torch.testing.assert_close(
+        torch.from_numpy(values / ncall), gathered.entries["blk.0.attn_q.weight"].values()
+    )
     back = read_imatrix(path)
     assert back.entries.keys() == gathered.entries.keys()
     for name, e in gathered.entries.items():

@@ -38,7 +38,9 @@ def read_prompts(path: str | None) -> tuple[list[str], str]:
     from zimage_lite.quant.imatrix import CALIBRATION_PROMPTS
 
     if path is None:
-        return list(CALIBRATION_PROMPTS), f"zimage-lite built-in calibration prompts ({len(CALIBRATION_PROMPTS)})"
+        return list(
+            CALIBRATION_PROMPTS
+        ), f"zimage-lite built-in calibration prompts ({len(CALIBRATION_PROMPTS)})"
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"{file}: no such prompts file")
@@ -107,7 +109,9 @@ def recipe_options(args: argparse.Namespace):
         try:
             target = parse_vram(args.target_size)
         except UsageError:
-            raise UsageError(f"invalid --target-size {args.target_size!r}: use a size like 5GB or 4.5GiB") from None
+            raise UsageError(
+                f"invalid --target-size {args.target_size!r}: use a size like 5GB or 4.5GiB"
+            ) from None
         if target is None:
             raise UsageError("--target-size needs a size, not auto")
     imatrix = Path(args.imatrix) if args.imatrix else None

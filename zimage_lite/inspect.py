@@ -172,10 +172,16 @@ def _calibration_lines(r: dict[str, Any], indent: str) -> list[str]:
     if isinstance(recipe, dict):
         parts = []
         if recipe.get("target_size"):
-            parts.append(f"target {_gb(recipe['target_size'])}, estimated error {recipe.get('estimated_error', 0):.4g}")
+            parts.append(
+                f"target {_gb(recipe['target_size'])}, estimated error {recipe.get('estimated_error', 0):.4g}"
+            )
         if recipe.get("rules"):
             parts.append(f"rules {recipe['rules']!r}")
-        if isinstance(recipe.get("types"), dict) and recipe["types"] and not isinstance(next(iter(recipe["types"].values())), int):
+        if (
+            isinstance(recipe.get("types"), dict)
+            and recipe["types"]
+            and not isinstance(next(iter(recipe["types"].values())), int)
+        ):
             counts: dict[str, int] = defaultdict(int)
             for t in recipe["types"].values():
                 counts[t] += 1

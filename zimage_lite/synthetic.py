@@ -66,16 +66,20 @@ def _small() -> SyntheticSpec:
 
 def _small_k() -> SyntheticSpec:
     """As small, with every linear's rows a multiple of 256 (dim 512), so the K-quants apply to all."""
-    text = dataclasses.replace(_small().text, hidden_size=256, intermediate_size=768)
     dit = DiTConfig(dim=512, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=256)
-    return SyntheticSpec(dit, text, _small().vae, vocab_size=512)
+    return dataclasses.replace(_small(), dit=dit)
 
 
 def _full() -> SyntheticSpec:
     return SyntheticSpec(DiTConfig(), Qwen3Config(), VAEConfig(), vocab_size=151936)
 
 
-SIZES: dict[str, Callable[[], SyntheticSpec]] = {"tiny": _tiny, "small": _small, "small-k": _small_k, "full": _full}
+SIZES: dict[str, Callable[[], SyntheticSpec]] = {
+    "tiny": _tiny,
+    "small": _small,
+    "small-k": _small_k,
+    "full": _full,
+}
 
 # Outlier channels (`outliers=True`): trained transformers carry a few input channels with activations
 # an order of magnitude above the rest (the same channels in every layer), which is what an importance
@@ -112,7 +116,11 @@ def random_tensor(
 
 
 def _random_state(
-    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, device: str = "cpu", outliers: bool = False
+    shapes: dict[str, tuple[int, ...]],
+    seed: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    outliers: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Values drawn on `device` (a GPU draws the full model's 10 B values in seconds, the CPU in many
     minutes; the same seed gives other values there), returned in host memory."""

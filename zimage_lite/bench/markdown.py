@@ -117,7 +117,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", "| row | tensors | written by |", "|---|---|---|"]
         lines += [
             f"| {r['name']} | {_types(r['transformer_types'])} | {r.get('quantizer') or '–'}"
-            + (f", imatrix {r['imatrix']}" if r.get("imatrix") else "") + " |"
+            + (f", imatrix {r['imatrix']}" if r.get("imatrix") else "")
+            + " |"
             for r in typed
         ]
     lines += ["", "![images per row](grid.png)", "", "![quality vs time](plot.png)", "", "## Environment", ""]

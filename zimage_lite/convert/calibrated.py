@@ -33,9 +33,13 @@ def check_quantizer(device: str | None, quantizer: str | None) -> None:
     import torch
 
     if quantizer == "torch":
-        raise UsageError("--imatrix needs ggml's quantizers; the torch quantizer (--quantizer torch) has none")
+        raise UsageError(
+            "--imatrix needs ggml's quantizers; the torch quantizer (--quantizer torch) has none"
+        )
     if device is not None and torch.device(device).type != "cpu":
-        raise UsageError(f"--imatrix needs ggml's quantizers, which run on the CPU: leave out --device {device}")
+        raise UsageError(
+            f"--imatrix needs ggml's quantizers, which run on the CPU: leave out --device {device}"
+        )
     from zimage_lite.quant import ggml_lib
 
     if not ggml_lib.available():
@@ -91,6 +95,4 @@ def summary(imatrix: Imatrix, path: Path | str) -> dict[str, Any]:
 def record(imatrix: Imatrix, path: Path | str) -> dict[str, Any]:
     """The GGUF metadata llama-quantize writes (its keys; counts as int32)."""
     s = summary(imatrix, path)
-    return {
-        IMATRIX_KEYS[k]: ("i32", v) if isinstance(v, int) else v for k, v in s.items()
-    }
+    return {IMATRIX_KEYS[k]: ("i32", v) if isinstance(v, int) else v for k, v in s.items()}

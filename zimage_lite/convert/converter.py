@@ -155,7 +155,9 @@ def _convert_one(
 ) -> ConvertResult:
     source = open_checkpoint(src)
     detected = describe(source, src)
-    plan = _plan_for(detected.component, source, src, _base(quant, options), tokenizer or _sibling_tokenizer(src))
+    plan = _plan_for(
+        detected.component, source, src, _base(quant, options), tokenizer or _sibling_tokenizer(src)
+    )
     apply([plan], options, device, quantizer, threads)
     quantizer_metadata(plan, device, quantizer)  # a forced quantizer that cannot run fails here
     if out.is_dir():  # an existing folder: put the file in it, named after the input
@@ -234,14 +236,14 @@ def _convert_model(
 def convert(
     src: Path,
     out: Path,
-    quant: str,
+    quant: str | None,
     force: bool = False,
     progress: bool = True,
     threads: int | None = None,
     tokenizer: Path | None = None,
     device: str | None = None,
     quantizer: str | None = None,
-    options: RecipeOptions = RecipeOptions(),
+    options: RecipeOptions | None = None,
 ) -> ConvertResult:
     """Convert a model folder, a component folder or a single file; see the module docstring.
 
@@ -255,6 +257,7 @@ def convert(
     from zimage_lite.weights.checkpoint import is_model_folder
 
     start = time.perf_counter()
+    options = options or RecipeOptions()
     if (quant is None) == (options.target_size is None):
         raise UsageError("give either --quant or --target-size (a target size chooses the types itself)")
     if quant is None:
@@ -271,7 +274,9 @@ def convert(
         refuse_existing(out, force)
         result = _convert_model(src, out, quant, force, progress, threads, device, quantizer, options)
     else:
-        result = _convert_one(src, out, quant, force, progress, threads, tokenizer, device, quantizer, options)
+        result = _convert_one(
+            src, out, quant, force, progress, threads, tokenizer, device, quantizer, options
+        )
     result.seconds = time.perf_counter() - start
     log.info(
         "converted %s -> %s (%s): %d tensors, %.2f GB -> %.2f GB in %.1f s",

@@ -46,7 +46,9 @@ def quantizer_metadata(plan: ComponentPlan, device: str | None, quantizer: str |
     for qtype in sorted(storages & set(QUANT_TYPES)):
         picked = pick_quantizer(quantize_on(qtype, device), quantizer)
         if picked == "torch" and QUANT_TYPES[qtype].quantize is None:
-            raise UsageError(f"{qtype} is written by ggml's quantizers only (on the CPU, without --quantizer torch)")
+            raise UsageError(
+                f"{qtype} is written by ggml's quantizers only (on the CPU, without --quantizer torch)"
+            )
         version = quantizer_version(picked)
         writers.setdefault(version, []).append(qtype)
     if len(writers) == 1:

@@ -46,7 +46,7 @@ RULE_TYPES = ("F32", "F16", "BF16")  # plus every type ggml writes (formats.quan
 
 # -- rules ---------------------------------------------------------------------------------------------------
 def parse_rules(text: str) -> tuple[tuple[str, str], ...]:
-    """"regex=type,..." -> ((regex, TYPE), ...); one error line for a bad regex or type."""
+    """ "regex=type,..." -> ((regex, TYPE), ...); one error line for a bad regex or type."""
     from zimage_lite.quant.formats import quantizable_types
 
     allowed = (*quantizable_types(), *RULE_TYPES)
@@ -60,7 +60,9 @@ def parse_rules(text: str) -> tuple[tuple[str, str], ...]:
         except re.error as exc:
             raise UsageError(f"tensor type rule {item!r}: bad regex ({exc})") from None
         if qtype.upper() not in allowed:
-            raise UsageError(f"tensor type rule {item!r}: unknown type (choose from {', '.join(allowed).lower()})")
+            raise UsageError(
+                f"tensor type rule {item!r}: unknown type (choose from {', '.join(allowed).lower()})"
+            )
         rules.append((pattern, qtype.upper()))
     if not rules:
         raise UsageError("--tensor-type-rules has no rules")
@@ -256,7 +258,12 @@ def gguf_bytes(plans: list[ComponentPlan], skip: set[int] = frozenset()) -> int:
     total = 0
     for plan in plans:
         total += header_bytes(plan)
-        total += sum(output_tensor_bytes("gguf", o.shape, o.storage) for j in plan.jobs if id(j) not in skip for o in j.outputs)
+        total += sum(
+            output_tensor_bytes("gguf", o.shape, o.storage)
+            for j in plan.jobs
+            if id(j) not in skip
+            for o in j.outputs
+        )
     return total
 
 
@@ -294,7 +301,9 @@ def _fit(plans: list[ComponentPlan], fixed: set[str], target: int, imatrix, thre
     fixed_bytes = gguf_bytes(plans, skip={id(c.job) for c in candidates})
     budget = target - fixed_bytes
     if budget <= 0:
-        raise UsageError(f"--target-size {target} bytes: the tensors no recipe changes take {fixed_bytes} already")
+        raise UsageError(
+            f"--target-size {target} bytes: the tensors no recipe changes take {fixed_bytes} already"
+        )
     try:
         pick = choose(candidates, budget)
     except UsageError as exc:
@@ -305,7 +314,13 @@ def _fit(plans: list[ComponentPlan], fixed: set[str], target: int, imatrix, thre
         set_type(c.job, qtype)
         error += e
     planned = gguf_bytes(plans)
-    log.info("target %d bytes: planned %d, %d tensors chosen, total error %.4g", target, planned, len(candidates), error)
+    log.info(
+        "target %d bytes: planned %d, %d tensors chosen, total error %.4g",
+        target,
+        planned,
+        len(candidates),
+        error,
+    )
     return {
         "target_size": target,
         "planned_bytes": planned,

@@ -183,7 +183,9 @@ def _run_chunks(one_chunk: Callable[[int], None], starts: range, pool: Executor 
         _run_all(pool, one_chunk, starts)
 
 
-def _quantize_ggml_imatrix(w: torch.Tensor, q: QuantType, pool: Executor | None, imatrix: torch.Tensor) -> torch.Tensor:
+def _quantize_ggml_imatrix(
+    w: torch.Tensor, q: QuantType, pool: Executor | None, imatrix: torch.Tensor
+) -> torch.Tensor:
     """ggml's bytes with an importance matrix: whole rows per call (the imatrix weighs columns)."""
     n = w.shape[-1]
     rows = w.detach().reshape(-1, n)

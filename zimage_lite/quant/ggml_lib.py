@@ -142,8 +142,15 @@ def quantize_rows(src: torch.Tensor, dst: torch.Tensor, ggml_type: int, imatrix:
     weighted by imatrix[column] (Q8_0 ignores it), so here rows are real rows."""
     if src.dtype != torch.float32 or dst.dtype != torch.uint8 or imatrix.dtype != torch.float32:
         raise ValueError("quantize_rows takes float32 values and imatrix, uint8 out")
-    if src.ndim != 2 or dst.ndim != 2 or dst.shape[0] != src.shape[0] or tuple(imatrix.shape) != src.shape[1:]:
-        raise ValueError(f"bad layout: {tuple(src.shape)} -> {tuple(dst.shape)}, imatrix {tuple(imatrix.shape)}")
+    if (
+        src.ndim != 2
+        or dst.ndim != 2
+        or dst.shape[0] != src.shape[0]
+        or tuple(imatrix.shape) != src.shape[1:]
+    ):
+        raise ValueError(
+            f"bad layout: {tuple(src.shape)} -> {tuple(dst.shape)}, imatrix {tuple(imatrix.shape)}"
+        )
     if not (src.is_contiguous() and dst.is_contiguous() and imatrix.is_contiguous()):
         raise ValueError("quantize_rows takes contiguous tensors")
     if src.device.type != "cpu" or imatrix.device.type != "cpu":

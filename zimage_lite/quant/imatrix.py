@@ -81,7 +81,9 @@ class Imatrix:
             if mine is None:
                 self.entries[name] = Entry(e.sum2.clone(), e.count)
             elif mine.sum2.shape != e.sum2.shape:
-                raise UsageError(f"imatrix entry {name}: {tuple(e.sum2.shape)} channels, not {tuple(mine.sum2.shape)}")
+                raise UsageError(
+                    f"imatrix entry {name}: {tuple(e.sum2.shape)} channels, not {tuple(mine.sum2.shape)}"
+                )
             else:
                 mine.sum2 += e.sum2
                 mine.count += e.count
@@ -136,7 +138,9 @@ class ImatrixCollector:
         entries = {}
         for name, s in self._sums.items():
             if not torch.isfinite(s).all():
-                raise UsageError(f"imatrix entry {name}: the activations overflowed (NaN/Inf); try --dtype float32")
+                raise UsageError(
+                    f"imatrix entry {name}: the activations overflowed (NaN/Inf); try --dtype float32"
+                )
             entries[name] = Entry(s.cpu(), self._counts[name])
         return entries
 

@@ -95,8 +95,12 @@ def read_gguf(path: Path) -> Imatrix:
         name = key.removesuffix(SUM2)
         counts = tensors.get(name + COUNTS)
         if counts is None or counts.size != 1:  # several counts: a mixture of experts, which we have none of
-            raise CheckpointError(f"{path}: entry {name} has {0 if counts is None else counts.size} counts, not 1")
-        entries[name] = Entry(torch.from_numpy(sums.reshape(-1).astype(np.float64)), int(counts.reshape(-1)[0]))
+            raise CheckpointError(
+                f"{path}: entry {name} has {0 if counts is None else counts.size} counts, not 1"
+            )
+        entries[name] = Entry(
+            torch.from_numpy(sums.reshape(-1).astype(np.float64)), int(counts.reshape(-1)[0])
+        )
     return Imatrix(
         entries,
         int(_field(reader, gguf.Keys.IMatrix.CHUNK_COUNT, 0)),
@@ -113,7 +117,12 @@ def write_dat(imatrix: Imatrix, path: Path) -> None:
     for name in sorted(imatrix.entries):
         sd_name = to_sdcpp_name(name).encode()
         values = (imatrix.entries[name].values().double() * ncall).to(torch.float32).numpy()
-        parts += [struct.pack("<i", len(sd_name)), sd_name, struct.pack("<ii", ncall, values.size), values.tobytes()]
+        parts += [
+            struct.pack("<i", len(sd_name)),
+            sd_name,
+            struct.pack("<ii", ncall, values.size),
+            values.tobytes(),
+        ]
     parts.append(struct.pack("<i", imatrix.chunks))
     path.write_bytes(b"".join(parts))
 
