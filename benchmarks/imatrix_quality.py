@@ -65,20 +65,17 @@ def compare(images: list[tuple], reference: list[tuple]) -> dict:
     }
 
 
-def variants(work: Path, imatrix: Path) -> list[tuple[str, dict]]:
+def variants(imatrix: Path, presets: list[str]) -> list[tuple[str, dict]]:
     """(name, convert kwargs) in the order they run; sizes of earlier ones feed later targets."""
     from zimage_lite.convert.recipe import RecipeOptions
 
     rows = []
-    for preset in PRESETS:
+    for preset in presets:
         rows.append((preset, {"quant": preset, "options": RecipeOptions()}))
         rows.append((f"{preset}+imatrix", {"quant": preset, "options": RecipeOptions(imatrix=imatrix)}))
-    rows.append(
-        (
-            "q4_k_m+imatrix, refiners bf16",
-            {"quant": "q4_k_m", "options": RecipeOptions(imatrix=imatrix, rules=REFINERS_BF16)},
-        )
-    )
+    if "q4_k_m" in presets:
+        refiners = RecipeOptions(imatrix=imatrix, rules=REFINERS_BF16)
+        rows.append(("q4_k_m+imatrix, refiners bf16", {"quant": "q4_k_m", "options": refiners}))
     return rows
 
 
@@ -123,13 +120,14 @@ def run(args) -> dict:
             f"{name:<40} {sizes[name] / 1e6:8.2f} MB  {row['psnr_db_mean']:6.2f} dB  {row['latent_rel_err']:.4f}"
         )
 
-    for name, kw in variants(work, imatrix):
+    for name, kw in variants(imatrix, args.presets.split(",")):
         measure(name, kw["quant"], kw["options"])
-    for base in ("q4_k_m+imatrix", "q4_k_m+imatrix, refiners bf16", "q3_k_m+imatrix"):
-        measure(f"target {base} size +imatrix", None, RecipeOptions(imatrix=imatrix, target_size=sizes[base]))
-    measure(
-        "target q4_k_m+imatrix size, no imatrix", None, RecipeOptions(target_size=sizes["q4_k_m+imatrix"])
-    )
+    if not args.no_recipes:  # needs the q4_k_m and q3_k_m rows' sizes
+        for base in ("q4_k_m+imatrix", "q4_k_m+imatrix, refiners bf16", "q3_k_m+imatrix"):
+            options = RecipeOptions(imatrix=imatrix, target_size=sizes[base])
+            measure(f"target {base} size +imatrix", None, options)
+        options = RecipeOptions(target_size=sizes["q4_k_m+imatrix"])
+        measure("target q4_k_m+imatrix size, no imatrix", None, options)
     return {
         "source": str(args.model or f"synthetic small-k, outliers={not args.no_outliers}"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
@@ -152,6 +150,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="synthetic model seed")
     p.add_argument("--no-outliers", action="store_true", help="synthetic model without outlier channels")
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma list (default: all)")
+    p.add_argument("--no-recipes", action="store_true", help="skip the target-size rows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     args = p.parse_args()

@@ -65,7 +65,8 @@ def _small() -> SyntheticSpec:
 
 
 def _small_k() -> SyntheticSpec:
-    """As small, with every linear's rows a multiple of 256 (dim 512), so the K-quants apply to all."""
+    """As small with dim 512, so the K-quants apply to every linear of the transformer but the FFN's w2,
+    whose rows of ffn_dim 1365 fit no block and stay BF16 (small: dim 384 sends most to Q4_0/Q8_0)."""
     dit = DiTConfig(dim=512, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=256)
     return dataclasses.replace(_small(), dit=dit)
 
