@@ -198,3 +198,13 @@ def test_cli_writes_and_refuses_bad_output(tiny, tmp_path, capsys):
     assert main([*args[:4], str(tmp_path / "im.txt"), *args[5:]]) == 2
     assert ".gguf (llama.cpp) or .dat" in capsys.readouterr().err
     assert not (tmp_path / "im.txt").exists()
+
+
+def test_inspect_names_an_imatrix_file(gathered, tmp_path):
+    from zimage_lite.inspect import inspect_path
+
+    report = inspect_path(write_imatrix(gathered, tmp_path / "im.gguf"))
+    assert report["component"] is None
+    assert (
+        report["problem"] == f"an importance matrix: {len(gathered.entries)} entries, {len(PROMPTS)} chunks"
+    )

@@ -73,11 +73,16 @@ def _file_report(path: Path) -> dict[str, Any]:
         "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])),
         "blocks": _blocks(source),
     }
-    try:
-        component, style, prefix = classify_keys(*stored_keys_and_shape(source), source.architecture)
-        report.update(component=component, key_style=style, prefix=prefix)
-    except CheckpointError as exc:
-        report.update(component=None, problem=str(exc))
+    if source.metadata.get("general.type") == "imatrix":  # zimage-lite imatrix / llama-imatrix output
+        entries = sum(1 for k in keys if k.endswith(".in_sum2"))
+        chunks = source.metadata.get("imatrix.chunk_count")
+        report.update(component=None, problem=f"an importance matrix: {entries} entries, {chunks} chunks")
+    else:
+        try:
+            component, style, prefix = classify_keys(*stored_keys_and_shape(source), source.architecture)
+            report.update(component=component, key_style=style, prefix=prefix)
+        except CheckpointError as exc:
+            report.update(component=None, problem=str(exc))
     if source.format == "gguf":
         report["has_tokenizer"] = source.field("tokenizer.ggml.tokens") is not None
     report["quantizer"] = source.metadata.get(QUANTIZER_KEY)
