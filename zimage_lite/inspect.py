@@ -15,6 +15,7 @@ from typing import Any
 
 from zimage_lite.errors import CheckpointError
 from zimage_lite.quant.formats import QUANTIZER_KEY
+from zimage_lite.variants import VARIANTS, read_variant
 from zimage_lite.weights.checkpoint import (
     classify_keys,
     is_model_folder,
@@ -125,6 +126,12 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         for key in ("imatrix", "recipe"):
             if key in manifest:
                 report[key] = manifest[key]
+    variant = read_variant(path)
+    report["variant"] = {
+        "name": variant.name,
+        "decided_by": variant.decided_by,
+        **variant.scheduler.to_dict(),
+    }
     for name in COMPONENTS:
         p = getattr(paths, name)
         if name == "tokenizer":
@@ -204,6 +211,12 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     lines.append(f"  total: {_gb(report['bytes'])}")
     lines += [line.replace("  ", "", 1) for line in _calibration_lines(report, "  ")]
+    v = report["variant"]
+    d = VARIANTS[v["name"]]
+    lines.append(
+        f"  variant: {v['name']} (decided by {v['decided_by']}; scheduler shift {v['shift']:g}; defaults "
+        f"{d.steps} steps, guidance {d.guidance:g})"
+    )
     for name, sub in report["components"].items():
         lines.append(f"  [{name}]")
         lines += _file_lines(sub, "    ") if "format" in sub else [f"    {sub['path']}"]

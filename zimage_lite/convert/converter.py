@@ -187,7 +187,10 @@ def _convert_model(
     quantizer: str | None,
     options: RecipeOptions,
 ) -> ConvertResult:
+    from zimage_lite.variants import read_variant
+
     paths = resolve_model(src)
+    variant = read_variant(src).name  # carried into the manifest: the defaults a run of it gets
     result = ConvertResult(out, quant)
     # plan (and so validate) every component before writing anything
     plans: dict[str, ComponentPlan] = {}
@@ -226,7 +229,14 @@ def _convert_model(
                     manifest["tokenizer"] = "tokenizer"
         (tmp / MANIFEST).write_text(
             json.dumps(
-                {"format": MANIFEST_FORMAT, "quant": quant, "components": manifest, **recorded}, indent=2
+                {
+                    "format": MANIFEST_FORMAT,
+                    "quant": quant,
+                    "variant": variant,
+                    "components": manifest,
+                    **recorded,
+                },
+                indent=2,
             )
         )
     result.components = {k: out / v for k, v in manifest.items()}
