@@ -208,3 +208,16 @@ def test_inspect_names_an_imatrix_file(gathered, tmp_path):
     assert (
         report["problem"] == f"an importance matrix: {len(gathered.entries)} entries, {len(PROMPTS)} chunks"
     )
+
+
+def test_cli_in_adds_an_earlier_file(tiny, tmp_path):
+    first, second = tmp_path / "a.gguf", tmp_path / "b.dat"
+    base = ["imatrix", "--model", str(tiny), "--steps", "1", "--width", "32", "--height", "32", "-q"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n", encoding="utf-8")
+    assert main([*base, "--prompts", str(prompts), "-o", str(first)]) == 0
+    assert main([*base, "--prompts", str(prompts), "-o", str(second), "--in", str(first)]) == 0
+    a, b = read_imatrix(first), read_imatrix(second)
+    assert b.chunks == 2 * a.chunks
+    name = "layers.0.attention.qkv.weight"  # same prompt and seed twice: the same mean, twice the rows
+    torch.testing.assert_close(b.entries[name].values(), a.entries[name].values(), rtol=1e-5, atol=0)

@@ -29,6 +29,9 @@ def add_imatrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram", default=None, help="VRAM budget (4GB, 6GB, auto): weights stream to fit it")
     p.add_argument("--card", default=None, help="run as on a card of this size (see generate --card)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    p.add_argument("--in", dest="merge", action="append", metavar="FILE",
+                   help="add this imatrix's sums to the new ones (continue gathering, as sd.cpp's --imat-in); "
+                   "repeatable")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -57,10 +60,11 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
     from zimage_lite.pipeline import Pipeline, check_size
     from zimage_lite.quant.imatrix import collect
     from zimage_lite.text import MAX_PROMPT_TOKENS
-    from zimage_lite.weights.imatrix_io import check_suffix, write_imatrix
+    from zimage_lite.weights.imatrix_io import check_suffix, read_imatrix, write_imatrix
 
     out = Path(args.output)
     check_suffix(out)
+    earlier = [read_imatrix(f) for f in args.merge or []]  # read first: a bad file fails before the work
     if out.exists() and not args.force:
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
     check_size(args.width, args.height)
@@ -83,6 +87,8 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
                 pipe, prompts, steps=args.steps, width=args.width, height=args.height, seed=args.seed,
                 dataset=dataset, on_prompt=lambda i: bar.update(1),
             )  # fmt: skip
+    for other in earlier:
+        imatrix.merge(other)
     write_imatrix(imatrix, out, force=args.force)
     tokens = sum(e.count for e in imatrix.entries.values())
     print(f"wrote {out} ({len(imatrix.entries)} entries, {imatrix.chunks} prompts, {tokens} rows in all)")
