@@ -1,4 +1,4 @@
-"""`zimage-lite` command line: generate | convert | inspect | bench | synthetic | serve.
+"""`zimage-lite` command line: generate | convert | inspect | bench | synthetic | imatrix | serve.
 
 Only this module prints. Every failure ends with one line on stderr (cli_errors.py: exit code 2 for what a
 user or the machine caused, 130 for Ctrl-C, 1 for a bug; `-v` adds the traceback). Arguments are checked
@@ -207,12 +207,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from zimage_lite.cli_imatrix import recipe_options
     from zimage_lite.convert.converter import convert
 
     result = convert(
         Path(args.src), Path(args.output), args.quant, force=args.force, progress=not args.quiet,
         threads=args.threads, tokenizer=Path(args.tokenizer) if args.tokenizer else None, device=args.device,
-        quantizer=args.quantizer,
+        quantizer=args.quantizer, options=recipe_options(args),
     )  # fmt: skip
     ratio = result.out_bytes / max(result.in_bytes, 1)
     print(
@@ -248,7 +249,13 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device or "cpu"))
     with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
         write_synthetic_model(
-            tmp, size=args.size, seed=args.seed, dtype=dtype, device=device, variant=args.variant
+            tmp,
+            size=args.size,
+            seed=args.seed,
+            dtype=dtype,
+            device=device,
+            variant=args.variant,
+            outliers=args.outliers,
         )
     print(f"wrote synthetic {args.size} {args.variant} model to {out}")
     return 0
@@ -320,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="output folder (for a model) or file",
     )
-    c.add_argument("--quant", required=True, help="bf16, q8_0, q6_k, q5_k, q4_k, q4_0, fp8, q4_k_m, q5_k_m")
+    c.add_argument("--quant", help="bf16, q8_0, q6_k, q5_k, q4_k, q4_0, fp8, q4_k_m, q5_k_m, q3_k, q3_k_m")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument(
         "--threads", type=cli_args.threads, default=None, help="quantization threads (default: all cores)"
@@ -337,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="force ggml's own quantizers (CPU) or zimage-lite's torch fallback (default: ggml where installed)",
     )  # fmt: skip
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from zimage_lite.cli_imatrix import add_recipe_arguments
+
+    add_recipe_arguments(c)
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="what a checkpoint file or folder holds")
@@ -352,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synthetic", help="write a random-weight model of the real architecture (tests, demo)")
     s.add_argument("output", type=cli_args.output_folder)
-    s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
+    s.add_argument("--size", choices=["tiny", "small", "small-k", "full"], default="tiny")
+    s.add_argument("--outliers", action="store_true",
+                   help="a few outlier input channels in every layer, as trained models have (imatrix tests)")  # fmt: skip
     s.add_argument("--seed", type=cli_args.seed, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument(
@@ -364,10 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
+    from zimage_lite.cli_imatrix import add_imatrix_arguments, cmd_imatrix
+
+    m = sub.add_parser("imatrix", help="gather an importance matrix (for convert --imatrix) by generating")
+    add_imatrix_arguments(m)
+    m.set_defaults(func=cmd_imatrix)
     from zimage_lite.serve.cli import add_parser as add_serve_parser
 
     v = add_serve_parser(sub)
-    for command in (g, c, i, b, s, v):  # -v after the command too; SUPPRESS keeps a -v given before it
+    for command in (g, c, i, b, s, m, v):  # -v after the command too; SUPPRESS keeps a -v given before it
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return parser
 

@@ -93,6 +93,24 @@ def file_quantizer(path: Path | None) -> str | None:
         return None
 
 
+def file_imatrix(path: Path | None) -> str | None:
+    """The importance matrix a converted GGUF was quantized with (llama.cpp's quantize.imatrix.* keys), or None."""
+    if path is None or path.suffix != ".gguf" or not path.is_file():
+        return None
+    from zimage_lite.convert.calibrated import IMATRIX_KEYS
+
+    try:
+        from zimage_lite.weights.gguf import GGUFCheckpoint
+
+        src = GGUFCheckpoint(path)
+        file = src.field(IMATRIX_KEYS["file"])
+        if file is None:
+            return None
+        return f"{Path(file).name} ({src.field(IMATRIX_KEYS['chunks'])} chunks, {src.field(IMATRIX_KEYS['dataset'])})"
+    except Exception:  # a report detail: an unreadable header must not cost the row
+        return None
+
+
 def free_device_memory() -> None:
     import torch
 
@@ -185,6 +203,7 @@ class OursEngine:
         self.files = component_bytes(self.pipe.paths)
         self.transformer_types = tensor_types(self.pipe.paths.transformer)
         self.quantizer = file_quantizer(self.pipe.paths.transformer)
+        self.imatrix = file_imatrix(self.pipe.paths.transformer)
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()

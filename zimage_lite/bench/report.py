@@ -84,6 +84,7 @@ def build_row(row) -> dict:
         "files": info.get("files"),
         "transformer_types": info.get("transformer_types"),
         "quantizer": info.get("quantizer"),
+        "imatrix": info.get("imatrix"),
         "vram_cap": info.get("vram_cap"),
         "timing": _timing(row.samples),
         "memory": {

@@ -297,7 +297,7 @@ def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar)
     row.info.update(
         load_s=engine.load_seconds, compute_dtype=engine.compute_dtype, device=engine.device,
         files=engine.files, vram_cap=engine.vram, transformer_types=engine.transformer_types,
-        quantizer=engine.quantizer,
+        quantizer=engine.quantizer, imatrix=getattr(engine, "imatrix", None),
     )  # fmt: skip
     size = dict(steps=cfg.steps, width=cfg.width, height=cfg.height)
     first = cfg.prompts[0].text, cfg.seeds[0]

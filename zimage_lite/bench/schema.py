@@ -28,7 +28,7 @@ PROMPT = {"id": str, "kind": str, "text": str}
 ROW = {
     "name": str, "kind": str, "precision": str, "status": str, "reason": OPT_STR, "compute_dtype": OPT_STR,
     "device": OPT_STR, "source": OPT_STR, "convert": (dict, NONE), "load_s": OPT_NUM, "files": (dict, NONE),
-    "transformer_types": (dict, NONE), "quantizer": OPT_STR, "vram_cap": (dict, NONE), "timing": dict, "memory": dict,
+    "transformer_types": (dict, NONE), "quantizer": OPT_STR, "imatrix": OPT_STR, "vram_cap": (dict, NONE), "timing": dict, "memory": dict,
     "quality": dict, "deterministic": (bool, NONE),
 }  # fmt: skip
 CONVERT = {"cached": (bool, NONE), "convert_s": OPT_NUM}

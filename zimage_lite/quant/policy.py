@@ -93,11 +93,15 @@ PRESETS: dict[str, dict[str, str]] = {
     "q4_0": _preset("Q4_0"),
     "fp8": _preset("FP8_E4M3", modulation="BF16", embedding="BF16"),
     "q4_k_m": _preset("Q4_K", bumped="Q5_K"),
+    "q3_k": _preset("Q3_K"),  # written by ggml's library only; made for an --imatrix
+    "q3_k_m": _preset("Q3_K", bumped="Q4_K"),
     "q5_k_m": _preset("Q5_K", bumped="Q6_K"),
 }
 
 # A block type that does not divide the row length -> the next choice (then BF16).
-FALLBACK: dict[str, str] = {"Q6_K": "Q8_0", "Q5_K": "Q8_0", "Q4_K": "Q4_0", "Q8_0": "BF16", "Q4_0": "BF16"}
+FALLBACK: dict[str, str] = {
+    "Q6_K": "Q8_0", "Q5_K": "Q8_0", "Q4_K": "Q4_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0", "Q8_0": "BF16", "Q4_0": "BF16",
+}  # fmt: skip
 
 
 def _rules(component: str) -> tuple[Rule, ...]:
