@@ -1,0 +1,379 @@
+"""The web page on `zimage-lite serve`, driven in Debian's Chromium by Playwright against a live server on
+the tiny synthetic model: prompt to picture, init image and painted mask, cancel, the server's errors next
+to their control, no request to another host, keyboard use and a 390-pixel screen.
+
+One server and one browser per module; each test gets a fresh browser context (no shared page state) and
+saves a screenshot under its tmp folder. Skipped where /usr/bin/chromium or playwright is missing (`.ci/run`
+installs chromium)."""
+
+from __future__ import annotations
+
+import email.parser
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from PIL import Image
+
+from zimage_lite.synthetic import write_synthetic_model
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-sync",
+]  # fmt: skip
+SMALL = {"width": "64", "height": "64", "steps": "4"}  # the tiny model runs this in about a second
+LONG = {"width": "256", "height": "256", "steps": "100"}  # long enough to cancel mid-run
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server was not ready in {timeout_s} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("page-server")
+    model = write_synthetic_model(root / "tiny", "tiny", seed=0)
+    port = free_port()
+    log = root / "server.log"
+    cmd = [
+        sys.executable, "-m", "zimage_lite.cli", "serve", "--model", str(model), "--device", "cpu",
+        "--host", "127.0.0.1", "--port", str(port), "--output-dir", str(root / "out"),
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()  # this server's own pid
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Visit:
+    """A page in its own browser context; every request URL is logged, any to another host refused."""
+
+    def __init__(self, browser, server: str, tmp_path: Path, width: int = 1280, height: int = 900):
+        self.server = server
+        self.tmp_path = tmp_path
+        self.urls: list[str] = []
+        self.errors: list[str] = []
+        self.context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+        self.context.route("**/*", self._route)
+        self.page = self.context.new_page()
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        self.page.goto(server + "/")
+        self.page.wait_for_function("document.getElementById('model-info').textContent.includes('·')")
+
+    def _route(self, route):
+        self.urls.append(route.request.url)
+        if self.foreign([route.request.url]):
+            route.abort()
+        else:
+            route.continue_()
+
+    def foreign(self, urls) -> list[str]:
+        ours = urlsplit(self.server).netloc
+        return [u for u in urls if urlsplit(u).scheme not in ("data", "blob") and urlsplit(u).netloc != ours]
+
+    def fill(self, **fields: str) -> None:
+        p = self.page
+        if "prompt" in fields:
+            p.get_by_label("Prompt", exact=True).fill(fields.pop("prompt"))
+        if "width" in fields or "height" in fields:
+            p.get_by_label("Size preset").select_option("custom")
+        for name, value in fields.items():
+            p.locator(f"#{name}").fill(value)
+
+    def shot(self, name: str) -> Path:
+        path = self.tmp_path / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def visit(browser, server, tmp_path, request):
+    v = Visit(browser, server, tmp_path)
+    yield v
+    v.shot(request.node.name)
+    v.close()
+    assert not v.errors, f"JavaScript errors on the page: {v.errors}"
+
+
+def watch_progress(page) -> None:
+    """Records every value the progress bar takes (the SSE step events set it) in window.__progress."""
+    page.evaluate(
+        """() => {
+        window.__progress = [];
+        const bar = document.getElementById('progress');
+        new MutationObserver(() => window.__progress.push([bar.value, bar.max]))
+            .observe(bar, {attributes: true, attributeFilter: ['value', 'max']});
+    }"""
+    )
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return dict(im.text)
+
+
+def test_prompt_generate_progress_reaches_the_end_and_the_image_appears(visit):
+    p = visit.page
+    visit.fill(prompt="a lighthouse on a cliff at dusk", **SMALL)
+    watch_progress(p)
+    p.get_by_role("button", name="Generate").click()
+    img = p.locator("#gallery li img").first
+    img.wait_for(timeout=60_000)
+    steps = [value for value, bar_max in p.evaluate("window.__progress") if bar_max == 4 and value > 0]
+    assert steps[:4] == [1, 2, 3, 4], steps  # every step event moved the bar, in order, to the end
+    assert p.locator("#progress").evaluate("b => [b.value, b.max]") == [4, 4]
+    assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
+    assert p.locator("#current-img").is_visible()
+
+
+def test_gallery_download_is_the_servers_png_and_click_restores_settings(visit):
+    p = visit.page
+    visit.fill(prompt="a red bicycle", **SMALL)
+    p.get_by_label("Fixed").check()
+    p.get_by_label("Seed value").fill("1234")
+    with p.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST"):
+        p.get_by_role("button", name="Generate").click()
+    p.locator("#gallery li").first.wait_for(timeout=60_000)
+    with p.expect_download() as dl:
+        p.get_by_role("link", name="Download PNG").first.click()
+    data = Path(dl.value.path()).read_bytes()
+    text = png_text(data)
+    assert text["prompt"] == "a red bicycle" and text["seed"] == "1234", text
+
+    visit.fill(prompt="something else", width="128", height="96", steps="2")
+    p.get_by_label("Random").check()
+    p.locator("#gallery li button").first.click()
+    assert p.get_by_label("Prompt", exact=True).input_value() == "a red bicycle"
+    assert [p.locator(f"#{k}").input_value() for k in ("width", "height", "steps")] == ["64", "64", "4"]
+    assert p.get_by_label("Fixed").is_checked() and p.get_by_label("Seed value").input_value() == "1234"
+
+
+def test_reuse_this_seed_fixes_the_last_random_seed(visit):
+    p = visit.page
+    visit.fill(prompt="a fox", **SMALL)
+    with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
+        p.get_by_role("button", name="Generate").click()
+    sent = req.value.post_data_json["seed"]
+    p.locator("#gallery li").first.wait_for(timeout=60_000)
+    p.get_by_role("button", name="Reuse this seed").click()
+    assert p.get_by_label("Fixed").is_checked()
+    assert p.get_by_label("Seed value").input_value() == str(sent)
+
+
+def init_png(path: Path) -> Path:
+    # a top-to-bottom ramp: a real picture, not noise, so the preview is recognisable in the screenshot
+    Image.linear_gradient("L").resize((64, 64)).convert("RGB").save(path)
+    return path
+
+
+def multipart_parts(request) -> dict[str, bytes]:
+    head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
+    msg = email.parser.BytesParser().parsebytes(head + request.post_data_buffer)
+    return {
+        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+        for part in msg.get_payload()
+    }
+
+
+def drag(page, box, points) -> None:
+    x0, y0 = box["x"], box["y"]
+    page.mouse.move(x0 + points[0][0] * box["width"], y0 + points[0][1] * box["height"])
+    page.mouse.down()
+    for fx, fy in points[1:]:
+        page.mouse.move(x0 + fx * box["width"], y0 + fy * box["height"], steps=5)
+    page.mouse.up()
+
+
+def test_init_image_painted_mask_generates_inpainting(visit, tmp_path):
+    p = visit.page
+    visit.fill(prompt="a sign that says OPEN")
+    p.get_by_label("Choose an image or drop one here").set_input_files(init_png(tmp_path / "init.png"))
+    canvas = p.get_by_label("Mask: paint where the image is re-generated")
+    canvas.wait_for()
+    assert [p.locator(f"#{k}").input_value() for k in ("width", "height")] == ["64", "64"]
+    p.get_by_label("Brush", exact=True).fill("8")
+    box = canvas.bounding_box()
+    drag(p, box, [(0.1, 0.2), (0.9, 0.2)])  # a stroke across the top
+    drag(p, box, [(0.5, 0.5), (0.5, 0.9)])  # and one down the middle, then erase its end
+    p.get_by_label("Eraser").check()
+    drag(p, box, [(0.3, 0.85), (0.7, 0.85)])
+    visit.shot("mask-painted")
+    visit.fill(steps="4")
+    with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
+        p.get_by_role("button", name="Generate").click()
+    p.locator("#gallery li img").first.wait_for(timeout=60_000)
+    parts = multipart_parts(req.value)
+    with Image.open(io.BytesIO(parts["mask"])) as m:
+        mask = m.convert("L")
+    assert mask.size == (64, 64)
+    white = lambda fx, fy: mask.getpixel((int(fx * 63), int(fy * 63))) > 127
+    assert white(0.5, 0.2) and white(0.15, 0.2) and white(0.5, 0.6)  # painted
+    assert not white(0.5, 0.86)  # erased
+    assert not white(0.2, 0.6) and not white(0.8, 0.95)  # never painted
+    assert (
+        "image" in parts
+    )  # a file from disk: Chromium does not show its bytes to the test (they stay a file reference)
+    assert float(parts["strength"]) == pytest.approx(0.6)
+
+    p.get_by_role("button", name="Invert").click()
+    inverted = p.evaluate(
+        "() => { const c = document.getElementById('mask-canvas');"
+        " return c.getContext('2d').getImageData(Math.round(0.2*c.width), Math.round(0.6*c.height), 1, 1).data[3]; }"
+    )
+    assert inverted == 255  # what was kept is now painted
+    p.get_by_role("button", name="Clear").click()
+    assert not p.evaluate(
+        "() => { const c = document.getElementById('mask-canvas');"
+        " return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v); }"
+    )
+
+
+def test_drop_an_image_on_the_drop_zone(visit, tmp_path):
+    p = visit.page
+    data = init_png(tmp_path / "init.png").read_bytes()
+    p.evaluate(
+        """(bytes) => {
+        const file = new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'});
+        const dt = new DataTransfer();
+        dt.items.add(file);
+        const zone = document.getElementById('drop-zone');
+        zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""",
+        list(data),
+    )
+    p.get_by_role("img", name="The init image").wait_for()
+    assert p.locator("#init-preview").evaluate("i => i.complete && i.naturalWidth") == 64
+
+
+def test_cancel_a_running_job(visit, server):
+    p = visit.page
+    visit.fill(prompt="a slow one", **LONG)
+    with p.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as resp:
+        p.get_by_role("button", name="Generate").click()
+    job_id = resp.value.json()["id"]
+    p.wait_for_function("document.getElementById('progress').value >= 1", timeout=60_000)
+    p.get_by_role("button", name="Cancel").click()
+    p.get_by_text("Cancelled").wait_for(timeout=30_000)
+    with urllib.request.urlopen(f"{server}/v1/jobs/{job_id}", timeout=10) as r:
+        job = json.load(r)
+    assert job["state"] == "cancelled"
+    assert job.get("step", 0) < 100
+    assert p.get_by_role("button", name="Generate").is_enabled()
+    assert p.locator("#gallery li").count() == 0
+
+
+def test_bad_size_shows_the_servers_message_next_to_size(visit):
+    p = visit.page
+    visit.fill(prompt="a cat", width="100", height="64", steps="1")
+    with p.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as resp:
+        p.get_by_role("button", name="Generate").click()
+    assert resp.value.status == 400
+    message = resp.value.json()["error"]["message"]
+    error = p.locator("#size-field .error")
+    error.wait_for()
+    assert error.text_content() == message
+    assert p.locator("#width").get_attribute("aria-invalid") == "true"
+    assert p.locator("#form-error").is_hidden()
+    assert p.get_by_label("Prompt", exact=True).input_value() == "a cat"  # nothing lost
+
+
+def test_no_request_goes_to_another_host(visit, tmp_path):
+    p = visit.page
+    visit.fill(prompt="a quiet street", **SMALL)
+    p.get_by_label("Choose an image or drop one here").set_input_files(init_png(tmp_path / "init.png"))
+    p.get_by_role("button", name="Generate").click()
+    p.locator("#gallery li img").first.wait_for(timeout=60_000)
+    paths = {urlsplit(u).path for u in visit.urls}
+    assert {"/", "/style.css", "/js/main.js", "/v1/models", "/v1/jobs"} <= paths  # the log sees everything
+    assert any(path.endswith("/events") for path in paths)
+    assert visit.foreign(visit.urls) == []
+
+
+def test_every_control_has_a_label_and_the_keyboard_generates(visit):
+    p = visit.page
+    unlabelled = p.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button, canvas, progress')]
+            .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                          && !el.textContent.trim())
+            .map(el => el.id || el.outerHTML)"""
+    )
+    assert unlabelled == []
+    p.keyboard.press("Tab")  # the first stop is the prompt
+    assert p.evaluate("document.activeElement.id") == "prompt"
+    p.keyboard.type("a bridge in fog")
+    visit.fill(**SMALL)
+    p.get_by_label("Prompt", exact=True).focus()
+    p.keyboard.press("Control+Enter")
+    p.locator("#gallery li img").first.wait_for(timeout=60_000)
+
+
+def test_works_at_390_px(browser, server, tmp_path):
+    v = Visit(browser, server, tmp_path, width=390, height=844)
+    try:
+        p = v.page
+        v.fill(prompt="a lighthouse on a cliff at dusk", **SMALL)
+        p.get_by_role("button", name="Generate").click()
+        p.locator("#gallery li img").first.wait_for(timeout=60_000)
+        assert p.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+        for name in ("Prompt", "Width", "Height", "Steps", "Batch"):
+            box = p.get_by_label(name, exact=True).bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 390, name
+        v.shot("phone")
+        assert not v.errors
+    finally:
+        v.close()
