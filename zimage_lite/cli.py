@@ -1,4 +1,4 @@
-"""`zimage-lite` command line: generate | convert | inspect | bench | synthetic.
+"""`zimage-lite` command line: generate | convert | inspect | bench | synthetic | serve.
 
 Only this module prints. Every failure ends with one line on stderr (cli_errors.py: exit code 2 for what a
 user or the machine caused, 130 for Ctrl-C, 1 for a bug; `-v` adds the traceback). Arguments are checked
@@ -345,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
-    for command in (g, c, i, b, s):  # -v after the command too; SUPPRESS keeps a -v given before it
+    from zimage_lite.serve.cli import add_parser as add_serve_parser
+
+    v = add_serve_parser(sub)
+    for command in (g, c, i, b, s, v):  # -v after the command too; SUPPRESS keeps a -v given before it
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return parser
 

@@ -126,7 +126,7 @@ class Pipeline:
         budget=None,
     ):
         from zimage_lite.runtime.budget import VramBudget
-        from zimage_lite.runtime.phases import DeviceRuntime, phase_models
+        from zimage_lite.runtime.phases import DeviceRuntime, phase_models, plan_phases
 
         self.paths = paths
         self.budget = budget or VramBudget(None, 0, "unlimited")
@@ -142,6 +142,9 @@ class Pipeline:
         self.runtime = DeviceRuntime(device, phase_models(text_encoder, transformer, vae), capacity)
         self._plans = None
         self.loras: list[tuple[str, dict, float]] = []  # (file, {layer: LowRank}, scale), in load order
+        # Parts a server swaps for caching ones (serve/reuse.py); same signatures, same results.
+        self.text_features: Callable[[list[list[int]]], list[torch.Tensor]] = self.encode_in_phase
+        self.plan_phases: Callable[..., object] = plan_phases
 
     @classmethod
     def load(
@@ -196,15 +199,21 @@ class Pipeline:
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Add a LoRA file's low-rank updates, times `scale`, beside the transformer's linears (any weight
         format; nothing is dequantized or merged). A file that does not fit raises and changes nothing."""
-        from zimage_lite.runtime.lora import apply_loras
         from zimage_lite.weights.lora import read_lora
 
         updates = read_lora(path, self.transformer)
-        loras = [*self.loras, (str(path), updates, float(scale))]
+        added = self.set_loras([*self.loras, (str(path), updates, float(scale))])
+        log.info("LoRA %s (scale %g): %d layers, %.1f MiB in all", path, scale, len(updates), added / 2**20)
+
+    def set_loras(self, loras: list[tuple[str, dict, float]]) -> int:
+        """Replace the LoRAs beside the transformer by `loras` ((name, updates from read_lora, scale)),
+        reading no file: a server switches them per request. Returns the bytes added."""
+        from zimage_lite.runtime.lora import apply_loras
+
         self.runtime.forget("transformer")
         added = apply_loras(self.transformer, [(u, s) for _, u, s in loras], self.dtype)
-        self.loras = loras
-        log.info("LoRA %s (scale %g): %d layers, %.1f MiB in all", path, scale, len(updates), added / 2**20)
+        self.loras = list(loras)
+        return added
 
     def unload_loras(self) -> None:
         from zimage_lite.runtime.lora import remove_loras
@@ -226,6 +235,11 @@ class Pipeline:
             emb = self.text_encoder.embed_tokens(torch.tensor([row], dtype=torch.long))
             out.append(self.text_encoder.forward_embeddings(emb.to(self.device))[0])
         return out
+
+    def encode_in_phase(self, ids: list[list[int]]) -> list[torch.Tensor]:
+        """`encode_ids` with the text encoder's weights placed per its plan for the call."""
+        with self._phase("text_encoder"):
+            return self.encode_ids(ids)
 
     @torch.no_grad()
     def generate_latents(
@@ -262,8 +276,7 @@ class Pipeline:
         ids = self.tokenizer.encode(prompts)
         self._plan(ids, width, height, len(prompts) * batch, encode=image is not None)
         t0 = timer.now()
-        with self._phase("text_encoder"):
-            captions = [c for c in self.encode_ids(ids) for _ in range(batch)]
+        captions = [c for c in self.text_features(ids) for _ in range(batch)]
         t1 = timer.now()
         stats.phases["text_encoder"] = t1 - t0
 
@@ -327,10 +340,8 @@ class Pipeline:
     def _plan(self, ids: list[list[int]], width: int, height: int, images: int, encode: bool = False) -> None:
         """All phases planned before any work, so a budget too small fails first (`encode`: with the
         VAE encoder, for an init image)."""
-        from zimage_lite.runtime.phases import plan_phases
-
         try:
-            self._plans = plan_phases(
+            self._plans = self.plan_phases(
                 self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width,
                 height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
                 encode=encode,
