@@ -8,10 +8,9 @@ installs chromium)."""
 
 from __future__ import annotations
 
-import email.parser
+import base64
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,7 +20,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from zimage_lite.synthetic import write_synthetic_model
 
@@ -47,6 +48,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_lora(path: Path) -> None:
+    """A rank-4 PEFT-layout LoRA on one attention projection of the tiny model (64 wide)."""
+    gen = torch.Generator().manual_seed(0)
+    key = "transformer.layers.0.attention.to_q"
+    tensors = {
+        f"{key}.lora_A.weight": torch.randn(4, 64, generator=gen),
+        f"{key}.lora_B.weight": torch.randn(64, 4, generator=gen),
+    }
+    save_file(tensors, str(path))
+
+
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -66,11 +78,14 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 1
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("page-server")
     model = write_synthetic_model(root / "tiny", "tiny", seed=0)
+    loras = root / "loras"
+    loras.mkdir()
+    write_lora(loras / "film-grain.safetensors")
     port = free_port()
     log = root / "server.log"
     cmd = [
         sys.executable, "-m", "zimage_lite.cli", "serve", "--model", str(model), "--device", "cpu",
-        "--host", "127.0.0.1", "--port", str(port), "--output-dir", str(root / "out"),
+        "--host", "127.0.0.1", "--port", str(port), "--output-dir", str(root / "out"), "--lora-dir", str(loras),
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -168,38 +183,45 @@ def png_text(data: bytes) -> dict[str, str]:
 
 def test_prompt_generate_progress_reaches_the_end_and_the_image_appears(visit):
     p = visit.page
-    visit.fill(prompt="a lighthouse on a cliff at dusk", **SMALL)
+    visit.fill(prompt="a lighthouse on a cliff at dusk", **{**SMALL, "steps": "6"})
     watch_progress(p)
     p.get_by_role("button", name="Generate").click()
     img = p.locator("#gallery li img").first
     img.wait_for(timeout=60_000)
-    steps = [value for value, bar_max in p.evaluate("window.__progress") if bar_max == 4 and value > 0]
-    assert steps[:4] == [1, 2, 3, 4], steps  # every step event moved the bar, in order, to the end
-    assert p.locator("#progress").evaluate("b => [b.value, b.max]") == [4, 4]
+    seen = [value for value, bar_max in p.evaluate("window.__progress") if bar_max == 6 and value > 0]
+    assert seen == sorted(seen) and seen[-1] == 6, seen  # forward only, to the end
+    assert any(0 < v < 6 for v in seen), seen  # and live: steps before the end came from the events
+    assert p.locator("#progress").evaluate("b => [b.value, b.max]") == [6, 6]
     assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
     assert p.locator("#current-img").is_visible()
 
 
-def test_gallery_download_is_the_servers_png_and_click_restores_settings(visit):
+def test_lora_gallery_download_is_the_servers_png_and_click_restores_settings(visit):
     p = visit.page
     visit.fill(prompt="a red bicycle", **SMALL)
     p.get_by_label("Fixed").check()
     p.get_by_label("Seed value").fill("1234")
-    with p.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST"):
+    p.get_by_label("film-grain", exact=True).check()
+    p.get_by_label("film-grain scale").fill("0.5")
+    with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
         p.get_by_role("button", name="Generate").click()
+    assert req.value.post_data_json["loras"] == [{"name": "film-grain", "scale": 0.5}]
     p.locator("#gallery li").first.wait_for(timeout=60_000)
     with p.expect_download() as dl:
         p.get_by_role("link", name="Download PNG").first.click()
     data = Path(dl.value.path()).read_bytes()
-    text = png_text(data)
-    assert text["prompt"] == "a red bicycle" and text["seed"] == "1234", text
+    text = png_text(data)  # the server's own PNG text, so the bytes are the server's
+    assert (text["prompt"], text["seed"], text["loras"]) == ("a red bicycle", "1234", "film-grain:0.5"), text
 
     visit.fill(prompt="something else", width="128", height="96", steps="2")
     p.get_by_label("Random").check()
+    p.get_by_label("film-grain", exact=True).uncheck()
     p.locator("#gallery li button").first.click()
     assert p.get_by_label("Prompt", exact=True).input_value() == "a red bicycle"
     assert [p.locator(f"#{k}").input_value() for k in ("width", "height", "steps")] == ["64", "64", "4"]
     assert p.get_by_label("Fixed").is_checked() and p.get_by_label("Seed value").input_value() == "1234"
+    assert p.get_by_label("film-grain", exact=True).is_checked()
+    assert p.get_by_label("film-grain scale").input_value() == "0.5"
 
 
 def test_reuse_this_seed_fixes_the_last_random_seed(visit):
@@ -220,13 +242,10 @@ def init_png(path: Path) -> Path:
     return path
 
 
-def multipart_parts(request) -> dict[str, bytes]:
-    head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
-    msg = email.parser.BytesParser().parsebytes(head + request.post_data_buffer)
-    return {
-        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-        for part in msg.get_payload()
-    }
+def data_url_bytes(url: str) -> bytes:
+    head, _, data = url.partition(",")
+    assert head.startswith("data:image/") and head.endswith(";base64"), head
+    return base64.b64decode(data)
 
 
 def drag(page, box, points) -> None:
@@ -256,18 +275,20 @@ def test_init_image_painted_mask_generates_inpainting(visit, tmp_path):
     with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
         p.get_by_role("button", name="Generate").click()
     p.locator("#gallery li img").first.wait_for(timeout=60_000)
-    parts = multipart_parts(req.value)
-    with Image.open(io.BytesIO(parts["mask"])) as m:
-        mask = m.convert("L")
-    assert mask.size == (64, 64)
-    white = lambda fx, fy: mask.getpixel((int(fx * 63), int(fy * 63))) > 127
-    assert white(0.5, 0.2) and white(0.15, 0.2) and white(0.5, 0.6)  # painted
-    assert not white(0.5, 0.86)  # erased
-    assert not white(0.2, 0.6) and not white(0.8, 0.95)  # never painted
-    assert (
-        "image" in parts
-    )  # a file from disk: Chromium does not show its bytes to the test (they stay a file reference)
-    assert float(parts["strength"]) == pytest.approx(0.6)
+    body = req.value.post_data_json
+    with Image.open(io.BytesIO(data_url_bytes(body["mask"]))) as m:
+        alpha = m.convert("RGBA").getchannel("A")  # OpenAI's convention: transparent = re-generate
+    assert alpha.size == (64, 64)
+    painted = lambda fx, fy: alpha.getpixel((int(fx * 63), int(fy * 63))) < 128
+    assert painted(0.5, 0.2) and painted(0.15, 0.2) and painted(0.5, 0.6)
+    assert not painted(0.5, 0.86)  # erased
+    assert not painted(0.2, 0.6) and not painted(0.8, 0.95)  # never painted
+    assert data_url_bytes(body["image"]) == (tmp_path / "init.png").read_bytes()  # the file as chosen
+    assert body["strength"] == pytest.approx(0.6)
+    with p.expect_download() as dl:
+        p.get_by_role("link", name="Download PNG").first.click()
+    text = png_text(Path(dl.value.path()).read_bytes())
+    assert (text["init_image"], text["mask"], text["strength"]) == ("uploaded", "uploaded", "0.6"), text
 
     p.get_by_role("button", name="Invert").click()
     inverted = p.evaluate(
@@ -339,9 +360,18 @@ def test_no_request_goes_to_another_host(visit, tmp_path):
     p.get_by_role("button", name="Generate").click()
     p.locator("#gallery li img").first.wait_for(timeout=60_000)
     paths = {urlsplit(u).path for u in visit.urls}
-    assert {"/", "/style.css", "/js/main.js", "/v1/models", "/v1/jobs"} <= paths  # the log sees everything
-    assert any(path.endswith("/events") for path in paths)
+    assert {"/", "/style.css", "/js/main.js", "/v1/info", "/v1/jobs"} <= paths  # the log sees everything
+    assert any(path.endswith("/events") for path in paths) and any(
+        path.startswith("/v1/files/") for path in paths
+    )
     assert visit.foreign(visit.urls) == []
+
+    # the log would have caught one: a request the page did not make, to another host
+    p.evaluate(
+        "() => { const i = new Image(); i.src = 'http://192.0.2.1/probe.png'; document.body.append(i); }"
+    )
+    p.wait_for_function("() => [...document.images].some(i => i.src.includes('probe') && i.complete)")
+    assert visit.foreign(visit.urls) == ["http://192.0.2.1/probe.png"]
 
 
 def test_every_control_has_a_label_and_the_keyboard_generates(visit):

@@ -1,5 +1,5 @@
-// The server's routes, as any client uses them: GET /v1/models, the jobs API and its SSE events.
-// Nothing here knows about the page; every other module talks to the server through these functions.
+// The server's routes, as any client uses them (docs/serve-api.md): GET /v1/info, the jobs API and its
+// Server-Sent Events. Nothing here knows about the page; the other modules reach the server only through it.
 
 export class ApiError extends Error {
   // `param` names the request field the server refused (OpenAI's error shape), so the page can show the
@@ -12,6 +12,10 @@ export class ApiError extends Error {
   }
 }
 
+export function fromBody(err, status = 0) {
+  return new ApiError(err.message, { param: err.param, code: err.code, status });
+}
+
 async function failure(response) {
   let body = null;
   try {
@@ -19,12 +23,10 @@ async function failure(response) {
   } catch {
     // not JSON: the status line is all there is
   }
-  const err = body && body.error;
-  if (err && err.message) {
-    return new ApiError(err.message, { param: err.param, code: err.code, status: response.status });
-  }
-  const detail = body && typeof body.detail === "string" ? body.detail : response.statusText;
-  return new ApiError(`${response.status} ${detail}`, { status: response.status });
+  if (body && body.error && body.error.message) return fromBody(body.error, response.status);
+  return new ApiError(`the server answered ${response.status} ${response.statusText}`, {
+    status: response.status,
+  });
 }
 
 async function call(url, options = {}) {
@@ -39,84 +41,58 @@ async function call(url, options = {}) {
 }
 
 export async function describe() {
-  const body = await (await call("/v1/models")).json();
-  const model = (body.data && body.data[0]) || {};
-  return {
-    id: model.id || "model",
-    variant: model.variant || "turbo",
-    loras: model.loras || [],
-    controlnet: Boolean(model.controlnet),
-    defaults: model.defaults || {},
-    limits: model.limits || {},
-  };
+  // {model, variant, loras, controlnet, defaults: {steps, size, ...}, limits: {max_n, max_steps, ...}}
+  return (await call("/v1/info")).json();
 }
 
-export async function submit(request, files) {
-  // JSON when there is no image; multipart (as /v1/images/edits takes it) when there is one.
-  let options;
-  if (Object.keys(files).length === 0) {
-    options = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request) };
-  } else {
-    const form = new FormData();
-    for (const [key, value] of Object.entries(request)) {
-      form.append(key, typeof value === "object" ? JSON.stringify(value) : String(value));
-    }
-    for (const [key, blob] of Object.entries(files)) form.append(key, blob, `${key}.png`);
-    options = { method: "POST", body: form };
-  }
+export async function submit(request) {
+  // The job as GET shows it ({id, state, position, seed, ...}), or ApiError naming the refused field.
+  const options = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request) };
   return (await call("/v1/jobs", options)).json();
-}
-
-export async function job(id) {
-  return (await call(`/v1/jobs/${encodeURIComponent(id)}`)).json();
 }
 
 export async function cancel(id) {
   await call(`/v1/jobs/${encodeURIComponent(id)}`, { method: "DELETE" });
 }
 
-const FINAL = new Set(["succeeded", "failed", "cancelled"]);
-
-export function isFinal(state) {
-  return FINAL.has(state);
-}
-
-export function watch(id, onUpdate) {
-  // Calls onUpdate(update) with each SSE event's JSON ({state, step, steps, queue_position, ...}) and
-  // resolves with the final job (GET /v1/jobs/{id}) once the stream says the job ended.
-  return new Promise((resolve, reject) => {
-    const source = new EventSource(`/v1/jobs/${encodeURIComponent(id)}/events`);
-    const finish = async () => {
-      source.close();
-      try {
-        resolve(await job(id));
-      } catch (exc) {
-        reject(exc);
-      }
-    };
-    const handle = (event) => {
-      let update;
-      try {
-        update = JSON.parse(event.data);
-      } catch {
-        return;
-      }
-      onUpdate(update);
-      if (isFinal(update.state)) finish();
-    };
-    for (const name of ["message", "queued", "running", "step", "succeeded", "failed", "cancelled"]) {
-      source.addEventListener(name, handle);
-    }
-    // The stream closes when the job ends; EventSource would reconnect, so ask the job instead.
-    source.onerror = finish;
-  });
-}
-
-export async function imageBlob(item) {
-  // The server's PNG bytes, untouched, so a download keeps the metadata it wrote.
-  if (item.b64_json) {
-    const bytes = Uint8Array.from(atob(item.b64_json), (c) => c.charCodeAt(0));
-    return new Blob([bytes], { type: "image/png" });
+function parseEvent(block) {
+  // One SSE block ("event: x\ndata: {...}") -> [name, data]; comments and unknown fields are skipped.
+  let name = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event:")) name = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
   }
-  return (await call(item.url)).blob();
+  return [name, data.length ? JSON.parse(data.join("\n")) : null];
+}
+
+export async function follow(id, onEvent) {
+  // Reads GET /v1/jobs/{id}/events: calls onEvent(name, data) for `queued` and `progress`, and returns the
+  // final event's [name, data]: ["result", job] or ["error", {error, state}]. fetch rather than
+  // EventSource: one stream that ends with the job, no silent reconnects.
+  const response = await call(`/v1/jobs/${encodeURIComponent(id)}/events`, {
+    headers: { Accept: "text/event-stream" },
+  });
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) throw new ApiError("the server closed the progress stream before the job ended");
+    buffer += value.replace(/\r\n?/g, "\n");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const [name, data] = parseEvent(buffer.slice(0, cut));
+      buffer = buffer.slice(cut + 2);
+      if (name === "result" || name === "error") {
+        reader.cancel();
+        return [name, data];
+      }
+      if (data) onEvent(name, data);
+    }
+  }
+}
+
+export async function imageBlob(result) {
+  // The server's file, byte for byte, so a download keeps the PNG metadata it wrote.
+  return (await call(result.url)).blob();
 }

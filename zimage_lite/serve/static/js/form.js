@@ -85,14 +85,14 @@ export function checkSeed(seed) {
 }
 
 export function request(s, model) {
-  // The jobs-API request for settings `s` (seed already chosen), and the image files it carries.
+  // The jobs-API request for settings `s` (seed already chosen); images are added by the caller.
   const body = {
     prompt: s.prompt,
     size: `${s.width}x${s.height}`,
     steps: s.steps,
     n: s.n,
     seed: Number(s.seed) <= Number.MAX_SAFE_INTEGER ? Number(s.seed) : s.seed,
-    response_format: "b64_json",
+    response_format: "url", // the jobs API keeps every image as a file; base64 would only be dropped
   };
   if (model.variant === "base") {
     body.negative_prompt = s.negative_prompt;
@@ -100,7 +100,7 @@ export function request(s, model) {
   }
   const loras = s.loras.filter((l) => l.enabled).map((l) => ({ name: l.name, scale: l.scale }));
   if (loras.length) body.loras = loras;
-  if (s.hires) body.hires = true;
+  if (s.hires) body.hires = { scale: 1.5 };
   return body;
 }
 

@@ -12,23 +12,26 @@ const state = {
   init: null, // {blob, name} of the init image
   control: null, // the ControlNet image file
   jobId: null,
-  cancelled: false,
 };
 
 const painter = new MaskPainter($("mask-canvas"));
 const gallery = new Gallery($("gallery"), $("gallery-empty"), restore);
 
-function applyModel(model) {
-  state.model = model;
-  const base = model.variant === "base";
+function applyModel(info) {
+  state.model = info;
+  const base = info.variant === "base";
   for (const el of document.querySelectorAll("[data-base-only]")) el.hidden = !base;
-  $("control-field").hidden = !model.controlnet;
-  $("lora-field").hidden = model.loras.length === 0;
-  loraList($("lora-list"), model.loras);
-  const d = model.defaults;
+  $("control-field").hidden = !info.controlnet;
+  $("lora-field").hidden = info.loras.length === 0;
+  loraList($("lora-list"), info.loras);
+  const d = info.defaults || {};
   if (d.steps) $("steps").value = d.steps;
-  if (d.guidance !== undefined && d.guidance !== null) $("guidance").value = d.guidance;
-  $("model-info").textContent = `${model.id} · ${model.variant}`;
+  if (d.guidance !== undefined) $("guidance").value = d.guidance;
+  if (d.size && /^\d+x\d+$/.test(d.size)) form.setSize(...d.size.split("x").map(Number));
+  const limits = info.limits || {};
+  if (limits.max_steps) $("steps").max = limits.max_steps;
+  if (limits.max_n) $("n").max = limits.max_n;
+  $("model-info").textContent = `${info.model} · ${info.variant} · ${info.device}`;
 }
 
 async function connect() {
@@ -109,35 +112,40 @@ function setRunning(running) {
   $("settings").setAttribute("aria-busy", String(running));
 }
 
-function progress(update) {
-  const bar = $("progress");
-  if (update.queue_position !== undefined && update.queue_position !== null && update.state === "queued") {
-    $("queue").textContent =
-      update.queue_position > 0 ? `Queue position ${update.queue_position}` : "Next in the queue";
+function onEvent(name, data) {
+  if (name === "queued") {
+    $("queue").textContent = data.position > 0 ? `Queue position ${data.position + 1}` : "Next in the queue";
     $("progress-label").textContent = "Waiting";
-  }
-  if (update.steps) {
-    bar.max = update.steps;
-    bar.value = update.step;
-    $("progress-label").textContent = `Step ${update.step} of ${update.steps}`;
+  } else if (name === "progress") {
+    const bar = $("progress");
+    bar.max = data.steps;
+    bar.value = data.step;
+    const pass = data.passes > 1 ? ` (${data.pass === 1 ? "first pass" : "hires pass"})` : "";
+    $("progress-label").textContent = `Step ${data.step} of ${data.steps}${pass}`;
     $("queue").textContent = "";
   }
 }
 
-async function files(settings) {
-  const out = {};
-  if (state.init) {
-    out.image = state.init.blob;
-    if (painter.painted()) out.mask = await painter.blob();
-  }
-  if (state.model.controlnet && state.control) out.control_image = state.control;
-  return out;
+function dataUrl(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new api.ApiError(`cannot read the file (${reader.error})`, { param: "image" }));
+    reader.readAsDataURL(blob);
+  });
 }
 
-function requestOf(settings, attached) {
+async function requestOf(settings) {
   const body = form.request(settings, state.model);
-  if (attached.image) body.strength = settings.strength;
-  if (attached.control_image) body.control_scale = settings.control_scale;
+  if (state.init) {
+    body.image = await dataUrl(state.init.blob);
+    body.strength = settings.strength;
+    if (painter.painted()) body.mask = await dataUrl(await painter.blob());
+  }
+  if (state.model.controlnet && state.control) {
+    body.control_image = await dataUrl(state.control);
+    body.control_scale = settings.control_scale;
+  }
   return body;
 }
 
@@ -149,17 +157,18 @@ async function generate(event) {
   const seedProblem = form.checkSeed(settings.seed);
   if (seedProblem) return void form.showError("seed", seedProblem);
   setRunning(true);
-  state.cancelled = false;
   $("progress").value = 0;
   $("progress-label").textContent = "Submitting";
+  $("queue").textContent = "";
   if (!matchMedia("(min-width: 900px)").matches) $("progress").scrollIntoView({ block: "center" }); // a phone
   try {
-    const attached = await files(settings);
-    const submitted = await api.submit(requestOf(settings, attached), attached);
-    state.jobId = submitted.id;
-    progress(submitted);
-    const done = await api.watch(submitted.id, progress);
-    await finished(done, settings);
+    const job = await api.submit(await requestOf(settings));
+    state.jobId = job.id;
+    if (job.state === "queued") onEvent("queued", job);
+    const [name, data] = await api.follow(job.id, onEvent);
+    if (name === "result") await finished(data, settings);
+    else if (data.state === "cancelled") cancelled();
+    else throw api.fromBody(data.error);
   } catch (exc) {
     failed(exc);
   } finally {
@@ -168,23 +177,20 @@ async function generate(event) {
   }
 }
 
+function cancelled() {
+  $("progress-label").textContent = "Cancelled";
+  $("progress").value = 0;
+  $("queue").textContent = "";
+}
+
 async function finished(job, settings) {
-  if (job.state === "cancelled") {
-    $("progress-label").textContent = "Cancelled";
-    $("progress").value = 0;
-    return;
-  }
-  if (job.state !== "succeeded") {
-    const err = job.error || {};
-    throw new api.ApiError(err.message || `the job ended as ${job.state}`, { param: err.param });
-  }
-  const items = (job.result && job.result.data) || [];
+  const results = job.results || [];
+  const blobs = await Promise.all(results.map(api.imageBlob));
   $("progress").value = $("progress").max;
-  $("progress-label").textContent = `Done: ${items.length} image${items.length === 1 ? "" : "s"}`;
-  $("last-seed").value = settings.seed;
+  $("progress-label").textContent = `Done: ${results.length} image${results.length === 1 ? "" : "s"}`;
+  $("last-seed").value = String(job.seed);
   $("last-seed-line").hidden = false;
   const init = state.init ? { ...state.init, mask: painter.snapshot() } : null;
-  const blobs = await Promise.all(items.map(api.imageBlob));
   let entry;
   for (let index = blobs.length - 1; index >= 0; index--) {
     entry = gallery.add({ blob: blobs[index], settings, init, index }); // image 1 ends on top
@@ -201,19 +207,18 @@ function show(entry) {
 
 function failed(exc) {
   $("progress-label").textContent = "Failed";
-  if (state.cancelled) return;
+  $("queue").textContent = "";
   form.showError(exc.param, exc.message);
 }
 
 async function cancel() {
   if (!state.jobId) return;
-  state.cancelled = true;
   $("cancel").disabled = true;
   $("progress-label").textContent = "Cancelling";
   try {
     await api.cancel(state.jobId);
   } catch (exc) {
-    form.showError(null, exc.message);
+    if (exc.status !== 409) form.showError(null, exc.message); // 409: it ended first; its result shows
   }
 }
 

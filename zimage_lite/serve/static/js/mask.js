@@ -1,6 +1,7 @@
 // Mask painting on a canvas laid over the init image. The canvas has the image's own pixel size and holds
 // the mask in its alpha: painted (re-generate) opaque, kept transparent; the paint is shown in a colour that
-// stands out on any picture. It is exported as a black-and-white PNG, the CLI's `--mask` convention.
+// stands out on any picture. It is exported in OpenAI's convention (see blob()); the server turns that into
+// the CLI's white = re-generate.
 
 const INK = "#ff2d55";
 
@@ -89,18 +90,16 @@ export class MaskPainter {
   }
 
   blob() {
-    // black = keep, white = re-generate, at the init image's size (the server resizes both to the output)
+    // OpenAI's mask convention, which the jobs API takes: the init image's size, transparent where the
+    // image is re-generated (painted), opaque black where it is kept.
     const out = document.createElement("canvas");
     out.width = this.canvas.width;
     out.height = this.canvas.height;
     const c = out.getContext("2d");
-    c.drawImage(this.canvas, 0, 0);
-    c.globalCompositeOperation = "source-in"; // the paint's alpha, in white
-    c.fillStyle = "#fff";
-    c.fillRect(0, 0, out.width, out.height);
-    c.globalCompositeOperation = "destination-over"; // black under it
     c.fillStyle = "#000";
     c.fillRect(0, 0, out.width, out.height);
+    c.globalCompositeOperation = "destination-out"; // the paint cuts holes
+    c.drawImage(this.canvas, 0, 0);
     return new Promise((resolve) => out.toBlob(resolve, "image/png"));
   }
 }
