@@ -15,25 +15,19 @@ from zimage_lite.serve.errors import bad_request
 
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     """A fully decoded PIL image from uploaded bytes, or a 400 naming `param`."""
+    too_large = (Image.DecompressionBombWarning, Image.DecompressionBombError)  # PIL's own, larger bound
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size  # from the header: nothing is decoded yet
-                if width * height > max_pixels:
-                    raise bad_request(
-                        f"{param} is {width}x{height}: over this server's {max_pixels} pixels", param,
-                        "image_too_large",
-                    )  # fmt: skip
+                if im.width * im.height > max_pixels:  # from the header: nothing is decoded yet
+                    raise Image.DecompressionBombError(f"{im.width}x{im.height}")
                 im.load()
                 return im.copy()
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as exc:
+    except too_large as exc:
+        raise bad_request(f"{param} is too large ({exc}); this server takes {max_pixels} pixels at most",
+                          param, "image_too_large") from None  # fmt: skip
+    except (OSError, ValueError, SyntaxError) as exc:
         raise bad_request(f"{param} is not a readable image ({type(exc).__name__})", param,
                           "invalid_image") from None  # fmt: skip
 
