@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from tests.serve_live import live_server
 from zimage_lite.synthetic import write_synthetic_model
 
 pytest.importorskip("fastapi")
@@ -42,12 +38,6 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_lora(path: Path) -> None:
     """A rank-4 PEFT-layout LoRA on one attention projection of the tiny model (64 wide)."""
     gen = torch.Generator().manual_seed(0)
@@ -59,21 +49,6 @@ def write_lora(path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server was not ready in {timeout_s} s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("page-server")
@@ -81,25 +56,8 @@ def server(tmp_path_factory):
     loras = root / "loras"
     loras.mkdir()
     write_lora(loras / "film-grain.safetensors")
-    port = free_port()
-    log = root / "server.log"
-    cmd = [
-        sys.executable, "-m", "zimage_lite.cli", "serve", "--model", str(model), "--device", "cpu",
-        "--host", "127.0.0.1", "--port", str(port), "--output-dir", str(root / "out"), "--lora-dir", str(loras),
-    ]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, log)
-        yield url
-    finally:
-        proc.terminate()  # this server's own pid
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with live_server(model, root, "--output-dir", str(root / "out"), "--lora-dir", str(loras)) as live:
+        yield live.url
 
 
 @pytest.fixture(scope="module")
@@ -321,19 +279,30 @@ def test_drop_an_image_on_the_drop_zone(visit, tmp_path):
     assert p.locator("#init-preview").evaluate("i => i.complete && i.naturalWidth") == 64
 
 
-def test_cancel_a_running_job(visit, server):
+def api(server: str, method: str, path: str, body: dict | None = None) -> dict:
+    r = httpx.request(method, server + path, json=body, timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_queue_position_then_cancel_the_running_job(visit, server):
     p = visit.page
-    visit.fill(prompt="a slow one", **LONG)
-    with p.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as resp:
-        p.get_by_role("button", name="Generate").click()
-    job_id = resp.value.json()["id"]
+    size = f"{LONG['width']}x{LONG['height']}"
+    other = api(server, "POST", "/v1/jobs", {"prompt": "another client", "size": size, "steps": 100})
+    try:
+        visit.fill(prompt="a slow one", **LONG)
+        with p.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as resp:
+            p.get_by_role("button", name="Generate").click()
+        job_id = resp.value.json()["id"]
+        p.get_by_text("Next in the queue").wait_for(timeout=30_000)  # behind the other client's job
+    finally:
+        api(server, "DELETE", f"/v1/jobs/{other['id']}")
     p.wait_for_function("document.getElementById('progress').value >= 1", timeout=60_000)
+    assert p.locator("#queue").text_content() == ""
     p.get_by_role("button", name="Cancel").click()
     p.get_by_text("Cancelled").wait_for(timeout=30_000)
-    with urllib.request.urlopen(f"{server}/v1/jobs/{job_id}", timeout=10) as r:
-        job = json.load(r)
-    assert job["state"] == "cancelled"
-    assert job.get("step", 0) < 100
+    job = api(server, "GET", f"/v1/jobs/{job_id}")
+    assert job["state"] == "cancelled" and job["step"] < 100
     assert p.get_by_role("button", name="Generate").is_enabled()
     assert p.locator("#gallery li").count() == 0
 
