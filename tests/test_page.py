@@ -50,9 +50,13 @@ def write_lora(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def model(tmp_path_factory):
+    return write_synthetic_model(tmp_path_factory.mktemp("page-model") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
     root = tmp_path_factory.mktemp("page-server")
-    model = write_synthetic_model(root / "tiny", "tiny", seed=0)
     loras = root / "loras"
     loras.mkdir()
     write_lora(loras / "film-grain.safetensors")
@@ -71,7 +75,7 @@ def browser():
 class Visit:
     """A page in its own browser context; every request URL is logged, any to another host refused."""
 
-    def __init__(self, browser, server: str, tmp_path: Path, width: int = 1280, height: int = 900):
+    def __init__(self, browser, server: str, tmp_path: Path, width=1280, height=900, ready=True):
         self.server = server
         self.tmp_path = tmp_path
         self.urls: list[str] = []
@@ -81,7 +85,8 @@ class Visit:
         self.page = self.context.new_page()
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         self.page.goto(server + "/")
-        self.page.wait_for_function("document.getElementById('model-info').textContent.includes('·')")
+        if ready:  # the page has the server's /v1/info
+            self.page.wait_for_function("document.getElementById('model-info').textContent.includes('·')")
 
     def _route(self, route):
         self.urls.append(route.request.url)
@@ -376,3 +381,28 @@ def test_works_at_390_px(browser, server, tmp_path):
         assert not v.errors
     finally:
         v.close()
+
+
+def test_api_key_asked_for_wrong_one_said_next_to_it_right_one_generates(browser, model, tmp_path):
+    with live_server(model, tmp_path, "--api-key", "s3cret", "--output-dir", str(tmp_path / "out")) as live:
+        v = Visit(browser, live.url, tmp_path, ready=False)
+        try:
+            p = v.page
+            key = p.get_by_label("API key")
+            key.wait_for()  # the page loads without the key, then asks for it
+            key.fill("wrong")
+            key.press("Enter")
+            error = p.locator("#api-key-error")
+            error.wait_for()
+            assert "API key" in error.text_content()
+            key.fill("s3cret")
+            p.get_by_role("button", name="Connect").click()
+            p.wait_for_function("document.getElementById('model-info').textContent.includes('·')")
+            assert key.is_hidden()
+            v.fill(prompt="behind a key", **SMALL)
+            p.get_by_role("button", name="Generate").click()
+            p.locator("#gallery li img").first.wait_for(timeout=60_000)
+            v.shot("api-key")
+            assert v.foreign(v.urls) == [] and not v.errors
+        finally:
+            v.close()

@@ -29,10 +29,21 @@ async function failure(response) {
   });
 }
 
+// With `serve --api-key`, every API route needs the key (the page's own files do not); it is kept for this
+// tab only (sessionStorage), never in a URL.
+const KEY_ITEM = "zimage-lite-api-key";
+
+export function setKey(key) {
+  if (key) sessionStorage.setItem(KEY_ITEM, key);
+  else sessionStorage.removeItem(KEY_ITEM);
+}
+
 async function call(url, options = {}) {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  const headers = { ...(options.headers || {}), ...(key ? { Authorization: `Bearer ${key}` } : {}) };
   let response;
   try {
-    response = await fetch(url, options);
+    response = await fetch(url, { ...options, headers });
   } catch (exc) {
     throw new ApiError(`the server cannot be reached (${exc.message})`);
   }

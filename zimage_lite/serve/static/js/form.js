@@ -122,6 +122,7 @@ const ERROR_SLOT = {
   hires: "hires-error",
   control_image: "control_image-error",
   control_scale: "control_image-error",
+  api_key: "api-key-error",
 };
 
 const CONTROL_OF = {
@@ -136,6 +137,7 @@ const CONTROL_OF = {
   "strength-error": ["strength"],
   "hires-error": ["hires"],
   "control_image-error": ["control-image"],
+  "api-key-error": ["api-key"],
 };
 
 export function slotFor(param) {

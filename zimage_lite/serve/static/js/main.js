@@ -37,9 +37,28 @@ function applyModel(info) {
 async function connect() {
   try {
     applyModel(await api.describe());
+    $("key-form").hidden = true;
   } catch (exc) {
-    $("model-info").textContent = `The server did not answer: ${exc.message}`;
+    if (exc.status !== 401) {
+      $("model-info").textContent = `The server did not answer: ${exc.message}`;
+      return;
+    }
+    // serve --api-key: ask for it; a wrong one is said next to the field
+    $("model-info").textContent = "This server needs its API key.";
+    const asked = !$("key-form").hidden;
+    $("key-form").hidden = false;
+    if (asked) form.showError("api_key", exc.message);
+    $("api-key").focus();
   }
+}
+
+function wireKey() {
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    $("api-key-error").hidden = true;
+    api.setKey($("api-key").value);
+    connect();
+  });
 }
 
 // ---- init image, drag and drop, mask ----
@@ -253,6 +272,7 @@ function main() {
   $("settings").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
   wireInit();
+  wireKey();
   connect();
 }
 
