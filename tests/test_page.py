@@ -187,13 +187,15 @@ def test_lora_gallery_download_is_the_servers_png_and_click_restores_settings(vi
     assert p.get_by_label("film-grain scale").input_value() == "0.5"
 
 
-def test_reuse_this_seed_fixes_the_last_random_seed(visit):
+def test_batch_of_two_and_reuse_this_seed(visit):
     p = visit.page
-    visit.fill(prompt="a fox", **SMALL)
+    visit.fill(prompt="a fox", n="2", **SMALL)
     with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
         p.get_by_role("button", name="Generate").click()
     sent = req.value.post_data_json["seed"]
-    p.locator("#gallery li").first.wait_for(timeout=60_000)
+    p.get_by_text("Done: 2 images").wait_for(timeout=60_000)
+    captions = p.locator("#gallery .caption").all_text_contents()
+    assert len(captions) == 2 and "image 1 of 2" in captions[0] and "image 2 of 2" in captions[1], captions
     p.get_by_role("button", name="Reuse this seed").click()
     assert p.get_by_label("Fixed").is_checked()
     assert p.get_by_label("Seed value").input_value() == str(sent)
@@ -348,7 +350,7 @@ def test_no_request_goes_to_another_host(visit, tmp_path):
     assert visit.foreign(visit.urls) == ["http://192.0.2.1/probe.png"]
 
 
-def test_every_control_has_a_label_and_the_keyboard_generates(visit):
+def test_every_control_has_a_label_and_the_keyboard_alone_generates_with_hires(visit):
     p = visit.page
     unlabelled = p.evaluate(
         """() => [...document.querySelectorAll('input, select, textarea, button, canvas, progress')]
@@ -360,10 +362,20 @@ def test_every_control_has_a_label_and_the_keyboard_generates(visit):
     p.keyboard.press("Tab")  # the first stop is the prompt
     assert p.evaluate("document.activeElement.id") == "prompt"
     p.keyboard.type("a bridge in fog")
-    visit.fill(**SMALL)
+    p.keyboard.press("Tab")
+    p.keyboard.press("End")  # the size preset: Custom
+    for value in ("32", "32", "2"):  # width, height, steps
+        p.keyboard.press("Tab")
+        p.keyboard.press("Control+A")
+        p.keyboard.type(value)
+    p.get_by_label("Hires fix").focus()
+    p.keyboard.press("Space")
     p.get_by_label("Prompt", exact=True).focus()
     p.keyboard.press("Control+Enter")
-    p.locator("#gallery li img").first.wait_for(timeout=60_000)
+    img = p.locator("#gallery li img").first
+    img.wait_for(timeout=60_000)
+    assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [48, 48]  # 32 x 1.5, the hires pass
+    assert "2 steps" in p.locator("#gallery .caption").first.text_content()
 
 
 def test_works_at_390_px(browser, server, tmp_path):
