@@ -33,7 +33,11 @@ export class Gallery {
 
     const caption = document.createElement("p");
     caption.className = "caption";
-    caption.textContent = describe(s, entry.index);
+    caption.title = describe(s, entry.index);
+    const prompt = document.createElement("span");
+    prompt.className = "prompt";
+    prompt.textContent = s.prompt;
+    caption.append(prompt, settingsText(s, entry.index));
     const download = document.createElement("a");
     download.href = entry.url;
     download.download = `zimage-${s.seed}-${entry.index}.png`;
@@ -44,12 +48,15 @@ export class Gallery {
   }
 }
 
-export function describe(s, index = 0) {
+export function settingsText(s, index = 0) {
   const parts = [`${s.width}×${s.height}`, `${s.steps} steps`, `seed ${s.seed}`];
   if (s.n > 1) parts.push(`image ${index + 1} of ${s.n}`);
   if (s.hires) parts.push("hires");
   const loras = s.loras.filter((l) => l.enabled);
   if (loras.length) parts.push(loras.map((l) => `${l.name} ${l.scale}`).join(", "));
-  const prompt = s.prompt.length > 80 ? `${s.prompt.slice(0, 77)}…` : s.prompt;
-  return `${prompt} — ${parts.join(", ")}`;
+  return parts.join(", ");
+}
+
+export function describe(s, index = 0) {
+  return `${s.prompt} — ${settingsText(s, index)}`;
 }
