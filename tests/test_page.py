@@ -256,15 +256,23 @@ def test_init_image_painted_mask_generates_inpainting(visit, tmp_path):
     assert (text["init_image"], text["mask"], text["strength"]) == ("uploaded", "uploaded", "0.6"), text
 
     p.get_by_role("button", name="Invert").click()
-    inverted = p.evaluate(
-        "() => { const c = document.getElementById('mask-canvas');"
-        " return c.getContext('2d').getImageData(Math.round(0.2*c.width), Math.round(0.6*c.height), 1, 1).data[3]; }"
-    )
-    assert inverted == 255  # what was kept is now painted
+    assert mask_alpha(p, 0.2, 0.6) == 255 and mask_alpha(p, 0.5, 0.2) == 0  # kept <-> painted
     p.get_by_role("button", name="Clear").click()
-    assert not p.evaluate(
+    assert mask_alpha(p, 0.5, 0.2) == 0 and mask_alpha(p, 0.2, 0.6) == 0
+
+    p.locator("#gallery li button").first.click()  # the gallery entry brings its mask back
+    p.wait_for_function(
         "() => { const c = document.getElementById('mask-canvas');"
         " return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v); }"
+    )
+    assert mask_alpha(p, 0.5, 0.2) == 255 and mask_alpha(p, 0.2, 0.6) == 0
+
+
+def mask_alpha(page, fx: float, fy: float) -> int:
+    return page.evaluate(
+        """([fx, fy]) => { const c = document.getElementById('mask-canvas');
+        return c.getContext('2d').getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data[3]; }""",
+        [fx, fy],
     )
 
 
@@ -418,3 +426,44 @@ def test_api_key_asked_for_wrong_one_said_next_to_it_right_one_generates(browser
             assert v.foreign(v.urls) == [] and not v.errors
         finally:
             v.close()
+
+
+def test_base_model_and_controlnet_fields_follow_info_and_the_servers_refusals_land_next_to_them(
+    visit, tmp_path
+):
+    """The page shows negative prompt, guidance and ControlNet only when /v1/info reports a base model or a
+    ControlNet. This server has neither, so its real /v1/info answer is altered in flight to say it has;
+    the requests then go to the real server, whose refusals must land next to those controls."""
+    p = visit.page
+
+    def claim_base(route):
+        info = route.fetch().json()
+        route.fulfill(
+            json={
+                **info,
+                "variant": "base",
+                "controlnet": True,
+                "defaults": {**info["defaults"], "guidance": 4},
+            }
+        )
+
+    p.route("**/v1/info", claim_base)
+    p.reload()
+    p.wait_for_function("document.getElementById('model-info').textContent.includes('base')")
+    assert p.get_by_label("Negative prompt").is_visible() and p.get_by_label("Guidance").input_value() == "4"
+    assert p.get_by_label("Control image").is_visible()
+    visit.fill(prompt="a harbour", negative_prompt="blurry", **SMALL)
+    p.get_by_label("Control image").set_input_files(init_png(tmp_path / "edges.png"))
+    with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
+        p.get_by_role("button", name="Generate").click()
+    body = req.value.post_data_json
+    assert (body["negative_prompt"], body["guidance"], body["control_scale"]) == ("blurry", 4, 0.75)
+    p.locator("#control-field .error").wait_for()
+    assert "control_image" in p.locator("#control-field .error").text_content()
+
+    p.get_by_label("Control image").set_input_files([])
+    p.get_by_role("button", name="Generate").click()
+    error = p.locator("#negative_prompt-error")
+    error.wait_for()
+    assert "negative_prompt" in error.text_content()
+    assert p.locator("#negative_prompt").get_attribute("aria-invalid") == "true"
