@@ -322,7 +322,7 @@ def test_queue_position_then_cancel_the_running_job(visit, server):
     assert p.locator("#gallery li").count() == 0
 
 
-def test_bad_size_shows_the_servers_message_next_to_size(visit):
+def test_bad_size_shows_the_servers_message_next_to_size_and_nothing_typed_is_lost(visit):
     p = visit.page
     visit.fill(prompt="a cat", width="100", height="64", steps="1")
     with p.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as resp:
@@ -335,6 +335,9 @@ def test_bad_size_shows_the_servers_message_next_to_size(visit):
     assert p.locator("#width").get_attribute("aria-invalid") == "true"
     assert p.locator("#form-error").is_hidden()
     assert p.get_by_label("Prompt", exact=True).input_value() == "a cat"  # nothing lost
+    p.reload()  # not even on a reload
+    p.wait_for_function("document.getElementById('prompt').value === 'a cat'")
+    assert [p.locator(f"#{k}").input_value() for k in ("width", "height", "steps")] == ["100", "64", "1"]
 
 
 def test_no_request_goes_to_another_host(visit, tmp_path):

@@ -34,11 +34,45 @@ function applyModel(info) {
   $("model-info").textContent = `${info.model} · ${info.variant} · ${info.device}`;
 }
 
-async function connect() {
+// The form as it was at the last Generate, kept across reloads (images are not: they stay in the tab).
+const SAVED = "zimage-lite-settings";
+
+function remember(settings) {
+  try {
+    localStorage.setItem(SAVED, JSON.stringify(settings));
+  } catch {
+    // storage full or off: the form simply starts from the defaults next time
+  }
+}
+
+function recall() {
+  let s = null;
+  try {
+    s = JSON.parse(localStorage.getItem(SAVED));
+  } catch {
+    return;
+  }
+  if (!s || typeof s.prompt !== "string") return;
+  form.write(s);
+  writeLoras($("lora-list"), s.loras || []);
+  if (s.seed_mode === "random") {
+    $("seed-random").checked = true;
+    form.syncSeed();
+  }
+}
+
+async function connect(first = false) {
   try {
     applyModel(await api.describe());
     $("key-form").hidden = true;
+    if (first) recall();
   } catch (exc) {
+    if (exc.status === 503) {
+      // the model is still loading: ask again shortly
+      $("model-info").textContent = `${exc.message}…`;
+      setTimeout(() => connect(first), 2000);
+      return;
+    }
     if (exc.status !== 401) {
       $("model-info").textContent = `The server did not answer: ${exc.message}`;
       return;
@@ -57,7 +91,7 @@ function wireKey() {
     e.preventDefault();
     $("api-key-error").hidden = true;
     api.setKey($("api-key").value);
-    connect();
+    connect(true);
   });
 }
 
@@ -172,6 +206,7 @@ async function generate(event) {
   event.preventDefault();
   form.clearErrors();
   const settings = form.read(readLoras($("lora-list")));
+  remember(settings);
   if (settings.seed_mode === "random") settings.seed = form.randomSeed();
   const seedProblem = form.checkSeed(settings.seed);
   if (seedProblem) return void form.showError("seed", seedProblem);
@@ -273,7 +308,7 @@ function main() {
   $("cancel").addEventListener("click", cancel);
   wireInit();
   wireKey();
-  connect();
+  connect(true);
 }
 
 main();
