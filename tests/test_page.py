@@ -193,7 +193,7 @@ def test_batch_of_two_and_reuse_this_seed(visit):
     with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
         p.get_by_role("button", name="Generate").click()
     sent = req.value.post_data_json["seed"]
-    p.get_by_text("Done: 2 images").wait_for(timeout=60_000)
+    p.locator("#progress-label", has_text="Done: 2 images").wait_for(timeout=60_000)
     captions = p.locator("#gallery .caption").all_text_contents()
     assert len(captions) == 2 and "image 1 of 2" in captions[0] and "image 2 of 2" in captions[1], captions
     p.get_by_role("button", name="Reuse this seed").click()
@@ -315,7 +315,7 @@ def test_queue_position_then_cancel_the_running_job(visit, server):
     p.wait_for_function("document.getElementById('progress').value >= 1", timeout=60_000)
     assert p.locator("#queue").text_content() == ""
     p.get_by_role("button", name="Cancel").click()
-    p.get_by_text("Cancelled").wait_for(timeout=30_000)
+    p.locator("#progress-label", has_text="Cancelled").wait_for(timeout=30_000)
     job = api(server, "GET", f"/v1/jobs/{job_id}")
     assert job["state"] == "cancelled" and job["step"] < 100
     assert p.get_by_role("button", name="Generate").is_enabled()

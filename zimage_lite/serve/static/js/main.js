@@ -231,8 +231,14 @@ async function generate(event) {
   }
 }
 
+function announce(text) {
+  // the bar's label changes every step; screen readers hear only how a job ended
+  $("progress-label").textContent = text;
+  $("announce").textContent = text;
+}
+
 function cancelled() {
-  $("progress-label").textContent = "Cancelled";
+  announce("Cancelled");
   $("progress").value = 0;
   $("queue").textContent = "";
 }
@@ -241,7 +247,7 @@ async function finished(job, settings) {
   const results = job.results || [];
   const blobs = await Promise.all(results.map(api.imageBlob));
   $("progress").value = $("progress").max;
-  $("progress-label").textContent = `Done: ${results.length} image${results.length === 1 ? "" : "s"}`;
+  announce(`Done: ${results.length} image${results.length === 1 ? "" : "s"}`);
   $("last-seed").value = String(job.seed);
   $("last-seed-line").hidden = false;
   const init = state.init ? { ...state.init, mask: painter.snapshot() } : null;
@@ -260,7 +266,7 @@ function show(entry) {
 }
 
 function failed(exc) {
-  $("progress-label").textContent = "Failed";
+  announce("Failed");
   $("queue").textContent = "";
   form.showError(exc.param, exc.message);
 }
