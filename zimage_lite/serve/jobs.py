@@ -36,6 +36,7 @@ class Job:
     error: dict | None = None
     status: int = 200  # the HTTP status a synchronous route answers with
     cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"  # or "shutting_down": a drain ran out of grace
     version: int = 0
     _waiters: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -13,6 +13,8 @@ class Metrics:
         self.queue_depth = Gauge(
             "zimage_queue_depth", "jobs waiting (the running one not counted)", registry=r
         )
+        self.queue_high_water = Gauge("zimage_queue_high_water", "the most jobs ever waiting at once",
+                                      registry=r)  # fmt: skip
         self.queue_max = Gauge("zimage_queue_max", "the queue's bound (--max-queue)", registry=r)
         self.running = Gauge("zimage_jobs_running", "jobs on the device (0 or 1)", registry=r)
         self.images = Counter("zimage_images", "images generated", registry=r)

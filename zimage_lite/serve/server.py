@@ -45,6 +45,7 @@ class Server:
 
     def _queue_changed(self) -> None:
         self.metrics.queue_depth.set(self.worker.depth())
+        self.metrics.queue_high_water.set(self.worker.max_depth_seen)
 
     def submit(self, job: Job) -> None:
         from zimage_lite.serve.errors import ApiError, unavailable

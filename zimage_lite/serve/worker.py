@@ -100,7 +100,7 @@ class Worker:
             job.fail(503, "the server is shutting down; the job did not start", "shutting_down")
             self.on_done(job)
         if running is not None:
-            timer = threading.Timer(grace, running.cancel.set)
+            timer = threading.Timer(grace, _stop_running, (running,))
             timer.daemon = True
             timer.start()
         self.on_change()
@@ -143,7 +143,12 @@ class Worker:
             self.run(job)
             job.publish(state="succeeded", finished=time.time())
         except Cancelled:
-            job.fail(499, "cancelled", "cancelled")
+            if job.cancel_reason == "shutting_down":
+                job.fail(
+                    503, "the server shut down before the job finished (--grace ran out)", "shutting_down"
+                )
+            else:
+                job.fail(499, "cancelled", "cancelled")
         except TimedOut:
             job.fail(504, f"the request ran past this server's {job.timeout_s:g} s limit", "timeout")
         except ZImageError as exc:
@@ -163,3 +168,8 @@ def _failed(job: Job, exc: Exception) -> None:
         return
     log.exception("job %s failed", job.id)
     job.fail(500, f"internal error ({type(exc).__name__}); the server log has the details", "internal")
+
+
+def _stop_running(job: Job) -> None:
+    job.cancel_reason = "shutting_down"
+    job.cancel.set()
