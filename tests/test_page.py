@@ -146,15 +146,15 @@ def png_text(data: bytes) -> dict[str, str]:
 
 def test_prompt_generate_progress_reaches_the_end_and_the_image_appears(visit):
     p = visit.page
-    visit.fill(prompt="a lighthouse on a cliff at dusk", **{**SMALL, "steps": "6"})
+    visit.fill(prompt="a lighthouse on a cliff at dusk", **{**SMALL, "steps": "8"})
     watch_progress(p)
     p.get_by_role("button", name="Generate").click()
     img = p.locator("#gallery li img").first
     img.wait_for(timeout=60_000)
-    seen = [value for value, bar_max in p.evaluate("window.__progress") if bar_max == 6 and value > 0]
-    assert seen == sorted(seen) and seen[-1] == 6, seen  # forward only, to the end
-    assert any(0 < v < 6 for v in seen), seen  # and live: steps before the end came from the events
-    assert p.locator("#progress").evaluate("b => [b.value, b.max]") == [6, 6]
+    seen = [value for value, bar_max in p.evaluate("window.__progress") if bar_max == 8 and value > 0]
+    assert seen == sorted(seen) and seen[-1] == 8, seen  # forward only, to the end
+    assert any(0 < v < 8 for v in seen), seen  # and live: steps before the end came from the events
+    assert p.locator("#progress").evaluate("b => [b.value, b.max]") == [8, 8]
     assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
     assert p.locator("#current-img").is_visible()
 
