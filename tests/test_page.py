@@ -213,7 +213,14 @@ def data_url_bytes(url: str) -> bytes:
     return base64.b64decode(data)
 
 
-def drag(page, box, points) -> None:
+def drag(page, points) -> None:
+    """A mouse stroke over the mask canvas through `points` (fractions of its width and height)."""
+    page.wait_for_function(
+        "() => { const i = document.getElementById('init-preview'); return i.complete && i.height > 0; }"
+    )
+    canvas = page.locator("#mask-canvas")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()  # laid out over the preview, now that it has loaded
     x0, y0 = box["x"], box["y"]
     page.mouse.move(x0 + points[0][0] * box["width"], y0 + points[0][1] * box["height"])
     page.mouse.down()
@@ -230,11 +237,10 @@ def test_init_image_painted_mask_generates_inpainting(visit, tmp_path):
     canvas.wait_for()
     assert [p.locator(f"#{k}").input_value() for k in ("width", "height")] == ["64", "64"]
     p.get_by_label("Brush", exact=True).fill("8")
-    box = canvas.bounding_box()
-    drag(p, box, [(0.1, 0.2), (0.9, 0.2)])  # a stroke across the top
-    drag(p, box, [(0.5, 0.5), (0.5, 0.9)])  # and one down the middle, then erase its end
+    drag(p, [(0.1, 0.2), (0.9, 0.2)])  # a stroke across the top
+    drag(p, [(0.5, 0.5), (0.5, 0.9)])  # and one down the middle, then erase its end
     p.get_by_label("Eraser").check()
-    drag(p, box, [(0.3, 0.85), (0.7, 0.85)])
+    drag(p, [(0.3, 0.85), (0.7, 0.85)])
     visit.shot("mask-painted")
     visit.fill(steps="4")
     with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
@@ -274,6 +280,34 @@ def mask_alpha(page, fx: float, fy: float) -> int:
         return c.getContext('2d').getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data[3]; }""",
         [fx, fy],
     )
+
+
+def test_a_photo_turned_by_exif_is_sent_as_shown(visit, tmp_path):
+    """Browsers show a JPEG turned by its EXIF orientation; PIL on the server reads the stored pixels. The
+    page sends an upright copy, so the mask painted over what is shown fits the image the server gets."""
+    stored = Image.linear_gradient("L").resize((64, 32)).convert("RGB")  # stored 64 wide, 32 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees: 32 wide, 64 high
+    stored.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    p = visit.page
+    visit.fill(prompt="a portrait photo")
+    p.get_by_label("Choose an image or drop one here").set_input_files(tmp_path / "phone.jpg")
+    p.wait_for_function("document.getElementById('width').value === '32'")
+    assert p.locator("#height").input_value() == "64"
+    drag(p, [(0.2, 0.2), (0.8, 0.2)])
+    visit.fill(steps="2")
+    with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
+        p.get_by_role("button", name="Generate").click()
+    p.wait_for_function("/^(Done|Failed)/.test(document.getElementById('progress-label').textContent)")
+    errors = p.locator(".error:visible").all_text_contents()
+    assert p.locator("#progress-label").text_content() == "Done: 1 image", errors  # the mask fit the image
+    img = p.locator("#gallery li img").first
+    body = req.value.post_data_json
+    with Image.open(io.BytesIO(data_url_bytes(body["image"]))) as sent:
+        assert sent.size == (32, 64) and sent.getexif().get(0x0112, 1) == 1
+    with Image.open(io.BytesIO(data_url_bytes(body["mask"]))) as mask:
+        assert mask.size == (32, 64)
+    assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [32, 64]
 
 
 def test_drop_an_image_on_the_drop_zone(visit, tmp_path):

@@ -1,5 +1,6 @@
 // The page: wires the form, the mask painter, the jobs API and the gallery together.
 import * as api from "./api.js";
+import * as exif from "./exif.js";
 import * as form from "./form.js";
 import { Gallery, describe } from "./gallery.js";
 import { loraList, readLoras, writeLoras } from "./loras.js";
@@ -106,6 +107,7 @@ async function setInit(blob, name = "image") {
     form.showError("image", `${name}: this file is not an image the browser can read.`);
     return false;
   }
+  if ((await exif.orientation(blob)) !== 1) blob = await exif.upright(bitmap); // the server ignores EXIF
   state.init = { blob, name };
   $("init-preview").src = URL.createObjectURL(blob);
   painter.reset(bitmap.width, bitmap.height);
