@@ -51,14 +51,15 @@ class Live:
 
 
 @contextmanager
-def live_server(model: Path, tmp: Path, *args: str, ready_s: float = 120.0):
-    """`zimage-lite serve --model model --device cpu` plus `args`; yields a Live once /ready is 200."""
+def live_server(model: Path, tmp: Path, *args: str, ready_s: float = 120.0, env: dict | None = None):
+    """`zimage-lite serve --model model --device cpu` plus `args` (and `env`); yields a Live once /ready
+    is 200."""
     port = free_port()
     log = tmp / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "zimage_lite.cli", "serve", "--model", str(model), "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
     # One torch thread: on a loaded 2-core machine OpenMP's spinning pool made tiny images 50x slower.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     live = Live(proc, f"http://127.0.0.1:{port}", log)

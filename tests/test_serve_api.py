@@ -240,9 +240,16 @@ def _error(r: httpx.Response) -> dict:
 BIG_TEXT = "x" * (1 << 20)
 
 
-def _bomb() -> bytes:
-    """A PNG that claims 40000 x 40000 pixels and is a few hundred kB."""
-    return _png(Image.new("1", (40000, 40000)))
+def _bomb(side: int) -> bytes:
+    """A 1x1 PNG whose header claims side x side pixels (nothing to decode until it is loaded)."""
+    import struct
+    import zlib
+
+    data = bytearray(_png(Image.new("L", (1, 1))))
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", side, side)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    return bytes(data)
 
 
 @pytest.mark.parametrize(
@@ -285,7 +292,8 @@ def test_bad_edits_get_the_error_shape(server):
     good = _png(Image.new("RGB", (32, 32), "red"))
     cases = [
         ({"image": ("a.txt", b"just some text", "text/plain")}, "image", "invalid_image"),
-        ({"image": ("bomb.png", _bomb(), "image/png")}, "image", "image_too_large"),
+        ({"image": ("bomb.png", _bomb(40000), "image/png")}, "image", "image_too_large"),  # PIL's own bound
+        ({"image": ("bomb.png", _bomb(5000), "image/png")}, "image", "image_too_large"),  # the server's
         ({"image": ("a.png", good, "image/png"),
           "mask": ("m.png", _png(Image.new("RGBA", (16, 16))), "image/png")}, "mask", "mask_size_mismatch"),
         ({"image": ("a.png", good, "image/png"),

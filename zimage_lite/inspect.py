@@ -15,6 +15,7 @@ from typing import Any
 
 from zimage_lite.errors import CheckpointError
 from zimage_lite.quant.formats import QUANTIZER_KEY
+from zimage_lite.variants import VARIANTS, read_variant
 from zimage_lite.weights.checkpoint import (
     classify_keys,
     is_model_folder,
@@ -98,6 +99,12 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     if fmt == "zimage-lite":
         manifest = read_manifest(path)
         report["quant"] = manifest.get("quant")
+    variant = read_variant(path)
+    report["variant"] = {
+        "name": variant.name,
+        "decided_by": variant.decided_by,
+        **variant.scheduler.to_dict(),
+    }
     for name in COMPONENTS:
         p = getattr(paths, name)
         if name == "tokenizer":
@@ -147,6 +154,12 @@ def format_report(report: dict[str, Any]) -> str:
         + (f" ({report['quant']})" if report.get("quant") else "")
     ]
     lines.append(f"  total: {_gb(report['bytes'])}")
+    v = report["variant"]
+    d = VARIANTS[v["name"]]
+    lines.append(
+        f"  variant: {v['name']} (decided by {v['decided_by']}; scheduler shift {v['shift']:g}; defaults "
+        f"{d.steps} steps, guidance {d.guidance:g})"
+    )
     for name, sub in report["components"].items():
         lines.append(f"  [{name}]")
         lines += _file_lines(sub, "    ") if "format" in sub else [f"    {sub['path']}"]

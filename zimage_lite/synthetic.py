@@ -186,10 +186,13 @@ def write_synthetic_model(
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = 2 << 30,
     device: str = "cpu",
+    variant: str = "turbo",
 ) -> Path:
     """Write a complete diffusers-layout Z-Image folder with random weights; returns its path.
-    `device`: where the values are drawn (see _random_state)."""
+    `device`: where the values are drawn (see _random_state); `variant` ("turbo", "base"): whose
+    published scheduler config it gets (the weights are the same kind of random either way)."""
     from zimage_lite.synthetic_tokenizer import write_synthetic_tokenizer
+    from zimage_lite.variants import VARIANTS, check_variant
 
     if size not in SIZES:
         raise ValueError(f"unknown synthetic size {size!r}; choose from {', '.join(SIZES)}")
@@ -201,7 +204,8 @@ def write_synthetic_model(
     write_text_encoder(out / "text_encoder", spec.text, seed + 2, te_dtype, shard_bytes, device)
     write_vae(out / "vae", spec.vae, seed + 3, dtype, device)
     write_synthetic_tokenizer(out / "tokenizer", vocab_size=spec.vocab_size)
-    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **SchedulerConfig().to_dict()}
+    shift = VARIANTS[check_variant(variant)].shift
+    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **SchedulerConfig(shift=shift).to_dict()}
     _write_json(out / "scheduler" / "scheduler_config.json", sched)
     _write_json(out / "model_index.json", MODEL_INDEX)
     return out

@@ -163,12 +163,14 @@ class OursEngine:
         card: str | None = None,
         hires: tuple[float, float] | None = None,
         fp8_matmul: str | None = None,
+        guidance: float | None = None,
     ):
         """`hires` (scale, strength): each generation is the hires fix, its image and latents the
-        second pass's, its timings both passes together."""
+        second pass's, its timings both passes together. `guidance`: the CFG scale (None: the model's)."""
         from zimage_lite.pipeline import Pipeline
 
         self.hires = hires
+        self.guidance = guidance
         self.vram = {"requested": vram, "applied": vram is not None, "note": None, "card": card}
         self.pipe = Pipeline.load(
             source, device=device, dtype=dtype, vram=vram, card=card, fp8_matmul=fp8_matmul or "dequant"
@@ -182,7 +184,8 @@ class OursEngine:
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()
-        latents = self.pipe.generate_latents(prompt, seed=seed, steps=steps, width=width, height=height)
+        kw = dict(seed=seed, steps=steps, guidance=self.guidance)
+        latents = self.pipe.generate_latents(prompt, width=width, height=height, **kw)
         image = self.pipe.decode(latents)[0]
         passes = [self.pipe.last_stats.to_dict()]
         if self.hires is not None:
@@ -191,7 +194,7 @@ class OursEngine:
             scale, strength = self.hires
             w, h = upscaled_size(width, height, scale)
             latents = self.pipe.generate_latents(
-                prompt, seed=seed, steps=steps, width=w, height=h, image=image, strength=strength
+                prompt, width=w, height=h, image=image, strength=strength, **kw
             )
             image = self.pipe.decode(latents)[0]
             passes.append(self.pipe.last_stats.to_dict())

@@ -47,6 +47,7 @@ class BenchConfig:
     cards: list[str] = field(default_factory=list)  # --card: extra rows per precision, run as on that card
     hires: float | None = None  # --hires: extra rows per precision, the hires fix at this scale
     hires_strength: float = 0.35
+    cfg: float | None = None  # --cfg: extra rows per precision, classifier-free guidance at this scale
     device: str | None = None
     dtype: str | None = None
     cache: Path = field(default_factory=sources.default_cache_dir)
@@ -103,6 +104,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hires-strength", type=cli_args.strength, default=0.35, help="strength of the hires pass"
     )
+    parser.add_argument(
+        "--cfg", type=cli_args.non_negative, metavar="G",
+        help="every precision also runs with classifier-free guidance G (empty negative prompt: two passes "
+        "per step, each block uploaded once); rows named q8_0+cfg4, compared with the reference's cfg row",
+    )  # fmt: skip
     parser.add_argument("--baselines", default="", help="'diffusers': add diffusers rows when installed")
     parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -128,8 +134,14 @@ def hires_name(precision: str, scale: float) -> str:
     return f"{precision}+hires{scale:g}x"
 
 
+def cfg_name(precision: str, guidance: float) -> str:
+    return f"{precision}+cfg{guidance:g}"
+
+
 def _reference_name(row: RowResult) -> str:
     """The row a row's images are compared with: the reference precision, in the same workflow."""
+    if row.guidance is not None:
+        return cfg_name(sources.REFERENCE, row.guidance)
     return sources.REFERENCE if row.hires is None else hires_name(sources.REFERENCE, row.hires)
 
 
@@ -161,7 +173,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         precisions=sources.parse_precisions(args.precisions), prompts=bench_prompts(args.prompts),
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
-        cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength,
+        cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength, cfg=args.cfg,
         device=args.device, dtype=args.dtype, cache=Path(args.cache) if args.cache else sources.default_cache_dir(),
         baselines=baselines, save_images=not args.no_images, progress=not args.quiet,
     )  # fmt: skip
@@ -214,6 +226,8 @@ def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
         rows += [
             RowResult(hires_name(p, cfg.hires), "zimage-lite", p, hires=cfg.hires) for p in cfg.precisions
         ]
+    if cfg.cfg is not None:
+        rows += [RowResult(cfg_name(p, cfg.cfg), "zimage-lite", p, guidance=cfg.cfg) for p in cfg.precisions]
     if "diffusers" in cfg.baselines:
         from zimage_lite.bench.baselines import planned_baselines
 
@@ -240,8 +254,9 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
     _, options = sources.base_precision(row.precision)
     hires = None if row.hires is None else (row.hires, cfg.hires_strength)
     return OursEngine(
-        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires, **options
-    )
+        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires,
+        guidance=row.guidance, **options,
+    )  # fmt: skip
 
 
 def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar) -> None:
@@ -275,8 +290,8 @@ def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar)
 def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gens: list[Generation], refs) -> None:
     gen = gens[0]
     if row.name == _reference_name(row):
-        refs[(prompt.id, seed, row.hires)] = gen
-    ref = refs[(prompt.id, seed, row.hires)]
+        refs[(prompt.id, seed, row.hires, row.guidance)] = gen
+    ref = refs[(prompt.id, seed, row.hires, row.guidance)]
     repeat_err = max(latent_relative_error(g.latents, gen.latents) for g in gens)
     entry = {
         "prompt_id": prompt.id,

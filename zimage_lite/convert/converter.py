@@ -172,7 +172,10 @@ def _convert_model(
     device: str | None,
     quantizer: str | None,
 ) -> ConvertResult:
+    from zimage_lite.variants import read_variant
+
     paths = resolve_model(src)
+    variant = read_variant(src).name  # carried into the manifest: the defaults a run of it gets
     result = ConvertResult(out, quant)
     # plan (and so validate) every component before writing anything
     plans: dict[str, ComponentPlan] = {}
@@ -208,7 +211,10 @@ def _convert_model(
                 if extra == "tokenizer":
                     manifest["tokenizer"] = "tokenizer"
         (tmp / MANIFEST).write_text(
-            json.dumps({"format": MANIFEST_FORMAT, "quant": quant, "components": manifest}, indent=2)
+            json.dumps(
+                {"format": MANIFEST_FORMAT, "quant": quant, "variant": variant, "components": manifest},
+                indent=2,
+            )
         )
     result.components = {k: out / v for k, v in manifest.items()}
     return result

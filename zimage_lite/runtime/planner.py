@@ -215,6 +215,7 @@ def dit_activation_bytes(
     dtype: torch.dtype,
     caption_tokens: int = 512,
     attention: str = "efficient",
+    chunks: int = 1,
 ) -> int:
     """Peak activation bytes of ZImageDiT.forward (S = image + caption tokens, D = dim, F = FFN dim):
 
@@ -228,7 +229,8 @@ def dit_activation_bytes(
         FFN: normed input S*D*e plus w1->silu, w3 and their product: 3*S*F*e; fp16 adds the scaled
             w2 input copy S*F*e and its float32 output S*D*4 (QuantLinear's overflow guard)
     RoPE tables: complex64 (S, head_dim/2) for the image, caption and joint sequences.
-    Everything scales with the batch.
+    Everything scales with the batch, the inside of a block with the part of the batch it runs at once
+    (`chunks`: ZImageDiT.forward's; a CFG batch of 2B in 2 chunks holds one pass's block temporaries).
     """
     if attention not in ATTENTION_KINDS:
         raise UsageError(f"unknown attention kind {attention!r} (choose {', '.join(ATTENTION_KINDS)})")
@@ -243,7 +245,7 @@ def dit_activation_bytes(
     if dtype == torch.float16:
         ffn += s * f * e + s * d * 4
     freqs = 3 * s * (cfg.head_dim // 2) * 8
-    return batch * (live + max(attn, ffn) + freqs)
+    return batch * (live + freqs) + -(-batch // max(chunks, 1)) * max(attn, ffn)
 
 
 def qwen3_activation_bytes(cfg: Qwen3Config, tokens: int, batch: int, dtype: torch.dtype) -> int:
@@ -329,9 +331,11 @@ def plan_transformer(
     prefetch_depth: int = 1,
     attention: str = "efficient",
     torch_dequant: bool = False,
+    chunks: int = 1,
 ) -> Plan:
     """Plan ZImageDiT (loaded or meta-built) at width x height for `batch` images in `dtype`
-    (default: the model's). Blocks are `dit_blocks(model)`; all other weights are always resident."""
+    (default: the model's), each block running the batch in `chunks` parts. Blocks are
+    `dit_blocks(model)`; all other weights are always resident."""
     dtype = dtype or model.dtype
     blocks = dit_blocks(model)
     return plan_blocks(
@@ -339,13 +343,13 @@ def plan_transformer(
         budget_bytes,
         fixed_bytes=fixed_bytes(model, blocks),
         activation_bytes=dit_activation_bytes(
-            model.config, width, height, batch, dtype, caption_tokens, attention
+            model.config, width, height, batch, dtype, caption_tokens, attention, chunks
         ),
         scratch_bytes=dequant_scratch_bytes([model], dtype, torch_dequant),
         context_bytes=context_bytes,
         margin_bytes=margin_bytes,
         prefetch_depth=prefetch_depth,
-        what=f"transformer at {width}x{height} batch {batch}",
+        what=f"transformer at {width}x{height} batch {batch}" + (f" in {chunks} parts" if chunks > 1 else ""),
     )
 
 

@@ -64,7 +64,7 @@ def create_app(config: ServeConfig, engine=None, load: Callable | None = None) -
         finally:
             if loading is not None:
                 loading.cancel()
-            server.worker.drain(config.grace_s)
+            server.drain()
             server.close()
 
     app = FastAPI(title="zimage-lite", lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -25,6 +25,7 @@ class Engine:
     plans: PlanCache
     loras: LoraLibrary
     model_id: str
+    slots: int = 1  # jobs at once: one pipeline, one job
 
     @classmethod
     def load(cls, config: ServeConfig) -> Engine:
@@ -68,24 +69,18 @@ class Engine:
         log.debug("generated %d image(s) in %.3f s", len(images), time.perf_counter() - start)
         return images
 
+    def stats(self):
+        """The last job's Pipeline.Stats."""
+        return self.pipe.last_stats
+
+    def caches(self) -> dict:
+        return {"prompt_features": self.features, "plans": self.plans, "loras": self.loras}
+
     def metadata(self, p: JobParams) -> dict[str, str]:
-        """PNG text, as `generate` writes it (the server's inputs have no file names)."""
-        pipe = self.pipe
-        meta = {
-            "prompt": p.prompt, "seed": str(p.seed), "steps": str(p.steps), "size": f"{p.width}x{p.height}",
-            "dtype": str(pipe.dtype).removeprefix("torch."), "software": "zimage-lite serve",
-            "model": self.model_id,
-        }  # fmt: skip
-        if p.image is not None:
-            meta["init_image"] = "uploaded"
-            meta["strength"] = "default" if p.strength is None else str(p.strength)
-        if p.mask is not None:
-            meta["mask"] = "uploaded"
-        if p.loras:
-            meta["loras"] = "; ".join(f"{c.name}:{c.scale:g}" for c in p.loras)
-        if p.hires is not None:
-            meta["hires"] = f"{p.hires.scale:g}x, strength {p.hires.strength:g}, same seed and steps"
-        return meta
+        return metadata(p, self.model_id, str(self.pipe.dtype).removeprefix("torch."))
+
+    def last_replica(self) -> str | None:
+        return None  # this process: the middleware names it
 
     def info(self) -> dict:
         """What a client (the web page) needs to know about the loaded model."""
@@ -97,6 +92,24 @@ class Engine:
             "device": str(pipe.device),
             "dtype": str(pipe.dtype).removeprefix("torch."),
         }
+
+
+def metadata(p: JobParams, model_id: str, dtype: str) -> dict[str, str]:
+    """PNG text, as `generate` writes it (the server's inputs have no file names)."""
+    meta = {
+        "prompt": p.prompt, "seed": str(p.seed), "steps": str(p.steps), "size": f"{p.width}x{p.height}",
+        "dtype": dtype, "software": "zimage-lite serve", "model": model_id,
+    }  # fmt: skip
+    if p.image is not None:
+        meta["init_image"] = "uploaded"
+        meta["strength"] = "default" if p.strength is None else str(p.strength)
+    if p.mask is not None:
+        meta["mask"] = "uploaded"
+    if p.loras:
+        meta["loras"] = "; ".join(f"{c.name}:{c.scale:g}" for c in p.loras)
+    if p.hires is not None:
+        meta["hires"] = f"{p.hires.scale:g}x, strength {p.hires.strength:g}, same seed and steps"
+    return meta
 
 
 def model_name(path: Path) -> str:

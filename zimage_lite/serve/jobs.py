@@ -34,6 +34,7 @@ class Job:
     finished: float | None = None
     results: list[dict] = field(default_factory=list)
     error: dict | None = None
+    replica: str | None = None  # the Ray replica that ran it (None: this process)
     status: int = 200  # the HTTP status a synchronous route answers with
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"  # or "shutting_down": a drain ran out of grace
@@ -95,6 +96,8 @@ class Job:
             out["results"] = [{k: v for k, v in r.items() if k != "b64_json"} for r in self.results]
         if self.error is not None:
             out["error"] = self.error
+        if self.replica is not None:
+            out["replica"] = self.replica
         return out
 
 

@@ -118,10 +118,12 @@ class ReplicaAndLog:
         async def with_header(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", []), (b"x-zimage-replica", replica)],
-                }
+                headers = list(message.get("headers", []))
+                if not any(
+                    k.lower() == b"x-zimage-replica" for k, _ in headers
+                ):  # a route named a Ray replica
+                    headers.append((b"x-zimage-replica", replica))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:

@@ -105,7 +105,7 @@ async def info(request: Request) -> dict:
             "request_timeout_s": c.request_timeout_s,
             "file_ttl_s": c.file_ttl_s,
         },  # fmt: skip
-        "queue": {"depth": server.worker.depth(), "running": server.worker.running is not None},
+        "queue": {"depth": server.worker.depth(), "running": len(server.worker.running)},
         "auth": c.api_key is not None,
     }
 

@@ -8,6 +8,7 @@ import json
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -57,13 +58,19 @@ def response_body(request: Request, req: ImageRequest, job: Job) -> dict:
     }  # fmt: skip
 
 
+def answer(request: Request, req: ImageRequest, job: Job) -> JSONResponse:
+    """The OpenAI response; X-Zimage-Replica names the replica that made the images (on Ray Serve)."""
+    headers = {"X-Zimage-Replica": job.replica} if job.replica else None
+    return JSONResponse(response_body(request, req, job), headers=headers)
+
+
 @router.post("/v1/images/generations")
-async def generations(body: ImageRequest, request: Request) -> dict:
+async def generations(body: ImageRequest, request: Request) -> JSONResponse:
     server = ready_server(request)
     params, spec = to_params(body, server.config, server.engine.model_id, server.engine.loras.names())
     job = Job(params, spec, server.config.request_timeout_s)
     await run_and_wait(request, server, job)
-    return response_body(request, body, job)
+    return answer(request, body, job)
 
 
 async def _form(request: Request) -> tuple[dict, dict[str, list[bytes]]]:
@@ -107,7 +114,7 @@ def _edit_request(fields: dict) -> ImageRequest:
 
 
 @router.post("/v1/images/edits")
-async def edits(request: Request) -> dict:
+async def edits(request: Request) -> JSONResponse:
     """Image-to-image (image only; `strength`, default 0.6) or inpainting (with `mask`: its transparent
     pixels are re-generated, strength default 1.0). Several images: the first is used."""
     server = ready_server(request)
@@ -125,4 +132,4 @@ async def edits(request: Request) -> dict:
     params, spec = to_params(body, server.config, server.engine.model_id, server.engine.loras.names(), images)
     job = Job(params, spec, server.config.request_timeout_s)
     await run_and_wait(request, server, job)
-    return response_body(request, body, job)
+    return answer(request, body, job)

@@ -32,13 +32,17 @@ class Server:
             out = Path(self._tmp.name)
         self.files = FileStore(out, config.file_ttl_s)
         self.jobs = JobStore(keep_s=config.file_ttl_s)
-        self.worker = Worker(self.run_job, config.max_queue, self._queue_changed, self._done)
+        self.worker = None
 
     @property
     def ready(self) -> bool:
         return self.engine is not None
 
     def attach(self, engine) -> None:
+        """Serve `engine`: as many worker threads as it runs jobs at once (`engine.slots`)."""
+        self.worker = Worker(
+            self.run_job, self.config.max_queue, self._queue_changed, self._done, engine.slots
+        )
         self.engine = engine
         self.metrics.ready.set(1)
         self.worker.start()
@@ -67,16 +71,15 @@ class Server:
             job.publish(step=i + 1, steps=n, pass_index=pass_index)
             check_between_steps(job)
 
-        m.running.set(1)
+        m.running.inc()
         start = time.perf_counter()
         try:
             images = engine.run(job.params, on_step)
+            job.replica = engine.last_replica()
         finally:
-            m.running.set(0)
-            m.record_stats(engine.pipe.last_stats)
-            m.record_caches(
-                {"prompt_features": engine.features, "plans": engine.plans, "loras": engine.loras}
-            )
+            m.running.dec()
+            m.record_stats(engine.stats())
+            m.record_caches(engine.caches())
         m.job_seconds.observe(time.perf_counter() - start)
         m.images.inc(len(images))
         meta = engine.metadata(job.params)
@@ -87,7 +90,12 @@ class Server:
     def _done(self, job: Job) -> None:
         self.metrics.jobs.labels(job.state).inc()
 
+    def drain(self) -> None:
+        if self.worker is not None:
+            self.worker.drain(self.config.grace_s)
+
     def close(self) -> None:
-        self.worker.stop(timeout=5)
+        if self.worker is not None:
+            self.worker.stop(timeout=5)
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -20,7 +20,7 @@ class DrainingServer(uvicorn.Server):
             return
         state = getattr(self.config.app.state, "server", None)  # set by the app's lifespan
         if state is not None:
-            state.worker.drain(self.grace)
+            state.drain()
         self.should_exit = True  # not recorded as captured: no re-raise, the command returns 0
 
 

@@ -42,22 +42,26 @@ class Worker:
         max_queue: int,
         on_change: Callable[[], None] = lambda: None,
         on_done: Callable[[Job], None] = lambda job: None,
+        slots: int = 1,
     ):
         self.run = run  # does the job's work and stores its results; called in the worker thread only
         self.max_queue = max_queue
         self.on_change = on_change  # queue depth moved (metrics)
         self.on_done = on_done  # a job reached its final state (metrics)
         self.waiting: deque[Job] = deque()
-        self.running: Job | None = None
+        self.running: list[Job] = []  # at most `slots`: 1 on a device; N when N Ray replicas run them
         self.accepting = True
         self.max_depth_seen = 0
         self.job_seconds = 1.0  # a running estimate for Retry-After
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="zimage-worker", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"zimage-worker-{i}", daemon=True) for i in range(slots)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def depth(self) -> int:
         return len(self.waiting)
@@ -76,7 +80,8 @@ class Worker:
         self.on_change()
 
     def retry_after(self) -> int:
-        return max(1, math.ceil(self.job_seconds * (len(self.waiting) + (self.running is not None))))
+        ahead = len(self.waiting) + len(self.running)
+        return max(1, math.ceil(self.job_seconds * ahead / len(self._threads)))
 
     def cancel(self, job: Job) -> None:
         """Cancel a queued job now, a running one at its next step; a finished one stays as it is."""
@@ -95,12 +100,12 @@ class Worker:
         with self._cond:
             self.accepting = False
             waiting, self.waiting = list(self.waiting), deque()
-            running = self.running
+            running = list(self.running)
         for job in waiting:
             job.fail(503, "the server is shutting down; the job did not start", "shutting_down")
             self.on_done(job)
-        if running is not None:
-            timer = threading.Timer(grace, _stop_running, (running,))
+        for job in running:
+            timer = threading.Timer(grace, _stop_running, (job,))
             timer.daemon = True
             timer.start()
         self.on_change()
@@ -108,9 +113,10 @@ class Worker:
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:
             self._stop = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._cond.notify_all()
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout)
 
     def _positions(self) -> None:
         with self._cond:
@@ -127,13 +133,14 @@ class Worker:
                     self._cond.wait()
                 if self._stop:
                     return
-                job = self.running = self.waiting.popleft()
+                job = self.waiting.popleft()
+                self.running.append(job)
             self._positions()
             try:
                 self._execute(job)
             finally:
                 with self._cond:
-                    self.running = None
+                    self.running.remove(job)
 
     def _execute(self, job: Job) -> None:
         start = time.monotonic()
