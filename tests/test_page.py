@@ -199,6 +199,11 @@ def test_batch_of_two_and_reuse_this_seed(visit):
     p.get_by_role("button", name="Reuse this seed").click()
     assert p.get_by_label("Fixed").is_checked()
     assert p.get_by_label("Seed value").input_value() == str(sent)
+    thumbs = p.locator("#gallery li img")
+    assert p.locator("#current-img").get_attribute("src") == thumbs.nth(0).get_attribute("src")
+    p.locator("#gallery li button").nth(1).click()  # the second image: shown large, its settings back
+    assert p.locator("#current-img").get_attribute("src") == thumbs.nth(1).get_attribute("src")
+    assert "image 2 of 2" in p.locator("#current-caption").text_content()
 
 
 def init_png(path: Path) -> Path:

@@ -285,6 +285,7 @@ async function cancel() {
 }
 
 async function restore(entry) {
+  show(entry);
   form.clearErrors();
   form.write(entry.settings);
   writeLoras($("lora-list"), entry.settings.loras);
