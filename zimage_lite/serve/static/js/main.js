@@ -109,7 +109,9 @@ async function setInit(blob, name = "image") {
   }
   if ((await exif.orientation(blob)) !== 1) blob = await exif.upright(bitmap); // the server ignores EXIF
   state.init = { blob, name };
-  $("init-preview").src = URL.createObjectURL(blob);
+  const preview = $("init-preview");
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src); // the gallery keeps its own blobs
+  preview.src = URL.createObjectURL(blob);
   painter.reset(bitmap.width, bitmap.height);
   $("init-tools").hidden = false;
   // Output size from the image, as the CLI does: sides rounded down to 16, scaled to at most ~1 MP.
