@@ -141,6 +141,18 @@ def test_edit_with_mask_in_openai_convention_equals_the_pipeline_inpaint(client,
     assert np.abs(got - want).max() <= 1
 
 
+def test_guidance_and_negative_prompt_equal_the_pipeline(client, pipe):
+    extra = {"seed": 4, "steps": 2, "guidance": 3.0, "negative_prompt": "blurry"}
+    r = client.images.generate(prompt="a bridge", size="32x32", extra_body=extra)
+    got = pixels(base64.b64decode(r.data[0].b64_json))
+    want = ours(
+        pipe, "a bridge", seed=4, steps=2, width=32, height=32, guidance=3.0, negative_prompt="blurry"
+    )
+    assert np.abs(got - want).max() <= 1
+    unguided = ours(pipe, "a bridge", seed=4, steps=2, width=32, height=32)
+    assert np.abs(got - unguided).max() > 1
+
+
 def test_lora_by_name_equals_the_pipeline_with_that_lora(client, tiny, lora_dir):
     r = client.images.generate(prompt="a tree", size="32x32",
                                extra_body={"seed": 2, "steps": 2, "loras": [{"name": "style", "scale": 0.7}]})  # fmt: skip
@@ -165,32 +177,40 @@ def test_models_info_health_ready(server):
     assert r.headers["x-zimage-replica"].endswith(f":{server.pid}")
 
 
-def _sse(lines) -> list[tuple[str, dict]]:
-    """The events of an SSE stream's lines, up to the final one."""
+def _sse(lines, until=("result", "error")) -> list[tuple[str, dict]]:
+    """The events of an SSE stream's lines, up to the first named in `until`."""
     events, name = [], None
     for line in lines:
         if line.startswith("event: "):
             name = line[7:]
         elif line.startswith("data: "):
             events.append((name, json.loads(line[6:])))
-            if name in ("result", "error"):
+            if name in until:
                 break
     return events
 
 
 def test_job_with_sse_progress_and_result(server):
-    body = {"prompt": "a lighthouse", "size": "32x32", "steps": 4, "seed": 11}
+    """Queued behind a blocker (so the stream surely starts before the job does), then per-step progress
+    and the result."""
+    blocker = httpx.post(f"{server.url}/v1/jobs", json={"prompt": "blocker", "size": "32x32", "steps": 1000})
+    body = {"prompt": "a lighthouse", "size": "32x32", "steps": 200, "seed": 11}
     r = httpx.post(f"{server.url}/v1/jobs", json=body)
     assert r.status_code == 202
     job = r.json()
-    assert r.headers["location"].endswith(f"/v1/jobs/{job['id']}")
+    assert job["state"] == "queued" and r.headers["location"].endswith(f"/v1/jobs/{job['id']}")
     with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", timeout=60) as s:
-        events = _sse(s.iter_lines())
+        lines = s.iter_lines()
+        first = _sse(lines, until=("queued",))
+        assert first == [("queued", {"id": job["id"], "position": 0})]
+        assert httpx.delete(f"{server.url}/v1/jobs/{blocker.json()['id']}").status_code == 200
+        events = _sse(lines)
     assert events[-1][0] == "result"
     steps = [e["step"] for name, e in events if name == "progress"]
-    assert steps == sorted(steps) and steps[-1] == 4
+    assert len(steps) > 1 and steps == sorted(set(steps)) and steps[-1] <= 200  # 0: it started
     final = httpx.get(f"{server.url}/v1/jobs/{job['id']}").json()
-    assert final["state"] == "succeeded" and final["step"] == 4 and final["steps"] == 4
+    assert final["state"] == "succeeded" and final["step"] == 200 and final["steps"] == 200
+    assert events[-1][1]["results"] == final["results"]
     img = httpx.get(final["results"][0]["url"])
     assert Image.open(io.BytesIO(img.content)).text["seed"] == "11"
 
@@ -265,8 +285,9 @@ def _bomb(side: int) -> bytes:
         ({"prompt": "a", "loras": [{"name": "nope"}]}, 400, "loras"),
         ({"prompt": "a", "loras": [{"name": "../style"}]}, 400, "loras"),
         ({"prompt": "a", "steps": 5000}, 400, "steps"),
-        ({"prompt": "a", "negative_prompt": "blurry"}, 400, "negative_prompt"),
-        ({"prompt": "a", "guidance": 4.0}, 400, "guidance"),
+        ({"prompt": "a", "negative_prompt": BIG_TEXT}, 400, "negative_prompt"),
+        ({"prompt": "a", "guidance": 99.0}, 400, "guidance"),
+        ({"prompt": "a", "guidance": -1.0}, 400, "guidance"),
         ({"prompt": "a", "unknown_field": 1}, 400, "unknown_field"),
         ({"prompt": "a", "response_format": "pdf"}, 400, "response_format"),
         ({}, 400, "prompt"),

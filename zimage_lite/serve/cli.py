@@ -30,6 +30,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--card", default=None, help="run as on a card of this size (see generate --card)")
     s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     s.add_argument("--fp8-matmul", choices=["dequant", "native"], default="dequant")
+    s.add_argument("--variant", choices=["turbo", "base"], default=None,
+                   help="the model's sampling defaults (default: from its files)")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --api-key")
     s.add_argument("--port", type=cli_args.bounded_int(0, 65535), default=8000)
     s.add_argument("--api-key", default=None, help=f"Bearer token clients must send (or ${API_KEY_ENV})")
@@ -46,7 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)"
     )
     s.add_argument("--model-id", default=None, help="the `model` name clients use (default: the folder's)")
-    s.add_argument("--steps", type=cli_args.steps, default=8, help="default steps (quality=medium)")
+    s.add_argument("--steps", type=cli_args.steps, default=None,
+                   help="default steps, quality=medium (default: the model variant's, Turbo 8)")  # fmt: skip
     s.add_argument("--size", type=_size, default=(1024, 1024), help="default WxH")
     s.add_argument("--max-n", type=cli_args.bounded_int(1, 64), default=4)
     s.add_argument("--max-steps", type=cli_args.steps, default=100)
@@ -62,7 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     model = ModelOptions(
         args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer, args.device, args.dtype,
-        args.vram, args.card, args.fp8_matmul,
+        args.vram, args.card, args.fp8_matmul, args.variant,
     )  # fmt: skip
     limits = Limits(max_n=args.max_n, max_steps=args.max_steps, max_pixels=args.max_pixels)
     config = ServeConfig(

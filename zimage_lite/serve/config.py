@@ -35,6 +35,7 @@ class ModelOptions:
     vram: str | None = None
     card: str | None = None
     fp8_matmul: str = "dequant"
+    variant: str | None = None  # turbo | base; None: from the model's files
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class ServeConfig:
     request_timeout_s: float = 600.0
     grace_s: float = 30.0
     cors_origins: tuple[str, ...] = ()
-    default_steps: int = 8
+    default_steps: int | None = None  # None: the model variant's (Turbo 8, base 50)
     default_size: tuple[int, int] = (1024, 1024)
     prompt_cache_size: int = 64
     verbose: bool = False

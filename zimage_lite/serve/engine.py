@@ -59,11 +59,13 @@ class Engine:
         images = self.pipe.generate(
             p.prompt, seed=p.seed, steps=p.steps, width=p.width, height=p.height, batch=p.n,
             on_step=lambda i, n: on_step(1, i, n), image=p.image, mask=p.mask, strength=p.strength,
+            **p.guidance_kwargs(),
         )  # fmt: skip
         if p.hires is not None:
             images = [
                 self.pipe.hires_fix(img, p.prompt, scale=p.hires.scale, strength=p.hires.strength,
-                                    seed=p.seed, steps=p.steps, on_step=lambda i, n: on_step(2, i, n))
+                                    seed=p.seed, steps=p.steps, on_step=lambda i, n: on_step(2, i, n),
+                                    **p.guidance_kwargs())
                 for img in images
             ]  # fmt: skip
         log.debug("generated %d image(s) in %.3f s", len(images), time.perf_counter() - start)
@@ -85,8 +87,10 @@ class Engine:
     def info(self) -> dict:
         """What a client (the web page) needs to know about the loaded model."""
         pipe = self.pipe
+        d = pipe.variant.defaults
         return {
-            "variant": getattr(pipe, "variant", "turbo"),
+            "variant": pipe.variant.name,
+            "model_defaults": {"steps": d.steps, "guidance": d.guidance},
             "loras": sorted(self.loras.names()),
             "controlnet": getattr(pipe, "controlnet", None) is not None,
             "device": str(pipe.device),
@@ -107,6 +111,10 @@ def metadata(p: JobParams, model_id: str, dtype: str) -> dict[str, str]:
         meta["mask"] = "uploaded"
     if p.loras:
         meta["loras"] = "; ".join(f"{c.name}:{c.scale:g}" for c in p.loras)
+    if p.guidance is not None:
+        meta["guidance"] = f"{p.guidance:g}"
+    if p.negative_prompt:
+        meta["negative_prompt"] = p.negative_prompt
     if p.hires is not None:
         meta["hires"] = f"{p.hires.scale:g}x, strength {p.hires.strength:g}, same seed and steps"
     return meta

@@ -30,8 +30,14 @@ class JobParams:
     loras: tuple[LoraChoice, ...] = ()
     hires: Hires | None = None
     strength: float | None = None
+    guidance: float | None = None  # None: the model variant's (Turbo 0, base 4)
+    negative_prompt: str | None = None
     image: Image.Image | None = field(default=None, compare=False, repr=False)
     mask: Image.Image | None = field(default=None, compare=False, repr=False)  # white = re-generate
+
+    def guidance_kwargs(self) -> dict:
+        """Pipeline.generate's guidance keywords (absent ones take the model variant's defaults)."""
+        return {"guidance": self.guidance, "negative_prompt": self.negative_prompt}
 
     def passes(self) -> int:
         return 1 if self.hires is None else 2

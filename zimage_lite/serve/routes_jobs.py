@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from zimage_lite.serve.errors import ApiError, bad_request, not_found
 from zimage_lite.serve.files import MEDIA
 from zimage_lite.serve.jobs import Job
-from zimage_lite.serve.schemas import QUALITY_FACTOR, JobRequest, to_params
+from zimage_lite.serve.schemas import JobRequest, quality_steps
 from zimage_lite.serve.uploads import decode_base64_image, openai_mask
 
 router = APIRouter()
@@ -88,17 +88,18 @@ async def info(request: Request) -> dict:
     """What a client (the web page) needs: the model, its variant and extras, defaults and limits."""
     server = ready_server(request)
     c = server.config
+    offer = server.offer()
     return {
         "model": server.engine.model_id,
         **server.engine.info(),
         "defaults": {
-            "steps": c.default_steps,
+            "steps": offer.default_steps,
             "size": "x".join(map(str, c.default_size)),
             "n": 1,
             "response_format": "b64_json",
             "output_format": "png",
         },  # fmt: skip
-        "quality_steps": {q: max(1, round(c.default_steps * f)) for q, f in QUALITY_FACTOR.items()},
+        "quality_steps": quality_steps(offer.default_steps),
         "limits": {
             **vars(c.limits),
             "max_queue": c.max_queue,
@@ -122,7 +123,7 @@ async def create_job(body: JobRequest, request: Request) -> JSONResponse:
             images["mask"] = openai_mask(mask, images["image"])
     elif body.mask is not None:
         raise bad_request("a mask needs an image", "mask")
-    params, spec = to_params(body, c, server.engine.model_id, server.engine.loras.names(), images)
+    params, spec = server.params(body, images)
     job = Job(params, spec, c.request_timeout_s, keep_files=True)
     server.submit(job)
     server.jobs.add(job)

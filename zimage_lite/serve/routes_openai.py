@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from zimage_lite.serve.errors import ApiError, bad_request
 from zimage_lite.serve.jobs import Job
 from zimage_lite.serve.routes_jobs import file_url, ready_server
-from zimage_lite.serve.schemas import ImageRequest, to_params
+from zimage_lite.serve.schemas import ImageRequest
 from zimage_lite.serve.uploads import decode_image, openai_mask
 
 router = APIRouter()
@@ -67,7 +67,7 @@ def answer(request: Request, req: ImageRequest, job: Job) -> JSONResponse:
 @router.post("/v1/images/generations")
 async def generations(body: ImageRequest, request: Request) -> JSONResponse:
     server = ready_server(request)
-    params, spec = to_params(body, server.config, server.engine.model_id, server.engine.loras.names())
+    params, spec = server.params(body)
     job = Job(params, spec, server.config.request_timeout_s)
     await run_and_wait(request, server, job)
     return answer(request, body, job)
@@ -129,7 +129,7 @@ async def edits(request: Request) -> JSONResponse:
     images = {"image": image}
     if files.get("mask"):
         images["mask"] = openai_mask(decode_image(files["mask"][0], "mask", limits.max_upload_pixels), image)
-    params, spec = to_params(body, server.config, server.engine.model_id, server.engine.loras.names(), images)
+    params, spec = server.params(body, images)
     job = Job(params, spec, server.config.request_timeout_s)
     await run_and_wait(request, server, job)
     return answer(request, body, job)

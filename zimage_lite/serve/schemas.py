@@ -2,14 +2,16 @@
 
 Field names and values follow OpenAI's images API; `seed`, `steps`, `negative_prompt`, `guidance`,
 `loras`, `hires`, `strength` and (jobs API) base64 `image` / `mask` are ours. `quality` picks the steps
-when `steps` is not given: low = half the model's default, medium/standard/auto = the default,
-high/hd = one and a half times it.
+when `steps` is not given: low = half the default steps (--steps, else the model variant's), medium/
+standard/auto = the default, high/hd = one and a half times it. `guidance` and `negative_prompt` go to
+Pipeline.generate as they are (absent: the variant's defaults, Turbo 0 = no negative pass, base 4).
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +23,7 @@ from zimage_lite.serve.params import Hires, JobParams, LoraChoice, OutputSpec
 SEED_MAX = 2**64 - 1
 SIZE_MAX = 8192  # the RoPE tables' reach (cli_args.SIZE_MAX)
 QUALITY_FACTOR = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5}
+GUIDANCE_MAX = 30.0
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
@@ -85,8 +88,21 @@ def parse_size(text: str, config: ServeConfig) -> tuple[int, int]:
     return width, height
 
 
-def _steps(req: ImageRequest, config: ServeConfig) -> int:
-    steps = req.steps or max(1, round(config.default_steps * QUALITY_FACTOR[req.quality]))
+@dataclass(frozen=True)
+class Offer:
+    """What this server has, against which a request is checked."""
+
+    model_id: str
+    lora_names: frozenset[str]
+    default_steps: int  # --steps, else the model variant's
+
+
+def quality_steps(default_steps: int) -> dict[str, int]:
+    return {q: max(1, round(default_steps * f)) for q, f in QUALITY_FACTOR.items()}
+
+
+def _steps(req: ImageRequest, config: ServeConfig, default_steps: int) -> int:
+    steps = req.steps or quality_steps(default_steps)[req.quality]
     if steps > config.limits.max_steps:
         raise bad_request(f"steps must be at most {config.limits.max_steps} here (got {steps})", "steps")
     return steps
@@ -98,14 +114,13 @@ def check_model(model: str | None, model_id: str) -> None:
                         "model", "model_not_found")  # fmt: skip
 
 
-def _check_guidance(req: ImageRequest) -> None:
-    """Guidance needs the base model's CFG (not merged here yet): only the Turbo defaults pass."""
-    if req.negative_prompt:
-        raise bad_request("negative_prompt is not supported by this server's model (Turbo: no guidance)",
-                          "negative_prompt", "unsupported")  # fmt: skip
-    if req.guidance not in (None, 0.0, 1.0):
-        raise bad_request("guidance is not supported by this server's model (Turbo: no guidance)",
-                          "guidance", "unsupported")  # fmt: skip
+def _check_guidance(req: ImageRequest, config: ServeConfig) -> None:
+    """Classifier-free guidance (Pipeline.generate's): a scale in [0, GUIDANCE_MAX], a bounded negative."""
+    if req.negative_prompt is not None and len(req.negative_prompt) > config.limits.max_prompt_chars:
+        raise bad_request(f"negative_prompt is over {config.limits.max_prompt_chars} characters",
+                          "negative_prompt")  # fmt: skip
+    if req.guidance is not None and not 0.0 <= req.guidance <= GUIDANCE_MAX:
+        raise bad_request(f"guidance must be from 0 to {GUIDANCE_MAX:g} (got {req.guidance})", "guidance")
 
 
 def _loras(refs: list[LoraRef], names: set[str], config: ServeConfig) -> tuple[LoraChoice, ...]:
@@ -119,11 +134,11 @@ def _loras(refs: list[LoraRef], names: set[str], config: ServeConfig) -> tuple[L
 
 
 def to_params(
-    req: ImageRequest, config: ServeConfig, model_id: str, lora_names: set[str], images: dict | None = None
+    req: ImageRequest, config: ServeConfig, offer: Offer, images: dict | None = None
 ) -> tuple[JobParams, OutputSpec]:
     """The job a request asks for, or ApiError naming the first field out of bounds. `images`: the
     decoded init image and mask (edits, jobs)."""
-    check_model(req.model, model_id)
+    check_model(req.model, offer.model_id)
     limits = config.limits
     if len(req.prompt) > limits.max_prompt_chars:
         raise bad_request(
@@ -133,7 +148,7 @@ def to_params(
         raise bad_request("prompt is empty", "prompt")
     if req.n > limits.max_n:
         raise bad_request(f"n must be from 1 to {limits.max_n} here (got {req.n})", "n")
-    _check_guidance(req)
+    _check_guidance(req, config)
     images = images or {}
     size = req.size
     if size == "auto" and images.get("image") is not None:  # an edit keeps its image's size (to 16s)
@@ -143,10 +158,12 @@ def to_params(
         raise bad_request("a mask or a strength needs an image", "image")
     params = JobParams(
         prompt=req.prompt, width=width, height=height,
-        seed=secrets.randbelow(2**32) if req.seed is None else req.seed, steps=_steps(req, config), n=req.n,
-        loras=_loras(req.loras, lora_names, config),
+        seed=secrets.randbelow(2**32) if req.seed is None else req.seed, steps=_steps(req, config, offer.default_steps),
+        n=req.n,
+        loras=_loras(req.loras, offer.lora_names, config),
         hires=None if req.hires is None else Hires(req.hires.scale, req.hires.strength),
-        strength=req.strength, image=images.get("image"), mask=images.get("mask"),
+        strength=req.strength, image=images.get("image"), mask=images.get("mask"), guidance=req.guidance,
+        negative_prompt=req.negative_prompt,
     )  # fmt: skip
     if params.hires is not None:
         from zimage_lite.init_image import upscaled_size

@@ -63,6 +63,19 @@ class Server:
             self.metrics.rejected.labels(err.code or str(err.status)).inc()
             raise
 
+    def offer(self):
+        from zimage_lite.serve.schemas import Offer
+
+        e = self.engine
+        steps = self.config.default_steps or e.info()["model_defaults"]["steps"]
+        return Offer(e.model_id, frozenset(e.loras.names()), steps)
+
+    def params(self, req, images: dict | None = None):
+        """(JobParams, OutputSpec) for a request, or ApiError."""
+        from zimage_lite.serve.schemas import to_params
+
+        return to_params(req, self.config, self.offer(), images)
+
     def run_job(self, job: Job) -> None:
         """On the worker thread: generate, record the stats, encode and keep the outputs."""
         engine, m = self.engine, self.metrics
