@@ -32,6 +32,7 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 SMALL = {"width": "64", "height": "64", "steps": "4"}  # the tiny model runs this in about a second
 LONG = {"width": "256", "height": "256", "steps": "100"}  # long enough to cancel mid-run
+KEY = "s3cret"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
@@ -61,6 +62,15 @@ def server(model, tmp_path_factory):
     loras.mkdir()
     write_lora(loras / "film-grain.safetensors")
     with live_server(model, root, "--output-dir", str(root / "out"), "--lora-dir", str(loras)) as live:
+        yield live.url
+
+
+@pytest.fixture(scope="module")
+def base_server(model, tmp_path_factory):
+    """A second server: the same tiny weights run as the base variant (guidance 4 by default), behind a key."""
+    root = tmp_path_factory.mktemp("page-base-server")
+    args = ["--variant", "base", "--api-key", KEY, "--output-dir", str(root / "out")]
+    with live_server(model, root, *args) as live:
         yield live.url
 
 
@@ -450,67 +460,87 @@ def test_works_at_390_px(browser, server, tmp_path):
         v.close()
 
 
-def test_api_key_asked_for_wrong_one_said_next_to_it_right_one_generates(browser, model, tmp_path):
-    with live_server(model, tmp_path, "--api-key", "s3cret", "--output-dir", str(tmp_path / "out")) as live:
-        v = Visit(browser, live.url, tmp_path, ready=False)
-        try:
-            p = v.page
-            key = p.get_by_label("API key")
-            key.wait_for()  # the page loads without the key, then asks for it
-            key.fill("wrong")
-            key.press("Enter")
-            error = p.locator("#api-key-error")
-            error.wait_for()
-            assert "API key" in error.text_content()
-            key.fill("s3cret")
-            p.get_by_role("button", name="Connect").click()
-            p.wait_for_function("document.getElementById('model-info').textContent.includes('·')")
-            assert key.is_hidden()
-            v.fill(prompt="behind a key", **SMALL)
-            p.get_by_role("button", name="Generate").click()
-            p.locator("#gallery li img").first.wait_for(timeout=60_000)
-            v.shot("api-key")
-            assert v.foreign(v.urls) == [] and not v.errors
-        finally:
-            v.close()
+def enter_key(page, key: str) -> None:
+    field = page.get_by_label("API key")
+    field.wait_for()  # the page loads without the key, then asks for it
+    field.fill(key)
+    page.get_by_role("button", name="Connect").click()
 
 
-def test_base_model_and_controlnet_fields_follow_info_and_the_servers_refusals_land_next_to_them(
-    visit, tmp_path
+def test_api_key_asked_for_wrong_one_said_next_to_it_right_one_generates(browser, base_server, tmp_path):
+    v = Visit(browser, base_server, tmp_path, ready=False)
+    try:
+        p = v.page
+        enter_key(p, "wrong")
+        error = p.locator("#api-key-error")
+        error.wait_for()
+        assert "API key" in error.text_content()
+        enter_key(p, KEY)
+        p.wait_for_function("document.getElementById('model-info').textContent.includes('·')")
+        assert p.get_by_label("API key").is_hidden()
+        v.fill(prompt="behind a key", **SMALL)
+        p.get_by_role("button", name="Generate").click()
+        p.locator("#gallery li img").first.wait_for(timeout=60_000)
+        v.shot("api-key")
+        assert v.foreign(v.urls) == [] and not v.errors
+    finally:
+        v.close()
+
+
+def test_base_model_shows_negative_prompt_and_guidance_and_they_reach_the_png(
+    browser, server, base_server, tmp_path
 ):
-    """The page shows negative prompt, guidance and ControlNet only when /v1/info reports a base model or a
-    ControlNet. This server has neither, so its real /v1/info answer is altered in flight to say it has;
-    the requests then go to the real server, whose refusals must land next to those controls."""
-    p = visit.page
-
-    def claim_base(route):
-        info = route.fetch().json()
-        route.fulfill(
-            json={
-                **info,
-                "variant": "base",
-                "controlnet": True,
-                "defaults": {**info["defaults"], "guidance": 4},
-            }
+    v = Visit(browser, server, tmp_path)  # Turbo: neither is offered
+    try:
+        assert (
+            v.page.get_by_label("Negative prompt").is_hidden() and v.page.get_by_label("Guidance").is_hidden()
         )
+    finally:
+        v.close()
+    v = Visit(browser, base_server, tmp_path, ready=False)
+    try:
+        p = v.page
+        enter_key(p, KEY)
+        p.wait_for_function("document.getElementById('model-info').textContent.includes('base')")
+        assert p.get_by_label("Guidance").input_value() == "4"  # the base variant's default, from /v1/info
+        v.fill(prompt="a harbour at noon", negative_prompt="blurry, text", guidance="3.5", **SMALL)
+        with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
+            p.get_by_role("button", name="Generate").click()
+        assert (req.value.post_data_json["negative_prompt"], req.value.post_data_json["guidance"]) == (
+            "blurry, text",
+            3.5,
+        )
+        p.locator("#gallery li").first.wait_for(timeout=60_000)
+        with p.expect_download() as dl:
+            p.get_by_role("link", name="Download PNG").first.click()
+        text = png_text(Path(dl.value.path()).read_bytes())
+        assert (text["negative_prompt"], text["guidance"]) == ("blurry, text", "3.5"), text
+        v.shot("base")
+        assert not v.errors
+    finally:
+        v.close()
 
-    p.route("**/v1/info", claim_base)
+
+def test_controlnet_fields_follow_info_and_the_servers_refusal_lands_next_to_them(visit, tmp_path):
+    """The page shows a ControlNet image and scale only when /v1/info reports a ControlNet. No server has
+    one yet (issue 21), so the real /v1/info answer is altered in flight to say so; the request then goes to
+    the real server, whose refusal of the field must land next to that control."""
+    p = visit.page
+    assert p.get_by_label("Control image").is_hidden()
+
+    def claim_controlnet(route):
+        route.fulfill(json={**route.fetch().json(), "controlnet": True})
+
+    p.route("**/v1/info", claim_controlnet)
     p.reload()
-    p.wait_for_function("document.getElementById('model-info').textContent.includes('base')")
-    assert p.get_by_label("Negative prompt").is_visible() and p.get_by_label("Guidance").input_value() == "4"
-    assert p.get_by_label("Control image").is_visible()
-    visit.fill(prompt="a harbour", negative_prompt="blurry", **SMALL)
+    p.get_by_label("Control image").wait_for()
+    visit.fill(prompt="a harbour", **SMALL)
     p.get_by_label("Control image").set_input_files(init_png(tmp_path / "edges.png"))
     with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
         p.get_by_role("button", name="Generate").click()
     body = req.value.post_data_json
-    assert (body["negative_prompt"], body["guidance"], body["control_scale"]) == ("blurry", 4, 0.75)
-    p.locator("#control-field .error").wait_for()
-    assert "control_image" in p.locator("#control-field .error").text_content()
-
-    p.get_by_label("Control image").set_input_files([])
-    p.get_by_role("button", name="Generate").click()
-    error = p.locator("#negative_prompt-error")
+    assert body["control_scale"] == 0.75 and data_url_bytes(body["control_image"]).startswith(b"\x89PNG")
+    error = p.locator("#control-field .error")
     error.wait_for()
-    assert "negative_prompt" in error.text_content()
-    assert p.locator("#negative_prompt").get_attribute("aria-invalid") == "true"
+    assert "control_image" in error.text_content()
+    assert p.locator("#control-image").get_attribute("aria-invalid") == "true"

@@ -27,7 +27,8 @@ function applyModel(info) {
   loraList($("lora-list"), info.loras);
   const d = info.defaults || {};
   if (d.steps) $("steps").value = d.steps;
-  if (d.guidance !== undefined) $("guidance").value = d.guidance;
+  const guidance = (info.model_defaults || {}).guidance ?? d.guidance; // the variant's, e.g. base 4
+  if (guidance !== undefined) $("guidance").value = guidance;
   if (d.size && /^\d+x\d+$/.test(d.size)) form.setSize(...d.size.split("x").map(Number));
   const limits = info.limits || {};
   if (limits.max_steps) $("steps").max = limits.max_steps;
