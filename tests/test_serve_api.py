@@ -166,7 +166,9 @@ def test_lora_by_name_equals_the_pipeline_with_that_lora(client, tiny, lora_dir)
 
 
 def test_models_info_health_ready(server):
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server.url}/health", headers={"Origin": "http://page.test"})
+    assert health.json() == {"status": "ok"}
+    assert "access-control-allow-origin" not in health.headers  # no CORS unless --cors-origin
     assert httpx.get(f"{server.url}/ready").status_code == 200
     models = httpx.get(f"{server.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["zimage-tiny"]
@@ -341,8 +343,13 @@ def test_jobs_errors(server):
 
 
 def test_api_key_is_required_and_compared(tiny, tmp_path):
-    with live_server(tiny, tmp_path, "--api-key", "s3cret", "--size", "16x16", "--steps", "1") as live:
+    args = ["--api-key", "s3cret", "--size", "16x16", "--steps", "1", "--cors-origin", "http://page.test"]
+    with live_server(tiny, tmp_path, *args) as live:
         assert httpx.get(f"{live.url}/health").status_code == 200
+        cors = httpx.get(f"{live.url}/health", headers={"Origin": "http://page.test"})
+        assert cors.headers["access-control-allow-origin"] == "http://page.test"
+        other = httpx.get(f"{live.url}/health", headers={"Origin": "http://evil.test"})
+        assert "access-control-allow-origin" not in other.headers
         body = {"prompt": "a"}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = httpx.post(f"{live.url}/v1/images/generations", json=body, headers=headers, timeout=30)
