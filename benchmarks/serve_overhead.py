@@ -23,11 +23,10 @@ from pathlib import Path
 
 import httpx
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.serve_live import live_server  # noqa: E402
+from tests.serve_live import live_server, write_lora  # noqa: E402
 from zimage_lite.pipeline import Pipeline  # noqa: E402
 from zimage_lite.serve.config import ServeConfig  # noqa: E402
 from zimage_lite.serve.engine import Engine  # noqa: E402
@@ -109,16 +108,6 @@ def loras(model: Path, engine: Engine, folder: Path, n: int) -> dict:
             "file_reads": engine.loras.misses}  # fmt: skip
 
 
-def write_lora(pipe, folder: Path) -> None:
-    gen = torch.Generator().manual_seed(1)
-    tensors = {}
-    for name, m in pipe.transformer.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.endswith(("attention.to_q", "feed_forward.w1")):
-            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=gen)
-            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=gen)
-    save_file(tensors, str(folder / "style.safetensors"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50)
@@ -131,7 +120,7 @@ def main() -> None:
         loads = [Pipeline.load(model, device="cpu").load_seconds for _ in range(5)]
         pipe = Pipeline.load(model, device="cpu")
         (tmp / "loras").mkdir()
-        write_lora(pipe, tmp / "loras")
+        write_lora(pipe.transformer, tmp / "loras" / "style.safetensors", ("attention.to_q",), seed=1)
         result = {"machine": {"load_avg": os.getloadavg(), "cpus": os.cpu_count(), "torch_threads": 1},
                   "size": f"{SIZE}x{SIZE}", "steps": STEPS, "pipeline_load_s": statistics.median(loads)}  # fmt: skip
         with live_server(model, tmp, "--size", f"{SIZE}x{SIZE}") as live:

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import torch
+from safetensors.torch import save_file
 
 
 def free_port() -> int:
@@ -80,3 +82,16 @@ def live_server(model: Path, tmp: Path, *args: str, ready_s: float = 120.0, env:
     finally:
         if proc.poll() is None:
             live.stop()
+
+
+def write_lora(transformer: torch.nn.Module, path: Path, targets: tuple[str, ...], seed: int) -> Path:
+    """A rank-4 LoRA in PEFT's layout on `transformer`'s linears ending with `targets` (our module names
+    are diffusers'), random values of scale 0.3."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, m in transformer.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.endswith(targets):
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=gen) * 0.3
+            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=gen) * 0.3
+    save_file(tensors, str(path))
+    return path

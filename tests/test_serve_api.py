@@ -12,11 +12,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from tests.serve_live import live_server
+from tests.serve_live import live_server, write_lora
 from zimage_lite.pipeline import Pipeline
 from zimage_lite.synthetic import write_synthetic_model
 
@@ -36,15 +34,8 @@ def pipe(tiny):
 
 @pytest.fixture(scope="module")
 def lora_dir(pipe, tmp_path_factory):
-    """One PEFT-layout LoRA on a few of the tiny transformer's linears (names = diffusers names)."""
     folder = tmp_path_factory.mktemp("loras")
-    gen = torch.Generator().manual_seed(1)
-    tensors = {}
-    for name, m in pipe.transformer.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.endswith(TARGETS):
-            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=gen) * 0.3
-            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=gen) * 0.3
-    save_file(tensors, str(folder / "style.safetensors"))
+    write_lora(pipe.transformer, folder / "style.safetensors", TARGETS, seed=1)
     (folder / "notes.txt").write_text("not a LoRA")
     return folder
 
@@ -151,6 +142,37 @@ def test_guidance_and_negative_prompt_equal_the_pipeline(client, pipe):
     assert np.abs(got - want).max() <= 1
     unguided = ours(pipe, "a bridge", seed=4, steps=2, width=32, height=32)
     assert np.abs(got - unguided).max() > 1
+
+
+def test_hires_pass_equals_the_pipeline_hires_fix(client, pipe):
+    r = client.images.generate(prompt="a hill", size="16x16", extra_body={"seed": 6, "steps": 2,
+                               "hires": {"scale": 2.0, "strength": 0.5}})  # fmt: skip
+    got = pixels(base64.b64decode(r.data[0].b64_json))
+    first = pipe.generate("a hill", seed=6, steps=2, width=16, height=16)[0]
+    want = np.asarray(pipe.hires_fix(first, "a hill", scale=2.0, strength=0.5, seed=6, steps=2)).astype(
+        np.int16
+    )
+    assert got.shape == (32, 32, 3) and np.abs(got - want).max() <= 1
+
+
+def test_job_with_base64_image_and_mask_equals_the_pipeline_inpaint(server, pipe):
+    rng = np.random.default_rng(1)
+    init = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[:16] = 0  # transparent top half: edited
+    mask = Image.fromarray(np.dstack([np.zeros((32, 32, 3), np.uint8), alpha]), "RGBA")
+    as_url = lambda im: "data:image/png;base64," + base64.b64encode(_png(im)).decode()  # noqa: E731
+    body = {"prompt": "a roof", "image": as_url(init), "mask": as_url(mask), "seed": 8, "steps": 2}
+    job = httpx.post(f"{server.url}/v1/jobs", json=body).json()
+    deadline = time.monotonic() + 60
+    while (view := httpx.get(f"{server.url}/v1/jobs/{job['id']}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert view["state"] == "succeeded" and view["size"] == "32x32"
+    got = pixels(httpx.get(view["results"][0]["url"]).content)
+    ours_mask = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
+    want = ours(pipe, "a roof", seed=8, steps=2, width=32, height=32, image=init, mask=ours_mask)
+    assert np.abs(got - want).max() <= 1
 
 
 def test_lora_by_name_equals_the_pipeline_with_that_lora(client, tiny, lora_dir):

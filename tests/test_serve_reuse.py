@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
+from tests.serve_live import write_lora
 from zimage_lite.pipeline import Pipeline
 from zimage_lite.serve.config import ServeConfig
 from zimage_lite.serve.engine import Engine
@@ -25,14 +24,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_dir(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
-    pipe = Pipeline.load(tiny, device="cpu")
-    gen = torch.Generator().manual_seed(3)
-    tensors = {}
-    for name, m in pipe.transformer.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.endswith(("attention.to_q", "feed_forward.w2")):
-            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=gen) * 0.3
-            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=gen) * 0.3
-    save_file(tensors, str(folder / "style.safetensors"))
+    transformer = Pipeline.load(tiny, device="cpu").transformer
+    write_lora(transformer, folder / "style.safetensors", ("attention.to_q", "feed_forward.w2"), seed=3)
     return folder
 
 

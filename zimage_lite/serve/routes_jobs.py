@@ -3,16 +3,17 @@ probes (/health, /ready), /metrics and /v1/files. Shapes: docs/serve-api.md."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from zimage_lite.serve.errors import ApiError, bad_request, not_found
+from zimage_lite.serve.errors import ApiError, not_found
 from zimage_lite.serve.files import MEDIA
 from zimage_lite.serve.jobs import Job
 from zimage_lite.serve.schemas import JobRequest, quality_steps
-from zimage_lite.serve.uploads import decode_base64_image, openai_mask
+from zimage_lite.serve.uploads import decode_base64_image, init_images
 
 router = APIRouter()
 
@@ -106,7 +107,11 @@ async def info(request: Request) -> dict:
             "request_timeout_s": c.request_timeout_s,
             "file_ttl_s": c.file_ttl_s,
         },  # fmt: skip
-        "queue": {"depth": server.worker.depth(), "running": len(server.worker.running)},
+        "queue": {
+            "depth": server.worker.depth(),
+            "running": bool(server.worker.running),
+            "running_jobs": len(server.worker.running),
+        },
         "auth": c.api_key is not None,
     }
 
@@ -115,14 +120,8 @@ async def info(request: Request) -> dict:
 async def create_job(body: JobRequest, request: Request) -> JSONResponse:
     server = ready_server(request)
     c = server.config
-    images = {}
-    if body.image is not None:
-        images["image"] = decode_base64_image(body.image, "image", c.limits.max_upload_pixels)
-        if body.mask is not None:
-            mask = decode_base64_image(body.mask, "mask", c.limits.max_upload_pixels)
-            images["mask"] = openai_mask(mask, images["image"])
-    elif body.mask is not None:
-        raise bad_request("a mask needs an image", "mask")
+    decode = decode_base64_image
+    images = await asyncio.to_thread(init_images, body.image, body.mask, decode, c.limits.max_upload_pixels)
     params, spec = server.params(body, images)
     job = Job(params, spec, c.request_timeout_s, keep_files=True)
     server.submit(job)

@@ -16,7 +16,7 @@ from zimage_lite.serve.errors import ApiError, bad_request
 from zimage_lite.serve.jobs import Job
 from zimage_lite.serve.routes_jobs import file_url, ready_server
 from zimage_lite.serve.schemas import ImageRequest
-from zimage_lite.serve.uploads import decode_image, openai_mask
+from zimage_lite.serve.uploads import decode_image, init_images
 
 router = APIRouter()
 DISCONNECT_POLL_S = 0.25
@@ -125,10 +125,10 @@ async def edits(request: Request) -> JSONResponse:
     if not files.get("image"):
         raise bad_request("image is required (a file part named image or image[])", "image", "missing")
     body = _edit_request(fields)
-    image = decode_image(files["image"][0], "image", limits.max_upload_pixels)
-    images = {"image": image}
-    if files.get("mask"):
-        images["mask"] = openai_mask(decode_image(files["mask"][0], "mask", limits.max_upload_pixels), image)
+    mask = (files.get("mask") or [None])[0]
+    images = await asyncio.to_thread(
+        init_images, files["image"][0], mask, decode_image, limits.max_upload_pixels
+    )
     params, spec = server.params(body, images)
     job = Job(params, spec, server.config.request_timeout_s)
     await run_and_wait(request, server, job)

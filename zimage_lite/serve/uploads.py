@@ -54,3 +54,16 @@ def openai_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
                           "invalid_mask")  # fmt: skip
     alpha = mask.convert("RGBA").getchannel("A")
     return alpha.point(lambda a: 255 if a < 128 else 0)
+
+
+def init_images(image, mask, decode, max_pixels: int) -> dict:
+    """{"image", "mask"} for a request from its uploaded forms (bytes, or base64 text) through `decode`:
+    the mask in OpenAI's convention turned into ours. Run off the event loop (decoding takes a while)."""
+    if image is None:
+        if mask is not None:
+            raise bad_request("a mask needs an image", "mask")
+        return {}
+    out = {"image": decode(image, "image", max_pixels)}
+    if mask is not None:
+        out["mask"] = openai_mask(decode(mask, "mask", max_pixels), out["image"])
+    return out
