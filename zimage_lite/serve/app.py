@@ -77,6 +77,9 @@ def create_app(config: ServeConfig, engine=None, load: Callable | None = None) -
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(jobs_router)
     app.include_router(openai_router)
+    from fastapi.staticfiles import StaticFiles  # the web page (static/) at /, after every API route
+
+    app.mount("/", StaticFiles(packages=[("zimage_lite.serve", "static")], html=True), name="page")
     if config.api_key:
         app.add_middleware(ApiKey, key=config.api_key)
     if config.cors_origins:  # outside the key check, so a refusal still carries the CORS headers

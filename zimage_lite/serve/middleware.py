@@ -14,6 +14,7 @@ from zimage_lite.serve.errors import ApiError
 
 log = logging.getLogger("zimage_lite.serve.access")
 OPEN_PATHS = ("/health", "/ready")  # probes answer without the key
+PAGE_PATHS = ("/", "/index.html", "/style.css")  # and the web page's files (no data; it asks for the key)
 
 
 async def send_error(send, err: ApiError) -> None:
@@ -74,7 +75,9 @@ class ApiKey:
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        path = scope.get("path", "")
+        open_path = path in OPEN_PATHS or path in PAGE_PATHS or path.startswith("/js/")
+        if scope["type"] != "http" or open_path or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = given.partition(b" ")
