@@ -239,8 +239,12 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = str(resolve_device(args.device or "cpu"))
     with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
-        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)
-    print(f"wrote synthetic {args.size} model to {out}")
+        write_synthetic_model(
+            tmp, size=args.size, seed=args.seed, dtype=dtype, device=device, stress=args.stress
+        )
+    print(
+        f"wrote synthetic {args.size} model to {out}" + (f" (stress: {args.stress})" if args.stress else "")
+    )
     return 0
 
 
@@ -343,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["cpu", "cuda"], default=None,
         help="draw the values there (cuda: the full model in seconds; other values for the same seed)",
     )  # fmt: skip
+    s.add_argument("--stress", choices=["fp16"], default=None,
+                   help="fp16: a few weights scaled so activations outgrow float16 as Z-Image's do")  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
     for command in (g, c, i, b, s):  # -v after the command too; SUPPRESS keeps a -v given before it

@@ -41,7 +41,7 @@ def _norm(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 
 def _conv_wide(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) for the float32 stream of a float16 model (else plain): each image scaled by the power of
-    two that puts max|x| in [2^7, 2^8), convolved without bias in float16, unscaled and biased in float32."""
+    two that puts max|x| in [2^5, 2^6), convolved without bias in float16, unscaled and biased in float32."""
     if x.dtype == conv.weight.dtype:
         return conv(x)
     scale = pow2_scale(x, (1, 2, 3))  # (B, 1, 1, 1)
