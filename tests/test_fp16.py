@@ -111,5 +111,6 @@ def test_float16_gives_the_float32_images(converted, tmp_path, source):
             if what == "lora":
                 pipe.load_lora(lora, 0.8)
             images[dt] = pipe.generate(PROMPT, seed=SEED, steps=STEPS, width=W, height=H, **kwargs)[0]
+            assert pipe.last_stats.fp32_fallback_steps == [], (source, what, dt)  # no step was redone
         assert np.asarray(images["float32"]).std() > 5  # a picture, not a flat field
         assert psnr(images["float16"], images["float32"]) >= MIN_PSNR_DB, (source, what)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from zimage_lite.errors import UsageError, ZImageError
 from zimage_lite.init_image import image_tensor, init_latents, mask_tensor
+from zimage_lite.runtime.fp32_fallback import RetryInFloat32
 from zimage_lite.sampling import (
     euler_sample,
     initial_noise,
@@ -87,9 +88,12 @@ class Stats:
     peak_device_bytes: int | None = None
     streaming: dict = field(default_factory=dict)
     device_memory: dict = field(default_factory=dict)
+    # steps redone with float32 compute because they gave non-finite values (runtime/fp32_fallback.py)
+    fp32_fallback_steps: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = {"phases_s": self.phases, "steps_s": self.steps, "peak_device_bytes": self.peak_device_bytes}
+        out["fp32_fallback_steps"] = self.fp32_fallback_steps
         if self.streaming:
             out["streaming"] = self.streaming
         if self.device_memory:
@@ -273,6 +277,9 @@ class Pipeline:
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.transformer(x, t, captions)
+
+        denoise = RetryInFloat32(denoise, self.transformer, self.dtype, first_step=start)
+        stats.fp32_fallback_steps = denoise.steps
 
         def step_done(i: int, x: torch.Tensor) -> None:
             if not torch.isfinite(x).all():

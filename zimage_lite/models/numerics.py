@@ -46,7 +46,8 @@ def norm_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
 def pow2_scale(x: torch.Tensor, dims: int | tuple[int, ...] = -1) -> torch.Tensor:
     """float32 powers of two s (x's shape with `dims` kept as 1) with max|x * s| over `dims` in [2^5, 2^6).
     A non-finite maximum gives a non-finite result later on purpose: the sampler's guard sees it."""
-    amax = x.detach().abs().amax(dims, keepdim=True).float().clamp_min(_TINY_ROW)
+    # max |x| without an |x| temporary (the FFN product is S x F)
+    amax = torch.linalg.vector_norm(x.detach(), float("inf"), dims, keepdim=True).float().clamp_min(_TINY_ROW)
     _, exponent = torch.frexp(amax)  # amax = m * 2^exponent, m in [0.5, 1)
     return torch.exp2((ROW_MAX_LOG2 - exponent).float())
 

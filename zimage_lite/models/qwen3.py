@@ -112,7 +112,7 @@ class Qwen3MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: normed, compute dtype; the product and the output in wide_dtype (as the DiT's FeedForward)."""
-        h = F.silu(self.gate_proj(x).to(wide_dtype(x.dtype)))
+        h = F.silu(self.gate_proj(x).to(wide_dtype(x.dtype)), inplace=True)
         h.mul_(self.up_proj(x))
         return linear_wide(self.down_proj, h, x.dtype)
 
