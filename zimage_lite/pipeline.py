@@ -45,11 +45,11 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on the CPU; on CUDA bf16 from sm 8.0, fp16 on sm 7.x, fp32 below (no fast fp16 on Pascal)."""
-    if device.type != "cuda":
-        return torch.float32
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16 if major == 7 else torch.float32
+    """float32 on the CPU; on CUDA per the card's generation (runtime/cards.py: bf16 from sm 8.0, fp16 on
+    sm 7.x, fp32 on Pascal, refused below)."""
+    from zimage_lite.runtime.cards import capability_of, compute_dtype
+
+    return compute_dtype(capability_of(device))
 
 
 def _budget(vram, card, device: torch.device):
@@ -167,6 +167,7 @@ class Pipeline:
         that size (the allocator capped as it would be, and that budget; see budget.emulate_card).
         `fp8_matmul` "native": FP8 weights on the FP8 tensor cores where the card has them (sm >= 8.9;
         kernels/fp8_matmul.py), else dequantized (the default, and the fallback elsewhere)."""
+        from zimage_lite.runtime.cards import capability_of, compute_dtype
         from zimage_lite.runtime.quant_linear import set_fp8_matmul
         from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
 
@@ -176,9 +177,7 @@ class Pipeline:
             if dtype not in DTYPES:
                 raise UsageError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
-        dtype = dtype or default_dtype(dev)
-        if dev.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev)[0] < 8:
-            raise UsageError("this GPU (sm < 8.0) has no bfloat16 support: use --dtype float16 or float32")
+        dtype = compute_dtype(capability_of(dev), dtype)  # refuses cards below sm 6.0 (runtime/cards.py)
         budget = _budget(vram, card, dev)
         paths = resolve_model(model, transformer, text_encoder, vae, tokenizer)
         host = torch.device("cpu")  # phases place weights on the device per their plan
