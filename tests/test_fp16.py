@@ -114,3 +114,28 @@ def test_float16_gives_the_float32_images(converted, tmp_path, source):
             assert pipe.last_stats.fp32_fallback_steps == [], (source, what, dt)  # no step was redone
         assert np.asarray(images["float32"]).std() > 5  # a picture, not a flat field
         assert psnr(images["float16"], images["float32"]) >= MIN_PSNR_DB, (source, what)
+
+
+def test_bench_runs_float16_rows_beside_bfloat16(fp16_stress, tmp_path):
+    """`bench --also-dtype bfloat16,float16`: every precision also runs in those compute dtypes, each row
+    compared with the float32 reference; on the stress model float16 is the closer of the two."""
+    from zimage_lite.bench import runner
+    from zimage_lite.bench.prompts import bench_prompts
+    from zimage_lite.bench.schema import validate_report
+
+    cfg = runner.BenchConfig(
+        out=tmp_path / "out", model=fp16_stress, precisions=["bf16", "q8_0"], prompts=bench_prompts(1),
+        steps=STEPS, width=W, height=H, warmup=0, dtype="float32", also_dtypes=["bfloat16", "float16"],
+        cache=tmp_path / "cache", save_images=False, progress=False,
+    )  # fmt: skip
+    report = runner.run_bench(cfg)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["bf16", "q8_0", "bf16+bf16", "q8_0+bf16", "bf16+fp16", "q8_0+fp16"]
+    assert [rows[n]["compute_dtype"] for n in ("bf16", "bf16+bf16", "bf16+fp16")] == [
+        "float32", "bfloat16", "float16",
+    ]  # fmt: skip
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["bf16+fp16"]["quality"]["psnr_db_min"] >= MIN_PSNR_DB
+    assert rows["bf16+fp16"]["quality"]["psnr_db_min"] > rows["bf16+bf16"]["quality"]["psnr_db_min"]
+    assert rows["bf16+fp16"]["fp32_fallback_steps"] == 0
+    assert report["settings"]["also_dtypes"] == ["bfloat16", "float16"] and validate_report(report) == []

@@ -16,6 +16,7 @@ class RowResult:
     precision: str
     card: str | None = None  # the card this row emulates (--card), None: the whole device or --vram
     hires: float | None = None  # hires-fix scale (--hires): generate, upscale, image-to-image
+    dtype: str | None = None  # compute dtype of an --also-dtype row (None: the bench's --dtype)
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
     engine: object | None = None  # filled while running; not reported
