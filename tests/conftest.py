@@ -39,3 +39,12 @@ def quantized(tmp_path_factory):
     src = write_synthetic_model(root / "small", "small", seed=0)
     convert(src, root / "q4", "q4_k_m", progress=False)
     return root / "q4"
+
+
+@pytest.fixture(scope="session")
+def fp16_stress(tmp_path_factory):
+    """The tiny synthetic model with activations that outgrow float16 as Z-Image's do
+    (zimage_lite/synthetic_stress.py: FFN products and attention outputs ~1e5-1e6, massive activations)."""
+    from zimage_lite.synthetic import write_synthetic_model
+
+    return write_synthetic_model(tmp_path_factory.mktemp("fp16") / "stress", "tiny", seed=0, stress="fp16")

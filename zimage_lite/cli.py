@@ -256,8 +256,10 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
             device=device,
             variant=args.variant,
             outliers=args.outliers,
+            stress=args.stress,
         )
-    print(f"wrote synthetic {args.size} {args.variant} model to {out}")
+    stress = f" (stress: {args.stress})" if args.stress else ""
+    print(f"wrote synthetic {args.size} {args.variant} model to {out}{stress}")
     return 0
 
 
@@ -374,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["cpu", "cuda"], default=None,
         help="draw the values there (cuda: the full model in seconds; other values for the same seed)",
     )  # fmt: skip
+    s.add_argument("--stress", choices=["fp16"], default=None,
+                   help="fp16: a few weights scaled so activations outgrow float16 as Z-Image's do")  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
     from zimage_lite.cli_imatrix import add_imatrix_arguments, cmd_imatrix

@@ -19,6 +19,8 @@ from zimage_lite.control import control_part, controlled
 from zimage_lite.errors import UsageError, ZImageError
 from zimage_lite.guidance import Guidance, guided, negative_prompts
 from zimage_lite.init_image import image_tensor, init_latents, mask_tensor
+from zimage_lite.runtime.fp32_fallback import RetryInFloat32
+from zimage_lite.runtime.planner import transformer_root
 from zimage_lite.sampling import (
     euler_sample,
     initial_noise,
@@ -46,11 +48,11 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on the CPU; on CUDA bf16 from sm 8.0, fp16 on sm 7.x, fp32 below (no fast fp16 on Pascal)."""
-    if device.type != "cuda":
-        return torch.float32
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16 if major == 7 else torch.float32
+    """float32 on the CPU; on CUDA per the card's generation (runtime/cards.py: bf16 from sm 8.0, fp16 on
+    sm 7.x, fp32 on Pascal, refused below)."""
+    from zimage_lite.runtime.cards import capability_of, compute_dtype
+
+    return compute_dtype(capability_of(device))
 
 
 def _budget(vram, card, device: torch.device):
@@ -89,9 +91,12 @@ class Stats:
     peak_device_bytes: int | None = None
     streaming: dict = field(default_factory=dict)
     device_memory: dict = field(default_factory=dict)
+    # steps redone with float32 compute because they gave non-finite values (runtime/fp32_fallback.py)
+    fp32_fallback_steps: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = {"phases_s": self.phases, "steps_s": self.steps, "peak_device_bytes": self.peak_device_bytes}
+        out["fp32_fallback_steps"] = self.fp32_fallback_steps
         if self.streaming:
             out["streaming"] = self.streaming
         if self.device_memory:
@@ -179,6 +184,7 @@ class Pipeline:
         kernels/fp8_matmul.py), else dequantized (the default, and the fallback elsewhere). `variant`
         ("turbo", "base"): whose sampling defaults apply (default: from the model's files, variants.py).
         `controlnet`: a Fun-Controlnet-Union file or folder (any layout weights/names_controlnet.py reads)."""
+        from zimage_lite.runtime.cards import capability_of, compute_dtype
         from zimage_lite.runtime.quant_linear import set_fp8_matmul
         from zimage_lite.variants import read_variant
         from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
@@ -190,9 +196,7 @@ class Pipeline:
             if dtype not in DTYPES:
                 raise UsageError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
-        dtype = dtype or default_dtype(dev)
-        if dev.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev)[0] < 8:
-            raise UsageError("this GPU (sm < 8.0) has no bfloat16 support: use --dtype float16 or float32")
+        dtype = compute_dtype(capability_of(dev), dtype)  # refuses cards below sm 6.0 (runtime/cards.py)
         budget = _budget(vram, card, dev)
         paths = resolve_model(model, transformer, text_encoder, vae, tokenizer)
         model_variant = read_variant(paths.root, variant)
@@ -334,6 +338,10 @@ class Pipeline:
         t1 = timer.now()  # "denoise" starts after the VAE encode of an init image (timed on its own)
         transformer = controlled(self.transformer, control)
         denoise = guided(transformer, captions, negative, cfg, self._plans.transformer_chunks)
+        # a float16 step that still overflows is redone in float32, both CFG passes and the control branch
+        root = transformer_root(self.transformer, self.controlnet)
+        denoise = RetryInFloat32(denoise, root, self.dtype, first_step=start)
+        stats.fp32_fallback_steps = denoise.steps
         step_done = self._step_callback(timer, t1, start, steps, on_step)
         with self._phase("transformer"):
             latents = euler_sample(

@@ -101,6 +101,20 @@ def _with_outliers(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _chain(first, second):
+    """The value edit that applies `first` (if any), then `second` (see _random_state)."""
+    if first is None:
+        return second
+    return lambda name, t: second(name, first(name, t))
+
+
+def _chain(first, second):
+    """The value edit that applies `first` (if any), then `second` (see _random_state)."""
+    if first is None:
+        return second
+    return lambda name, t: second(name, first(name, t))
+
+
 def random_tensor(
     name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -117,18 +131,15 @@ def random_tensor(
 
 
 def _random_state(
-    shapes: dict[str, tuple[int, ...]],
-    seed: int,
-    dtype: torch.dtype,
-    device: str = "cpu",
-    outliers: bool = False,
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, device: str = "cpu", edit=None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Values drawn on `device` (a GPU draws the full model's 10 B values in seconds, the CPU in many
-    minutes; the same seed gives other values there), returned in host memory."""
+    minutes; the same seed gives other values there), returned in host memory. `edit(name, float32
+    tensor)` may change a value before its cast (synthetic_stress.py)."""
     gen = torch.Generator(device).manual_seed(seed)
     for name in sorted(shapes):
-        t = random_tensor(name, shapes[name], gen, dtype)
-        yield name, (_with_outliers(name, t) if outliers else t).cpu()
+        t = random_tensor(name, shapes[name], gen, torch.float32 if edit else dtype)
+        yield name, (edit(name, t).to(dtype) if edit else t).cpu()
 
 
 def _meta_shapes(factory: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
@@ -166,16 +177,21 @@ def _write_json(path: Path, values: dict) -> None:
 
 
 def write_transformer(
-    folder: Path, cfg: DiTConfig, seed: int, dtype: torch.dtype, shard_bytes: int, device: str = "cpu",
-    outliers: bool = False,
-) -> None:  # fmt: skip
+    folder: Path,
+    cfg: DiTConfig,
+    seed: int,
+    dtype: torch.dtype,
+    shard_bytes: int,
+    device: str = "cpu",
+    edit=None,
+) -> None:
     from zimage_lite.models.dit import ZImageDiT
     from zimage_lite.weights.names_dit import dit_to_diffusers
 
     shapes = _meta_shapes(lambda: ZImageDiT(cfg))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in _random_state(shapes, seed, dtype, device, outliers):
+        for name, t in _random_state(shapes, seed, dtype, device, edit):
             yield from dit_to_diffusers({name: t}).items()
 
     _write_sharded(folder, tensors(), "diffusion_pytorch_model", shard_bytes)
@@ -183,16 +199,21 @@ def write_transformer(
 
 
 def write_text_encoder(
-    folder: Path, cfg: Qwen3Config, seed: int, dtype: torch.dtype, shard_bytes: int, device: str = "cpu",
-    outliers: bool = False,
-) -> None:  # fmt: skip
+    folder: Path,
+    cfg: Qwen3Config,
+    seed: int,
+    dtype: torch.dtype,
+    shard_bytes: int,
+    device: str = "cpu",
+    edit=None,
+) -> None:
     from zimage_lite.models.qwen3 import Qwen3Encoder
 
     # A real checkpoint has every layer and the final norm, although we never use the last two.
     full = dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1)
     shapes = _meta_shapes(lambda: Qwen3Encoder(full))
     shapes["norm.weight"] = (cfg.hidden_size,)
-    _write_sharded(folder, _random_state(shapes, seed, dtype, device, outliers), "model", shard_bytes)
+    _write_sharded(folder, _random_state(shapes, seed, dtype, device, edit), "model", shard_bytes)
     values = cfg.to_dict()
     values.update(
         architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", attention_bias=False,
@@ -226,22 +247,28 @@ def write_synthetic_model(
     device: str = "cpu",
     variant: str = "turbo",
     outliers: bool = False,
+    stress: str | None = None,
 ) -> Path:
     """Write a complete diffusers-layout Z-Image folder with random weights; returns its path.
     `device`: where the values are drawn (see _random_state); `variant` ("turbo", "base"): whose
     published scheduler config it gets (the weights are the same kind of random either way);
-    `outliers`: outlier input channels (OUTLIER_NORMS)."""
+    `outliers`: outlier input channels (OUTLIER_NORMS); `stress` "fp16": a few weights scaled so
+    activations outgrow float16 as Z-Image's do (synthetic_stress.py)."""
+    from zimage_lite.synthetic_stress import stress_edits
     from zimage_lite.synthetic_tokenizer import write_synthetic_tokenizer
     from zimage_lite.variants import VARIANTS, check_variant
 
     if size not in SIZES:
         raise ValueError(f"unknown synthetic size {size!r}; choose from {', '.join(SIZES)}")
     spec = SIZES[size]()
+    dit_edit, text_edit = stress_edits(stress)
     out = Path(out)
-    log.info("writing synthetic %s model to %s", size, out)
-    write_transformer(out / "transformer", spec.dit, seed + 1, dtype, shard_bytes, device, outliers)
+    log.info("writing synthetic %s model to %s%s", size, out, f" (stress {stress})" if stress else "")
+    if outliers:
+        dit_edit, text_edit = _chain(dit_edit, _with_outliers), _chain(text_edit, _with_outliers)
+    write_transformer(out / "transformer", spec.dit, seed + 1, dtype, shard_bytes, device, dit_edit)
     te_dtype = torch.bfloat16 if size == "full" else dtype
-    write_text_encoder(out / "text_encoder", spec.text, seed + 2, te_dtype, shard_bytes, device, outliers)
+    write_text_encoder(out / "text_encoder", spec.text, seed + 2, te_dtype, shard_bytes, device, text_edit)
     write_vae(out / "vae", spec.vae, seed + 3, dtype, device)
     write_synthetic_tokenizer(out / "tokenizer", vocab_size=spec.vocab_size)
     shift = VARIANTS[check_variant(variant)].shift

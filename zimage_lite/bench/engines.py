@@ -27,6 +27,7 @@ class Sample:
     phases_s: dict[str, float] = field(default_factory=dict)
     peak_device_bytes: int | None = None
     h2d_bytes: int | None = None
+    fp32_fallback_steps: int | None = None  # steps redone in float32 (ours; None: the engine cannot tell)
 
 
 @dataclass
@@ -164,6 +165,7 @@ def _sample(seconds: float, passes: list[dict]) -> Sample:
         phases_s=phases,
         peak_device_bytes=max(peaks) if peaks else None,
         h2d_bytes=None if None in h2d else sum(h2d),
+        fp32_fallback_steps=sum(len(p.get("fp32_fallback_steps", [])) for p in passes),
     )
 
 

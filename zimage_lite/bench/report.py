@@ -94,7 +94,14 @@ def build_row(row) -> dict:
         },
         "quality": _quality(row.quality),
         "deterministic": info.get("deterministic"),
+        # steps redone in float32 over the row's timed generations (float16 rows; runtime/fp32_fallback.py)
+        "fp32_fallback_steps": _sum_or_none([s.fp32_fallback_steps for s in row.samples]),
     }
+
+
+def _sum_or_none(values: list) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def _version(dist: str) -> str | None:
@@ -173,6 +180,7 @@ def settings(cfg, reference: Path) -> dict:
         "warmup": cfg.warmup,
         "device": cfg.device,
         "dtype": cfg.dtype,
+        "also_dtypes": cfg.also_dtypes,
         "vram": cfg.vram,
         "cards": cfg.cards,
         "hires": None if cfg.hires is None else {"scale": cfg.hires, "strength": cfg.hires_strength},

@@ -18,6 +18,7 @@ class RowResult:
     hires: float | None = None  # hires-fix scale (--hires): generate, upscale, image-to-image
     guidance: float | None = None  # CFG scale (--cfg); None: the model's default (Turbo: none)
     control: bool = False  # with the ControlNet (--controlnet) at this precision, the bench's control map
+    dtype: str | None = None  # compute dtype of an --also-dtype row (None: the bench's --dtype)
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
     engine: object | None = None  # filled while running; not reported

@@ -51,6 +51,7 @@ class BenchConfig:
     controlnet: Path | None = None  # --controlnet: extra rows per precision with control (bench/control.py)
     device: str | None = None
     dtype: str | None = None
+    also_dtypes: list[str] = field(default_factory=list)  # --also-dtype: rows per precision in these dtypes
     cache: Path = field(default_factory=sources.default_cache_dir)
     baselines: list[str] = field(default_factory=list)
     save_images: bool = True
@@ -88,7 +89,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(allocator capped as that card would cap it, planned in its budget); rows named q8_0@6GB",
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
+    parser.add_argument("--dtype", choices=list(DTYPE_SHORT), help="compute dtype")
+    parser.add_argument(
+        "--also-dtype", type=_dtype_list, default=[], metavar="DTYPES",
+        help="comma list, e.g. bfloat16,float16: every precision also runs in these compute dtypes, rows "
+        "named q8_0+fp16, compared with the reference like every row",
+    )  # fmt: skip
     out_help = "report folder (default bench-out)"
     parser.add_argument("--out", type=cli_args.output_folder, default="bench-out", help=out_help)
     parser.add_argument(
@@ -128,6 +134,23 @@ def _int_list(text: str, what: str) -> list[int]:
     if not values:
         raise UsageError(f"{what} is empty")
     return values
+
+
+DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def _dtype_list(text: str) -> list[str]:
+    import argparse
+
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPE_SHORT]
+    if bad or not dtypes:
+        raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(DTYPE_SHORT)} (got {text!r})")
+    return dtypes
+
+
+def dtype_name(precision: str, dtype: str) -> str:
+    return f"{precision}+{DTYPE_SHORT[dtype]}"
 
 
 def _hires(scale: float | None) -> float | None:
@@ -190,7 +213,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
         cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength, cfg=args.cfg,
-        controlnet=_controlnet(args.controlnet, args.synthetic),
+        controlnet=_controlnet(args.controlnet, args.synthetic), also_dtypes=args.also_dtype,
         device=args.device, dtype=args.dtype, cache=Path(args.cache) if args.cache else sources.default_cache_dir(),
         baselines=baselines, save_images=not args.no_images, progress=not args.quiet,
     )  # fmt: skip
@@ -239,6 +262,11 @@ def run_bench(cfg: BenchConfig) -> dict:
 def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
     rows = [RowResult(p, "zimage-lite", p) for p in cfg.precisions]
     rows += [RowResult(f"{p}@{card}", "zimage-lite", p, card) for card in cfg.cards for p in cfg.precisions]
+    rows += [
+        RowResult(dtype_name(p, d), "zimage-lite", p, dtype=d)
+        for d in cfg.also_dtypes
+        for p in cfg.precisions
+    ]
     if cfg.hires is not None:
         rows += [
             RowResult(hires_name(p, cfg.hires), "zimage-lite", p, hires=cfg.hires) for p in cfg.precisions
@@ -275,7 +303,7 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
     if row.control:
         options = {**options, "control": _control_source(cfg, row)}
     return OursEngine(
-        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires,
+        folder, cfg.device, row.dtype or cfg.dtype, cfg.vram if row.card is None else None, row.card, hires,
         guidance=row.guidance, **options,
     )  # fmt: skip
 

@@ -6,6 +6,9 @@ matmul instead of three. diffusers-named checkpoints are renamed (and q,k,v conc
 
 Numerics follow diffusers' `ZImageTransformer2DModel` operation for operation: RMSNorm statistics in fp32,
 RoPE as a complex product in fp32, the timestep embedding in fp32, everything else in the weight dtype.
+In float16 what can grow is wider (models/numerics.py): the residual streams, the SwiGLU product, the
+attention and FFN outputs before their post-norms and the final layer's input are float32, and the output
+projections run through per-token power-of-two scaling. bf16 and fp32 run diffusers' operations unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zimage_lite.config import DiTConfig
+from zimage_lite.models.numerics import linear_wide, wide_dtype
 
 
 class RMSNorm(nn.Module):
@@ -59,8 +63,9 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k), freqs)
         # SDPA wants (B, H, S, D); a bool mask (B, S) of valid keys broadcasts as (B, 1, 1, S)
         attn_mask = None if mask is None else mask[:, None, None, :]
+        # fp16: |o| <= max|v| (softmax averages), so SDPA cannot overflow; out(o) can (linear_wide)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
-        return self.out(o.transpose(1, 2).flatten(2).to(x.dtype))
+        return linear_wide(self.out, o.transpose(1, 2).flatten(2), x.dtype)
 
 
 class FeedForward(nn.Module):
@@ -71,7 +76,12 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        """x: normed, in the compute dtype; returns the FFN output in wide_dtype (numerics.py)."""
+        # fp16: w1 x is bounded (input after a norm), the product is not: float32 (S x F; in place, so the
+        # peak stays at 6 S F bytes; in bf16/fp32 the same values as diffusers' out-of-place ops)
+        h = F.silu(self.w1(x).to(wide_dtype(x.dtype)), inplace=True)
+        h.mul_(self.w3(x))
+        return linear_wide(self.w2, h, x.dtype)
 
 
 class Block(nn.Module):
@@ -151,8 +161,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
 
     def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        """x: the residual stream (wide_dtype); LayerNorm runs on it there, its bounded output goes to
+        the compute dtype before the modulation and the linear."""
         scale = 1.0 + self.adaLN_modulation(adaln).unsqueeze(1)
-        return self.linear(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * scale)
+        return self.linear(F.layer_norm(x, (x.shape[-1],), eps=1e-6).to(scale.dtype) * scale)
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, hints, *args) -> torch.Tensor:
@@ -206,14 +218,16 @@ class ZImageDiT(nn.Module):
         seq = build_sequences(self.config, latents, captions)
         adaln = self.t_embedder(t * self.config.t_scale).to(self.dtype)
         run = None if control is None else control.start(seq, adaln, self.x_pad_token, chunks)
+        wide = wide_dtype(self.dtype)  # the residual streams' dtype (numerics.py)
 
-        x = self.x_embedder(seq.image_patches.to(self.dtype))
-        x = torch.where(seq.image_pad[..., None], self.x_pad_token, x)
+        x = self.x_embedder(seq.image_patches.to(self.dtype)).to(wide)
+        x = torch.where(seq.image_pad[..., None], self.x_pad_token.to(wide), x)
         hints = None if run is None else run.refiner_hints()
         x = run_blocks(self.noise_refiner, x, hints, seq.image_freqs, None, adaln, chunks)
 
-        cap = self.cap_embedder(seq.caption_feats.to(self.dtype))
-        cap = torch.where(seq.caption_pad[..., None], self.cap_pad_token, cap)
+        # caption features are the text encoder's residual stream (outlier channels): normed before narrowing
+        cap = self.cap_embedder(seq.caption_feats.to(wide)).to(wide)
+        cap = torch.where(seq.caption_pad[..., None], self.cap_pad_token.to(wide), cap)
         for block in self.context_refiner:
             cap = block(cap, seq.caption_freqs, seq.caption_mask, None, chunks)
 

@@ -5,7 +5,10 @@ norm, so we build num_hidden_layers-1 layers and neither the final norm nor the 
 names are transformers' `Qwen3Model` names (no `model.` prefix), so checkpoints load by name.
 
 Numerics follow transformers: RMSNorm in fp32, cast back, then times the weight in the model dtype;
-RoPE tables computed in fp32 and cast to the activation dtype (rotate-half convention).
+RoPE tables computed in fp32 and cast to the activation dtype (rotate-half convention). In float16 the
+residual stream (with its massive-activation channels), the SwiGLU product and the attention / MLP
+outputs are float32 and the output projections are scaled per token (models/numerics.py); bf16 and fp32
+run transformers' operations unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 from zimage_lite.config import Qwen3Config
 from zimage_lite.errors import CheckpointError
+from zimage_lite.models.numerics import linear_wide, norm_dtype, wide_dtype
 from zimage_lite.weights.names_qwen3 import layer_index
 
 log = logging.getLogger(__name__)
@@ -33,7 +37,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * h.to(norm_dtype(x.dtype, self.weight.dtype))
 
 
 def rope_cos_sin(
@@ -94,7 +98,9 @@ class Qwen3Attention(nn.Module):
         if groups > 1:  # GQA: q head h reads kv head h // groups
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        return linear_wide(
+            self.o_proj, out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim), x.dtype
+        )
 
 
 class Qwen3MLP(nn.Module):
@@ -105,7 +111,10 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x: normed, compute dtype; the product and the output in wide_dtype (as the DiT's FeedForward)."""
+        h = F.silu(self.gate_proj(x).to(wide_dtype(x.dtype)), inplace=True)
+        h.mul_(self.up_proj(x))
+        return linear_wide(self.down_proj, h, x.dtype)
 
 
 class Qwen3Layer(nn.Module):
@@ -145,6 +154,7 @@ class Qwen3Encoder(nn.Module):
         embedding table elsewhere than the layers."""
         cos, sin = rope_cos_sin(self.config, hidden.shape[1], hidden.device, hidden.dtype)
         mask = attention_mask_for(attention_mask.to(hidden.device) if attention_mask is not None else None)
+        hidden = hidden.to(wide_dtype(hidden.dtype))  # the residual stream (returned in this dtype)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, mask)
         return hidden

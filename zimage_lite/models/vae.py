@@ -7,6 +7,11 @@ Numerics follow diffusers operation for operation (same torch ops, same order, s
 SiLU, convolutions and the single-head mid-block attention (scaled_dot_product_attention) all run in the
 weight dtype, so a float32 model reproduces diffusers bit for bit on the same device, and a bf16/fp16
 model reproduces diffusers in that dtype.
+
+In float16 the skip stream (what the resnets and attention add to) is float32 (models/numerics.py): a
+GroupNorm brings it back to float16 before the next convolution, and the convolutions that read it
+directly (1x1 shortcut, up/down-sampling) see it scaled per image by a power of two (`_conv_wide`). bf16
+and fp32 run diffusers' operations unchanged.
 """
 
 from __future__ import annotations
@@ -16,12 +21,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from zimage_lite.config import VAEConfig
+from zimage_lite.models.numerics import pow2_scale, to_scaled, wide_dtype
 
 _EPS = 1e-6  # every GroupNorm of the FLUX VAE (resnets, attention, output norms)
 
 
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=_EPS, affine=True)
+
+
+def _norm(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of the (possibly float32) stream, returned in the weights' dtype: statistics and
+    normalisation in x's dtype (float32 for a float16 model), then the bounded result is narrowed."""
+    if x.dtype == gn.weight.dtype:
+        return gn(x)
+    w, b = gn.weight.to(x.dtype), gn.bias.to(x.dtype)
+    return F.group_norm(x, gn.num_groups, w, b, gn.eps).to(gn.weight.dtype)
+
+
+def _conv_wide(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for the float32 stream of a float16 model (else plain): each image scaled by the power of
+    two that puts max|x| in [2^5, 2^6), convolved without bias in float16, unscaled and biased in float32."""
+    if x.dtype == conv.weight.dtype:
+        return conv(x)
+    scale = pow2_scale(x, (1, 2, 3))  # (B, 1, 1, 1)
+    y = conv._conv_forward(to_scaled(x, scale, conv.weight.dtype), conv.weight, None).float() / scale
+    return y + conv.bias.float()[:, None, None]
 
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
@@ -40,9 +65,9 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(F.silu(_norm(self.norm1, x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        skip = x if self.conv_shortcut is None else _conv_wide(self.conv_shortcut, x)
         return skip + h
 
 
@@ -61,7 +86,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         # (B, C, H, W) -> (B, C, H*W): GroupNorm over channels, then tokens (B, H*W, C)
-        tokens = self.group_norm(x.view(b, c, h * w)).transpose(1, 2)
+        tokens = _norm(self.group_norm, x.view(b, c, h * w)).transpose(1, 2)
         # one head: (B, 1, H*W, C)
         q = self.to_q(tokens).unsqueeze(1)
         k = self.to_k(tokens).unsqueeze(1)
@@ -80,7 +105,7 @@ class Downsample(nn.Module):
         self.conv = _conv3x3(channels, channels, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return _conv_wide(self.conv, F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -91,7 +116,7 @@ class Upsample(nn.Module):
         self.conv = _conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return _conv_wide(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):
@@ -152,10 +177,11 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
+        x = x.to(wide_dtype(x.dtype))  # the skip stream
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(_norm(self.conv_norm_out, x)))
 
 
 class Decoder(nn.Module):
@@ -174,10 +200,18 @@ class Decoder(nn.Module):
         self.conv_out = _conv3x3(chans[-1], cfg.out_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        return self.head(self.trunk(z))
+
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        """conv_in and the mid block: the latent-resolution part (runtime/vae_tiling runs it whole)."""
+        x = self.conv_in(z)
+        return self.mid_block(x.to(wide_dtype(x.dtype)))  # the skip stream
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The up blocks and the output head, on (a tile of) the trunk's output."""
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(_norm(self.conv_norm_out, x)))
 
 
 class VAE(nn.Module):

@@ -114,7 +114,9 @@ def _weights(plan: Plan) -> int:
 
 
 def _working(plan: Plan) -> int:
-    return plan.accounted["activations"] + plan.accounted["dequant_scratch"]
+    """Working memory a phase reserves in the ledger while it runs (incl. a float32 retry's reserve)."""
+    a = plan.accounted
+    return a["activations"] + a["dequant_scratch"] + a["fp32_fallback"]
 
 
 def plan_phases(

@@ -12,6 +12,8 @@ Everything a phase puts on the device is accounted here, in one place:
   from while `prefetch_depth` others are being filled.
 - activations: `dit_activation_bytes` / `qwen3_activation_bytes` below (the formulas, with their terms).
 - dequant scratch: the largest quantized linear dequantized to the compute dtype (`dequant_scratch_bytes`).
+- fp32 fallback (float16 transformer only): what a step redone with float32 compute needs beyond the
+  float16 working set (`fp32_fallback_bytes`; runtime/fp32_fallback.py).
 
 `plan_blocks` is a pure function of integers (property-tested): it keeps as many blocks resident as
 fit, streams the rest, and refuses an impossible budget with the exact minimum it would need.
@@ -148,6 +150,7 @@ def plan_blocks(
     margin_bytes: int = 0,
     prefetch_depth: int = 1,
     what: str = "model",
+    fallback_bytes: int = 0,
 ) -> Plan:
     """Keep as many blocks resident as fit in `budget_bytes`, stream the rest (module docstring).
 
@@ -159,7 +162,8 @@ def plan_blocks(
     sizes = [int(b) for b in sizes]
     slots = prefetch_depth + 1
     base = {"context": context_bytes, "allocator_margin": margin_bytes, "fixed_weights": fixed_bytes,
-            "activations": activation_bytes, "dequant_scratch": scratch_bytes}  # fmt: skip
+            "activations": activation_bytes, "dequant_scratch": scratch_bytes,
+            "fp32_fallback": fallback_bytes}  # fmt: skip
     overhead = sum(base.values())
     candidates = _candidates(sizes, slots)
     weights = lambda resident, s: sum(sizes[i] for i in resident) + slots * s
@@ -220,14 +224,17 @@ def dit_activation_bytes(
     """Peak activation bytes of ZImageDiT.forward (S = image + caption tokens, D = dim, F = FFN dim):
 
     live for the whole forward: the joint sequence h plus the image and caption streams still held by
-        the forward's locals: 3*S*D*e (e = compute dtype bytes)
+        the forward's locals: 3*S*D*w (w = bytes of models/numerics.wide_dtype: 4 for fp16, else e,
+        the compute dtype's bytes)
     inside a block, the larger of
         attention: normed input, qkv (3), q/k/v after norm + RoPE (3), SDPA output, out projection
             = 9*S*D*e, plus two float32 S*D temporaries of RMSNorm/RoPE (they upcast): 2*S*D*4;
             "math" SDPA (no fused kernel: fp32 sm 6.x without mem-efficient attention, or masks on
-            some builds) adds scores and probabilities: 2*heads*S*S*e
-        FFN: normed input S*D*e plus w1->silu, w3 and their product: 3*S*F*e; fp16 adds the scaled
-            w2 input copy S*F*e and its float32 output S*D*4 (QuantLinear's overflow guard)
+            some builds) adds scores and probabilities: 2*heads*S*S*e; fp16 adds the out projection's
+            scaled input S*D*e and its float32 output and unscaled copy 2*S*D*4 (numerics.linear_wide)
+        FFN: normed input S*D*e plus w1->silu, w3 and their product: 3*S*F*e; fp16 (product in
+            float32, in place) adds the scaled w2 input S*F*e and w2's float32 output and its unscaled
+            copy 2*S*D*4 (numerics.linear_wide; QuantLinear's 1/128 copy is the fourth S*F*e)
     RoPE tables: complex64 (S, head_dim/2) for the image, caption and joint sequences.
     Everything scales with the batch, the inside of a block with the part of the batch it runs at once
     (`chunks`: ZImageDiT.forward's; a CFG batch of 2B in 2 chunks holds one pass's block temporaries).
@@ -235,15 +242,17 @@ def dit_activation_bytes(
     if attention not in ATTENTION_KINDS:
         raise UsageError(f"unknown attention kind {attention!r} (choose {', '.join(ATTENTION_KINDS)})")
     e = torch.empty((), dtype=dtype).element_size()
+    w = 4 if dtype == torch.float16 else e
     image, caption = dit_tokens(cfg, width, height, caption_tokens)
     s, d, f = image + caption, cfg.dim, cfg.ffn_dim
-    live = 3 * s * d * e
+    live = 3 * s * d * w
     attn = 9 * s * d * e + 2 * s * d * 4
     if attention == "math":
         attn += 2 * cfg.n_heads * s * s * e
     ffn = s * d * e + 3 * s * f * e
     if dtype == torch.float16:
-        ffn += s * f * e + s * d * 4
+        attn += s * d * e + 2 * s * d * 4
+        ffn += s * f * e + 2 * s * d * 4
     freqs = 3 * s * (cfg.head_dim // 2) * 8
     return batch * (live + freqs) + -(-batch // max(chunks, 1)) * max(attn, ffn)
 
@@ -251,19 +260,26 @@ def dit_activation_bytes(
 def qwen3_activation_bytes(cfg: Qwen3Config, tokens: int, batch: int, dtype: torch.dtype) -> int:
     """Peak activation bytes of Qwen3Encoder.forward_embeddings over `tokens` tokens (S):
 
-    live: the embedded input and the hidden state: 2*S*D*e
+    live: the embedded input and the hidden state: S*D*e + S*D*w (w: 4 for fp16, whose residual stream
+        is float32, else e)
     attention: q, k, v repeated to the query heads (GQA), two RoPE temporaries and the output:
         6*S*Q*e (Q = heads*head_dim), q/k RMSNorm float32 temporaries 2*S*Q*4, a padding mask and
         math-SDPA scores 2*heads*S*S*e (small at S <= 512, accounted always)
     FFN: normed input S*D*e plus gate->silu, up and their product 3*S*F*e
+    fp16 adds to each the output projection's scaled input (S*Q*e or S*F*e) and its float32 output and
+        unscaled copy 2*S*D*4 (numerics.linear_wide), as in the DiT
     RoPE cos/sin: 2*S*head_dim*e.
     """
     e = torch.empty((), dtype=dtype).element_size()
+    w = 4 if dtype == torch.float16 else e
     s, d, f = tokens, cfg.hidden_size, cfg.intermediate_size
     q = cfg.num_attention_heads * cfg.head_dim
     attn = 6 * s * q * e + 2 * s * q * 4 + 2 * cfg.num_attention_heads * s * s * e + s * s
     ffn = s * d * e + 3 * s * f * e
-    return batch * (2 * s * d * e + max(attn, ffn) + 2 * s * cfg.head_dim * e)
+    if dtype == torch.float16:
+        attn += s * q * e + 2 * s * d * 4
+        ffn += s * f * e + 2 * s * d * 4
+    return batch * (s * d * e + s * d * w + max(attn, ffn) + 2 * s * cfg.head_dim * e)
 
 
 def dequant_scratch_bytes(modules: Iterable[nn.Module], dtype: torch.dtype, torch_path: bool = False) -> int:
@@ -285,6 +301,21 @@ def dequant_scratch_bytes(modules: Iterable[nn.Module], dtype: torch.dtype, torc
 
 # ---------------------------------------------------------------------------------------------------
 # Model-level planning: the block lists and the glue from a model to `plan_blocks`.
+
+
+def largest_half_tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the largest float16 parameter or buffer of `model` (dense weights, not quantized bytes)."""
+    sizes = [t.nbytes for _, _, t in block_tensors(model) if t.dtype == torch.float16]
+    return max(sizes, default=0)
+
+
+def fp32_fallback_bytes(model: nn.Module, activations: int, scratch: int, fp32_activations: int,
+                        fp32_scratch: int) -> int:  # fmt: skip
+    """Extra bytes of a step redone with float32 compute (runtime/fp32_fallback.py) beyond the float16
+    working set (`activations` + `scratch`): float32 activations, dequantization to float32, and the
+    float32 copy of the largest dense float16 weight, made at its use (4 bytes per element)."""
+    upcast = 2 * largest_half_tensor_bytes(model)
+    return max(0, fp32_activations + fp32_scratch + upcast - activations - scratch)
 
 
 def dit_blocks(model: nn.Module, controlnet: nn.Module | None = None) -> list[nn.Module]:
@@ -351,21 +382,31 @@ def plan_transformer(
     dtype = dtype or model.dtype
     blocks = dit_blocks(model, controlnet)
     root = transformer_root(model, controlnet)
-    activations = dit_activation_bytes(
-        model.config, width, height, batch, dtype, caption_tokens, attention, chunks
-    )
-    if controlnet is not None:
-        from zimage_lite.models.controlnet import live_hint_bytes
 
-        tokens = sum(dit_tokens(model.config, width, height, caption_tokens))
-        e = torch.empty((), dtype=dtype).element_size()
-        activations += live_hint_bytes(controlnet.config, tokens, batch, e)
+    def activations_in(dt: torch.dtype) -> int:
+        n = dit_activation_bytes(model.config, width, height, batch, dt, caption_tokens, attention, chunks)
+        if controlnet is not None:
+            from zimage_lite.models.controlnet import live_hint_bytes
+
+            tokens = sum(dit_tokens(model.config, width, height, caption_tokens))
+            n += live_hint_bytes(controlnet.config, tokens, batch, torch.empty((), dtype=dt).element_size())
+        return n
+
+    activations = activations_in(dtype)
+    scratch = dequant_scratch_bytes([root], dtype, torch_dequant)
+    fallback = 0
+    if dtype == torch.float16:  # a non-finite step is redone with float32 compute (fp32_fallback.py)
+        fp32_scratch = dequant_scratch_bytes([root], torch.float32, torch_dequant)
+        fallback = fp32_fallback_bytes(
+            root, activations, scratch, activations_in(torch.float32), fp32_scratch
+        )
     return plan_blocks(
         [block_bytes(b) for b in blocks],
         budget_bytes,
         fixed_bytes=fixed_bytes(root, blocks),
         activation_bytes=activations,
-        scratch_bytes=dequant_scratch_bytes([root], dtype, torch_dequant),
+        scratch_bytes=scratch,
+        fallback_bytes=fallback,
         context_bytes=context_bytes,
         margin_bytes=margin_bytes,
         prefetch_depth=prefetch_depth,

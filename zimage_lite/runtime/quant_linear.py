@@ -17,7 +17,9 @@ cuBLAS/torch paths `input_scale` (default 1.0) multiplies the fp16 input before 
 in float32 after (stable-diffusion.cpp uses 1/128 for the FFN w2 input). `swap_linears` sets
 input_scale = 1/128 on down-projections (in_features > out_features, e.g. w2 10240->3840) when the
 compute dtype is fp16. `out_dtype` (default: compute dtype) lets a caller get float32 outputs from a
-layer whose result may itself exceed 65504.
+layer whose result may itself exceed 65504. These are this layer's own guards for its GEMM; the model's
+numerics (which tensors may grow, the per-token power-of-two scaling of output-projection inputs) are
+model code, in models/numerics.py: rows arrive here with max |x| < 2^6, then take the 1/128.
 
 FP8 matmul: `fp8_matmul` is "dequant" (default: W dequantized to the compute dtype, cuBLAS) or "native"
 (FP8 weights on FP8 tensor cores via torch._scaled_mm with per-token activation scales, where the

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from zimage_lite.config import VAEConfig
 from zimage_lite.errors import UsageError
@@ -159,10 +158,8 @@ def _axis_weights(starts: list[int], tile: int, size: int, f: int) -> list[torch
 
 
 def _up_and_out(decoder, x: torch.Tensor) -> torch.Tensor:
-    """The decoder after its mid block (Decoder.forward's second half, same modules and order)."""
-    for block in decoder.up_blocks:
-        x = block(x)
-    return decoder.conv_out(F.silu(decoder.conv_norm_out(x)))
+    """The decoder after its mid block (Decoder.head: up blocks and output head, same modules and order)."""
+    return decoder.head(x)
 
 
 @torch.no_grad()
@@ -173,7 +170,7 @@ def decode_tiled(vae, z: torch.Tensor, tile: int | None, overlap: int = DEFAULT_
     z = z.to(vae.dtype)
     if tile is None:
         return decoder(z)
-    x = decoder.mid_block(decoder.conv_in(z))  # whole latent: exact global attention
+    x = decoder.trunk(z)  # whole latent: exact global attention
     b, _, h, w = x.shape
     ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     if len(ys) == len(xs) == 1:
