@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +64,6 @@ def prepare(copy: Path, modules: list[str], tests: list[str]) -> None:
         f.write(
             f"only_mutate = {json.dumps(modules)}\npytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         )
-    tomllib.loads((copy / "pyproject.toml").read_text())  # [tool.mutmut] must stay the last table
 
 
 def counts(copy: Path, env: dict) -> dict:
