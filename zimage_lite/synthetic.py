@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from zimage_lite.config import DiTConfig, Qwen3Config, SchedulerConfig, VAEConfig
+from zimage_lite.config import DiTConfig, Qwen3Config, VAEConfig
+from zimage_lite.published import published_config
 from zimage_lite.weights.load import build_meta
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,18 @@ class SyntheticSpec:
     vocab_size: int
 
 
+def _published_dit(**sizes) -> DiTConfig:
+    """The published transformer config with only its sizes changed (rope_theta, t_scale, norm_eps,
+    patch sizes and position-table lengths stay the real model's)."""
+    return dataclasses.replace(DiTConfig.from_dict(published_config("transformer")), **sizes)
+
+
 def _tiny() -> SyntheticSpec:
     text = Qwen3Config(
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
     )  # fmt: skip
-    dit = DiTConfig(
+    dit = _published_dit(
         dim=64,
         n_layers=2,
         n_refiner_layers=1,
@@ -58,13 +65,13 @@ def _small() -> SyntheticSpec:
         vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1, head_dim=128, max_position_embeddings=1024,
     )  # fmt: skip
-    dit = DiTConfig(dim=384, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=256)
+    dit = _published_dit(dim=384, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=256)
     vae = VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
     return SyntheticSpec(dit, text, vae, vocab_size=512)
 
 
 def _full() -> SyntheticSpec:
-    return SyntheticSpec(DiTConfig(), Qwen3Config(), VAEConfig(), vocab_size=151936)
+    return SyntheticSpec(_published_dit(), Qwen3Config(), VAEConfig(), vocab_size=151936)
 
 
 SIZES: dict[str, Callable[[], SyntheticSpec]] = {"tiny": _tiny, "small": _small, "full": _full}
@@ -201,8 +208,7 @@ def write_synthetic_model(
     write_text_encoder(out / "text_encoder", spec.text, seed + 2, te_dtype, shard_bytes, device)
     write_vae(out / "vae", spec.vae, seed + 3, dtype, device)
     write_synthetic_tokenizer(out / "tokenizer", vocab_size=spec.vocab_size)
-    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **SchedulerConfig().to_dict()}
-    _write_json(out / "scheduler" / "scheduler_config.json", sched)
+    _write_json(out / "scheduler" / "scheduler_config.json", published_config("scheduler"))
     _write_json(out / "model_index.json", MODEL_INDEX)
     return out
 
