@@ -84,16 +84,21 @@ def test_forward_matches_diffusers_fp32(cfg_name, hw, cap_lens):
     assert rel_err(got, expected) <= 1e-5
 
 
-def test_forward_matches_diffusers_bf16():
-    # bf16 has an 8-bit mantissa (rel. step 2^-8 = 0.4%); both sides round at the same places, so the
-    # remaining difference comes from matmul/SDPA accumulation order: we allow 1e-2 relative.
-    cfg = CFGS["one_refiner"]
-    ref, ours = make_pair(cfg, dtype=torch.bfloat16)
-    latents, t = torch.randn(2, 16, 8, 6), torch.rand(2)
-    caps = [torch.randn(9, 32, dtype=torch.bfloat16), torch.randn(40, 32, dtype=torch.bfloat16)]
+@pytest.mark.parametrize("cfg_name", list(CFGS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forward_matches_diffusers_bf16(cfg_name, seed):
+    """Both sides round to bf16 at the same places with the same torch ops, so the difference is only
+    accumulation order. Measured (CPU, torch 2.13, 4 seeds x both configs): 0.0 relative every time.
+    Computing RMSNorm statistics in bf16 instead of fp32 (a real bug class) measured 0.0082-0.0138.
+    Tolerance 2e-3: 4x under the smallest bug, room for a matmul/SDPA order that differs on one side."""
+    cfg = CFGS[cfg_name]
+    ref, ours = make_pair(cfg, dtype=torch.bfloat16, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    latents, t = torch.randn(2, cfg.in_channels, 8, 6, generator=g), torch.rand(2, generator=g)
+    caps = [torch.randn(n, cfg.cap_feat_dim, generator=g).bfloat16() for n in (9, 40)]
     with torch.no_grad():
         err = rel_err(ours(latents, t, caps), run_ref(ref, latents, t, caps))
-    assert err <= 1e-2
+    assert err <= 2e-3
 
 
 def test_diffusers_and_comfy_names_give_identical_output():

@@ -59,7 +59,7 @@ def prepare(copy: Path, modules: list[str], tests: list[str]) -> None:
     for name in tracked_files():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, copy / name)
-    tests = [t for t in tests if (copy / t).is_file()]
+    tests = [t for t in tests if (copy / t.split("::")[0]).is_file()]
     with (copy / "pyproject.toml").open("a") as f:
         f.write(
             f"only_mutate = {json.dumps(modules)}\npytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
