@@ -80,34 +80,34 @@ def test_plans_fit_the_budget_and_the_minimum_is_exact(sizes, budget, fixed, act
 
 
 def brute_force_most_resident(sizes, budget, overhead, slots):
-    """The largest resident count over every subset (streaming needs > slots streamed blocks)."""
-    best = None
+    """(the largest resident count over every subset, the fewest device bytes among those placements);
+    streaming needs > slots streamed blocks."""
     n = len(sizes)
     for k in range(n, -1, -1):
+        fits = []
         for resident in itertools.combinations(range(n), k):
             streamed = [i for i in range(n) if i not in resident]
             if streamed and len(streamed) <= slots:
                 continue
             ring = slots * max((sizes[i] for i in streamed), default=0)
             if overhead + sum(sizes[i] for i in resident) + ring <= budget:
-                best = k
-                break
-        if best is not None:
-            return best
+                fits.append(sum(sizes[i] for i in resident) + ring)
+        if fits:
+            return k, min(fits)
     return None
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 100), min_size=0, max_size=8), st.integers(0, 900), st.integers(0, 50),
        st.integers(1, 2))  # fmt: skip
-def test_resident_count_is_maximal(sizes, budget, overhead, depth):
+def test_resident_count_is_maximal_and_its_bytes_minimal(sizes, budget, overhead, depth):
     expected = brute_force_most_resident(sizes, budget, overhead, depth + 1)
     try:
         plan = plan_blocks(sizes, budget, fixed_bytes=overhead, prefetch_depth=depth)
     except UsageError:
         assert expected is None
     else:
-        assert len(plan.resident) == expected
+        assert (len(plan.resident), plan.accounted["resident_blocks"] + plan.accounted["ring"]) == expected
 
 
 def test_resident_blocks_are_spread_between_streamed_ones():
@@ -128,6 +128,17 @@ def test_impossible_budget_message():
     assert "activations 512 MB" in msg and "context 400 MB" in msg and "2 ring slots of 1.0 GB" in msg
     with pytest.raises(UsageError):
         plan_blocks([1, 2], 10, prefetch_depth=0)
+
+
+def test_impossible_budget_message_names_the_cheapest_placement():
+    """One large block and five small ones: the cheapest placement keeps the large block resident and
+    streams the small ones through two 8 MB slots (1 GiB + 16 MiB, below all-resident 1 GiB + 40 MiB).
+    With no other costs the list starts with the blocks (it once began with a stray ", ")."""
+    with pytest.raises(UsageError) as info:
+        plan_blocks([GIB] + [8 * MIB] * 5, GIB, what="thing")
+    msg = str(info.value)
+    assert "below the minimum 1.02 GB for the thing" in msg, msg
+    assert msg.endswith("(1 resident blocks, 2 ring slots of 8 MB)"), msg
 
 
 def test_packed_layout_aligns_every_tensor():
