@@ -19,6 +19,7 @@ from zimage_lite.runtime.budget import DEFAULT_CUDA_CONTEXT_BYTES, GIB, MIB
 from zimage_lite.runtime.planner import (
     ALIGN,
     block_bytes,
+    dequant_scratch_bytes,
     dit_activation_bytes,
     dit_blocks,
     dit_tokens,
@@ -26,6 +27,7 @@ from zimage_lite.runtime.planner import (
     plan_blocks,
     plan_text_encoder,
     plan_transformer,
+    qwen3_activation_bytes,
 )
 from zimage_lite.runtime.quant_linear import swap_linears
 from zimage_lite.weights.load import build_meta
@@ -245,3 +247,38 @@ def test_real_q8_0_model_plans_inside_each_card_with_a_margin(gb):
         assert plan.total_bytes <= card  # context + margin + weights + activations
     assert not plans.keep  # 6.5 GB of q8_0 blocks + 4 GB of text encoder: each phase gives back
     assert bool(plans.transformer.streamed) == (gb < 8)  # on 8 GB the transformer phase holds it all
+
+
+def test_every_argument_reaches_the_transformer_plan(full_dit_q4):
+    """plan_transformer's options land in the plan, each where it belongs (not the defaults)."""
+    cfg, bf16 = full_dit_q4.config, torch.bfloat16
+    plan = plan_transformer(full_dit_q4, 4 * GIB, 768, 512, 2, caption_tokens=300, context_bytes=300 * MIB,
+                            margin_bytes=77 * MIB, prefetch_depth=2, attention="math", torch_dequant=True)  # fmt: skip
+    acc = plan.accounted
+    assert acc["activations"] == dit_activation_bytes(
+        cfg, 768, 512, 2, bf16, caption_tokens=300, attention="math"
+    )
+    assert acc["dequant_scratch"] == dequant_scratch_bytes([full_dit_q4], bf16, torch_path=True)
+    assert acc["dequant_scratch"] > dequant_scratch_bytes([full_dit_q4], bf16)
+    assert (acc["context"], acc["allocator_margin"], plan.ring_slots) == (300 * MIB, 77 * MIB, 3)
+    assert plan.what == "transformer at 768x512 batch 2"
+    assert plan_transformer(full_dit_q4, 4 * GIB, 768, 512).accounted["activations"] == dit_activation_bytes(
+        cfg, 768, 512, 1, bf16
+    )  # defaults: the model's dtype, batch 1, 512 caption tokens, fused attention
+
+
+def test_every_argument_reaches_the_text_encoder_plan():
+    model = _q8_0_everywhere(build_meta(lambda: Qwen3Encoder(Qwen3Config())).to(torch.bfloat16))
+    cfg, bf16 = model.config, torch.bfloat16
+    plan = plan_text_encoder(model, 3 * GIB, tokens=300, batch=2, context_bytes=300 * MIB, margin_bytes=77 * MIB,
+                             prefetch_depth=2, torch_dequant=True)  # fmt: skip
+    acc = plan.accounted
+    assert acc["activations"] == qwen3_activation_bytes(cfg, 300, 2, bf16)
+    blocks = list(model.layers)
+    assert acc["dequant_scratch"] == dequant_scratch_bytes(blocks, bf16, torch_path=True)
+    assert acc["dequant_scratch"] > dequant_scratch_bytes(blocks, bf16)
+    assert (acc["context"], acc["allocator_margin"], plan.ring_slots) == (300 * MIB, 77 * MIB, 3)
+    assert plan.what == "text encoder (300 tokens, batch 2)"
+    assert plan_text_encoder(model, 3 * GIB).accounted["activations"] == qwen3_activation_bytes(
+        cfg, 512, 1, bf16
+    )
