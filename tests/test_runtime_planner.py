@@ -282,3 +282,18 @@ def test_every_argument_reaches_the_text_encoder_plan():
     assert plan_text_encoder(model, 3 * GIB).accounted["activations"] == qwen3_activation_bytes(
         cfg, 512, 1, bf16
     )
+
+
+def test_plan_as_stats_json():
+    """The keys `--stats` reports under streaming.plans (what gpu_check and the bench read)."""
+    plan = plan_blocks([100] * 8, 2 * 100 + 2 * 100 + 50, fixed_bytes=50, prefetch_depth=1, what="thing")
+    assert plan.to_dict() == {
+        "budget_bytes": 450, "minimum_bytes": 250, "total_bytes": 450, "resident_blocks": [0, 4],
+        "streamed_blocks": [1, 2, 3, 5, 6, 7], "ring_slots": 2, "slot_bytes": 100,
+        "accounted_bytes": {"context": 0, "allocator_margin": 0, "fixed_weights": 50, "activations": 0,
+                            "dequant_scratch": 0, "resident_blocks": 200, "ring": 200},
+    }  # fmt: skip
+    assert plan.summary() == (
+        "thing: 2 blocks resident, 6 streamed through 2 slots of 100 B; 450 B of 450 B "
+        "(fixed_weights 50 B, resident_blocks 200 B, ring 200 B)"
+    )
