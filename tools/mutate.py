@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # slice -> (modules to mutate, test files that exercise them)
 SLICES: dict[str, tuple[list[str], list[str]]] = {
     "sampling": (["zimage_lite/sampling.py"], ["tests/test_sampling.py", "tests/test_published_configs.py"]),
-    "planner": (["zimage_lite/runtime/planner.py"], ["tests/test_runtime_planner.py", "tests/test_planner_measured.py"]),
+    "planner": (
+        ["zimage_lite/runtime/planner.py"],
+        ["tests/test_runtime_planner.py", "tests/test_planner_measured.py"],
+    ),
     "lora": (["zimage_lite/weights/lora.py"], ["tests/test_lora.py"]),
     "quant": (
         [
