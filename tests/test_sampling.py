@@ -14,6 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from diffusers.pipelines.z_image.pipeline_z_image_img2img import ZImageImg2ImgPipeline
 
+from zimage_lite.config import SchedulerConfig
 from zimage_lite.errors import UsageError
 from zimage_lite.sampling import (
     euler_sample,
@@ -28,8 +29,8 @@ from zimage_lite.sampling import (
 SCHEDULER = Path(__file__).parent / "data" / "reference-configs" / "scheduler.json"
 
 
-def scheduler(steps: int) -> FlowMatchEulerDiscreteScheduler:
-    sched = FlowMatchEulerDiscreteScheduler.from_config(json.loads(SCHEDULER.read_text()))
+def scheduler(steps: int, **changes) -> FlowMatchEulerDiscreteScheduler:
+    sched = FlowMatchEulerDiscreteScheduler.from_config({**json.loads(SCHEDULER.read_text()), **changes})
     sched.set_timesteps(sigmas=get_default_z_image_sigmas(steps), device="cpu")
     return sched
 
@@ -39,7 +40,7 @@ def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.sin(3 * x) * (1.5 - t.view(-1, 1, 1, 1)) + 0.1 * t.view(-1, 1, 1, 1)
 
 
-def diffusers_loop(sched, latents, start=0, blend=None):
+def diffusers_loop(sched, latents, start=0, blend=None, seen=None):
     """ZImagePipeline's loop: t = (1000 - timestep) / 1000, noise_pred = -model output, scheduler.step."""
     sched.set_begin_index(start)
     timesteps = sched.timesteps[start:]
@@ -48,16 +49,29 @@ def diffusers_loop(sched, latents, start=0, blend=None):
         latents = sched.step(-denoiser(latents, t).float(), ts, latents, return_dict=False)[0]
         if blend is not None:
             latents = blend(latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+        if seen is not None:
+            seen.append(latents)
     return latents
 
 
 @pytest.mark.parametrize("steps", [1, 2, 8, 9])
 def test_euler_loop_equals_the_scheduler_steps(steps):
+    """Every step's latents (what on_step receives, e.g. for previews) and the result."""
     x0 = initial_noise(2, 16, 48, 64, seed=3)
-    seen = []
-    ours = euler_sample(denoiser, x0, steps, on_step=lambda i, x: seen.append(i))
-    assert torch.equal(ours, diffusers_loop(scheduler(steps), x0.clone()))
-    assert seen == list(range(steps))
+    ours, theirs = [], []
+    out = euler_sample(denoiser, x0, steps, on_step=lambda i, x: ours.append((i, x.clone())))
+    assert torch.equal(out, diffusers_loop(scheduler(steps), x0.clone(), seen=theirs))
+    assert [i for i, _ in ours] == list(range(steps))
+    assert all(torch.equal(x, y) for (_, x), y in zip(ours, theirs))
+
+
+def test_euler_loop_follows_the_scheduler_config():
+    """Another shift (Z-Image base publishes 6.0) changes every sigma: the loop must use the config it is
+    given, not the Turbo default."""
+    x0 = initial_noise(1, 16, 32, 32, seed=4)
+    ours = euler_sample(denoiser, x0, 8, SchedulerConfig(shift=6.0))
+    assert torch.equal(ours, diffusers_loop(scheduler(8, shift=6.0), x0.clone()))
+    assert not torch.equal(ours, euler_sample(denoiser, x0, 8))
 
 
 def test_model_time_is_the_pipelines_timestep_input():
