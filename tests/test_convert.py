@@ -361,8 +361,8 @@ def test_bad_inputs_fail_cleanly(tiny, tmp_path):
             convert(src, out_dir / "x.gguf", "q4_0", progress=False)
         assert isinstance(info.value, ZImageError) and "\n" not in str(info.value), label
         assert _listing(out_dir) == [], label
-    with pytest.raises(UsageError, match="unknown quantization 'q3_k'"):
-        convert(tiny / "transformer", out_dir / "x.gguf", "q3_k", progress=False)
+    with pytest.raises(UsageError, match="unknown quantization 'q1_k'"):
+        convert(tiny / "transformer", out_dir / "x.gguf", "q1_k", progress=False)
     (out_dir / "x.gguf").write_bytes(b"keep me")
     with pytest.raises(UsageError, match="already exists"):
         convert(tiny / "transformer", out_dir / "x.gguf", "q4_0", progress=False)

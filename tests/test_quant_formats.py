@@ -181,7 +181,7 @@ def test_quantize_layout_dtypes_and_errors(quantizer):
     with pytest.raises(UsageError):
         quantize(torch.randn(4, 100), "Q4_K")
     with pytest.raises(UsageError):
-        quantize(torch.randn(4, 256), "Q3_K")  # read-only
+        quantize(torch.randn(4, 256), "Q5_1")  # read-only
     with pytest.raises(UsageError):
         quantize(torch.randn(4, 256), "Q7_K")
     with pytest.raises(UsageError):

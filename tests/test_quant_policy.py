@@ -143,6 +143,6 @@ def test_describe_policy_rows_and_every_rule_reachable():
 
 def test_unknown_preset_or_component():
     with pytest.raises(UsageError):
-        choose_qtype("x", (256, 256), "q3_k")
+        choose_qtype("x", (256, 256), "q1_k")
     with pytest.raises(UsageError):
         choose_qtype("x", (256, 256), "q4_k", component="vae")

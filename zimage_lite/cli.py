@@ -1,4 +1,4 @@
-"""`zimage-lite` command line: generate | convert | inspect | bench | synthetic.
+"""`zimage-lite` command line: generate | convert | inspect | bench | synthetic | imatrix | serve.
 
 Only this module prints. Every failure ends with one line on stderr (cli_errors.py: exit code 2 for what a
 user or the machine caused, 130 for Ctrl-C, 1 for a bug; `-v` adds the traceback). Arguments are checked
@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from zimage_lite import cli_args
+from zimage_lite import cli_args, cli_control
 from zimage_lite.cli_errors import EXIT_USAGE, Terminated, describe, one_line, sigterm_raises
 from zimage_lite.errors import UsageError
 
@@ -115,6 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from zimage_lite import preflight
+    from zimage_lite.cli_guidance import guidance_kwargs, guidance_meta
     from zimage_lite.init_image import upscaled_size
     from zimage_lite.pipeline import Pipeline, check_size
     from zimage_lite.text import MAX_PROMPT_TOKENS
@@ -122,6 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     inputs = _image_inputs(args)
     check_size(args.width, args.height)
+    inputs.update(cli_control.control_inputs(args))
     outs = output_paths(out, args.batch)
     for p in outs:
         check_output(p)
@@ -134,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
         tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
-        fp8_matmul=args.fp8_matmul,
+        fp8_matmul=args.fp8_matmul, variant=args.variant, controlnet=args.controlnet,
     )  # fmt: skip
     for spec in args.lora or []:
         pipe.load_lora(*parse_lora(spec))
@@ -143,7 +145,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.hires is None
         else upscaled_size(args.width, args.height, args.hires)
     )
-    size = (*big, args.batch, MAX_PROMPT_TOKENS)  # upper bounds: the larger pass, the longest caption
+    _, cfg = pipe.sampling_settings(args.steps, args.guidance, args.cfg_normalization, args.cfg_truncation)
+    # upper bounds: the larger pass, the longest caption, a negative pass beside each image under guidance
+    size = (*big, args.batch * (2 if cfg.active else 1), MAX_PROMPT_TOKENS)
     preflight.check_generation(pipe, *size)
     bar = None
 
@@ -160,14 +164,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with preflight.device_oom_as_error(pipe, *size):
             images = pipe.generate(
                 args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
-                batch=args.batch, on_step=on_step, **inputs,
+                batch=args.batch, on_step=on_step, **inputs, **guidance_kwargs(args),
             )  # fmt: skip
             first_stats = pipe.last_stats
             if args.hires is not None:
                 hires = []
                 for img in images:
                     hires.append(pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
-                                                seed=args.seed, steps=args.steps, on_step=on_step))  # fmt: skip
+                                                seed=args.seed, steps=args.steps, on_step=on_step,
+                                                **guidance_kwargs(args), **cli_control.hires_inputs(inputs)))  # fmt: skip
                     hires_stats.append(pipe.last_stats.to_dict())
                 images = hires
     finally:
@@ -180,7 +185,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.hires is not None:
         meta["first_pass_size"] = f"{args.width}x{args.height}"
+    meta.update(guidance_meta(pipe, args))
     meta.update(_pass_meta(args, pipe))
+    meta.update(cli_control.control_meta(args))
     for i, (img, path) in enumerate(zip(images, outs)):
         info = _png_info({**meta, "batch_index": str(i)})
         atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
@@ -189,7 +196,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stats = {
             **first_stats.to_dict(), "load_s": pipe.load_seconds, "total_s": time.perf_counter() - start,
             "device": str(pipe.device), "dtype": meta["dtype"], "width": args.width, "height": args.height,
-            "steps": args.steps, "batch": args.batch,
+            "steps": int(meta["steps"]), "batch": args.batch, "variant": meta["variant"],
+            "guidance": float(meta["guidance"]),
         }  # fmt: skip
         if hires_stats:
             stats["hires_passes"] = hires_stats
@@ -199,12 +207,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from zimage_lite.cli_imatrix import recipe_options
     from zimage_lite.convert.converter import convert
 
     result = convert(
         Path(args.src), Path(args.output), args.quant, force=args.force, progress=not args.quiet,
         threads=args.threads, tokenizer=Path(args.tokenizer) if args.tokenizer else None, device=args.device,
-        quantizer=args.quantizer,
+        quantizer=args.quantizer, options=recipe_options(args),
     )  # fmt: skip
     ratio = result.out_bytes / max(result.in_bytes, 1)
     print(
@@ -239,12 +248,22 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = str(resolve_device(args.device or "cpu"))
     with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
-        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)
-    print(f"wrote synthetic {args.size} model to {out}")
+        write_synthetic_model(
+            tmp,
+            size=args.size,
+            seed=args.seed,
+            dtype=dtype,
+            device=device,
+            variant=args.variant,
+            outliers=args.outliers,
+        )
+    print(f"wrote synthetic {args.size} {args.variant} model to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from zimage_lite.cli_guidance import add_guidance_arguments
+
     parser = _Parser(prog="zimage-lite", description="Z-Image-Turbo on 4-8 GB GPUs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -256,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", help="text encoder file or folder (overrides the model's)")
     g.add_argument("--vae", help="VAE file or folder (overrides the model's)")
     g.add_argument("--tokenizer", help="tokenizer.json or its folder (not needed with a GGUF text encoder)")
-    g.add_argument("--steps", type=cli_args.steps, default=8)
+    g.add_argument(
+        "--steps", type=cli_args.steps, default=None, help="default: the model variant's (8 Turbo)"
+    )
     g.add_argument("--seed", type=cli_args.seed, default=0, help=f"0 to {cli_args.SEED_MAX}")
     size_help = "pixels, a multiple of 16 (default: the init image's, else 1024)"
     g.add_argument("--width", type=cli_args.image_size, default=None, help=size_help)
@@ -290,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hires fix: upscale each image by SCALE (e.g. 1.5) and re-generate detail")  # fmt: skip
     g.add_argument("--hires-strength", type=cli_args.strength, default=0.35,
                    help="strength of the hires pass (0.3-0.4)")  # fmt: skip
+    add_guidance_arguments(g)
+    cli_control.add_control_args(g)
     g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png")
     g.add_argument("--stats", type=cli_args.output_file, help="write timings and memory as JSON here")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -304,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="output folder (for a model) or file",
     )
-    c.add_argument("--quant", required=True, help="bf16, q8_0, q6_k, q5_k, q4_k, q4_0, fp8, q4_k_m, q5_k_m")
+    c.add_argument("--quant", help="bf16, q8_0, q6_k, q5_k, q4_k, q4_0, fp8, q4_k_m, q5_k_m, q3_k, q3_k_m")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument(
         "--threads", type=cli_args.threads, default=None, help="quantization threads (default: all cores)"
@@ -321,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="force ggml's own quantizers (CPU) or zimage-lite's torch fallback (default: ggml where installed)",
     )  # fmt: skip
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from zimage_lite.cli_imatrix import add_recipe_arguments
+
+    add_recipe_arguments(c)
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="what a checkpoint file or folder holds")
@@ -336,16 +362,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synthetic", help="write a random-weight model of the real architecture (tests, demo)")
     s.add_argument("output", type=cli_args.output_folder)
-    s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
+    s.add_argument("--size", choices=["tiny", "small", "small-k", "full"], default="tiny")
+    s.add_argument("--outliers", action="store_true",
+                   help="a few outlier input channels in every layer, as trained models have (imatrix tests)")  # fmt: skip
     s.add_argument("--seed", type=cli_args.seed, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument(
+        "--variant", choices=["turbo", "base"], default="turbo", help="its scheduler config's variant"
+    )
     s.add_argument(
         "--device", choices=["cpu", "cuda"], default=None,
         help="draw the values there (cuda: the full model in seconds; other values for the same seed)",
     )  # fmt: skip
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_synthetic)
-    for command in (g, c, i, b, s):  # -v after the command too; SUPPRESS keeps a -v given before it
+    from zimage_lite.cli_imatrix import add_imatrix_arguments, cmd_imatrix
+
+    m = sub.add_parser("imatrix", help="gather an importance matrix (for convert --imatrix) by generating")
+    add_imatrix_arguments(m)
+    m.set_defaults(func=cmd_imatrix)
+    from zimage_lite.serve.cli import add_parser as add_serve_parser
+
+    v = add_serve_parser(sub)
+    for command in (g, c, i, b, s, m, v):  # -v after the command too; SUPPRESS keeps a -v given before it
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return parser
 

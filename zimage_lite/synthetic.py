@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +71,41 @@ def _small() -> SyntheticSpec:
     return SyntheticSpec(dit, text, vae, vocab_size=512)
 
 
+def _small_k() -> SyntheticSpec:
+    """As small with dim 512, so the K-quants apply to every linear of the transformer but the FFN's w2,
+    whose rows of ffn_dim 1365 fit no block and stay BF16 (small: dim 384 sends most to Q4_0/Q8_0)."""
+    dit = DiTConfig(dim=512, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=256)
+    return dataclasses.replace(_small(), dit=dit)
+
+
 def _full() -> SyntheticSpec:
     return SyntheticSpec(_published_dit(), Qwen3Config(), VAEConfig(), vocab_size=151936)
 
 
-SIZES: dict[str, Callable[[], SyntheticSpec]] = {"tiny": _tiny, "small": _small, "full": _full}
+SIZES: dict[str, Callable[[], SyntheticSpec]] = {
+    "tiny": _tiny,
+    "small": _small,
+    "small-k": _small_k,
+    "full": _full,
+}
+
+# Outlier channels (`outliers=True`): trained transformers carry a few input channels with activations
+# an order of magnitude above the rest (the same channels in every layer), which is what an importance
+# matrix is for; plain random weights hide that. The pre-linear norms' weights of 1/64 of the channels,
+# the same ones in every layer, are multiplied by OUTLIER_GAIN.
+OUTLIER_NORMS = re.compile(r"(attention_norm1|ffn_norm1|input_layernorm|post_attention_layernorm)\.weight$")
+OUTLIER_GAIN = 16.0
+OUTLIER_SEED = 1234
+
+
+def _with_outliers(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not OUTLIER_NORMS.search(name):
+        return t
+    n = t.shape[0]
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(OUTLIER_SEED))[: max(1, n // 64)]
+    t = t.clone()
+    t[idx.to(t.device)] *= OUTLIER_GAIN
+    return t
 
 
 def random_tensor(
@@ -93,13 +124,18 @@ def random_tensor(
 
 
 def _random_state(
-    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, device: str = "cpu"
+    shapes: dict[str, tuple[int, ...]],
+    seed: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    outliers: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Values drawn on `device` (a GPU draws the full model's 10 B values in seconds, the CPU in many
     minutes; the same seed gives other values there), returned in host memory."""
     gen = torch.Generator(device).manual_seed(seed)
     for name in sorted(shapes):
-        yield name, random_tensor(name, shapes[name], gen, dtype).cpu()
+        t = random_tensor(name, shapes[name], gen, dtype)
+        yield name, (_with_outliers(name, t) if outliers else t).cpu()
 
 
 def _meta_shapes(factory: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
@@ -137,15 +173,16 @@ def _write_json(path: Path, values: dict) -> None:
 
 
 def write_transformer(
-    folder: Path, cfg: DiTConfig, seed: int, dtype: torch.dtype, shard_bytes: int, device: str = "cpu"
-) -> None:
+    folder: Path, cfg: DiTConfig, seed: int, dtype: torch.dtype, shard_bytes: int, device: str = "cpu",
+    outliers: bool = False,
+) -> None:  # fmt: skip
     from zimage_lite.models.dit import ZImageDiT
     from zimage_lite.weights.names_dit import dit_to_diffusers
 
     shapes = _meta_shapes(lambda: ZImageDiT(cfg))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in _random_state(shapes, seed, dtype, device):
+        for name, t in _random_state(shapes, seed, dtype, device, outliers):
             yield from dit_to_diffusers({name: t}).items()
 
     _write_sharded(folder, tensors(), "diffusion_pytorch_model", shard_bytes)
@@ -153,15 +190,16 @@ def write_transformer(
 
 
 def write_text_encoder(
-    folder: Path, cfg: Qwen3Config, seed: int, dtype: torch.dtype, shard_bytes: int, device: str = "cpu"
-) -> None:
+    folder: Path, cfg: Qwen3Config, seed: int, dtype: torch.dtype, shard_bytes: int, device: str = "cpu",
+    outliers: bool = False,
+) -> None:  # fmt: skip
     from zimage_lite.models.qwen3 import Qwen3Encoder
 
     # A real checkpoint has every layer and the final norm, although we never use the last two.
     full = dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1)
     shapes = _meta_shapes(lambda: Qwen3Encoder(full))
     shapes["norm.weight"] = (cfg.hidden_size,)
-    _write_sharded(folder, _random_state(shapes, seed, dtype, device), "model", shard_bytes)
+    _write_sharded(folder, _random_state(shapes, seed, dtype, device, outliers), "model", shard_bytes)
     values = cfg.to_dict()
     values.update(
         architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", attention_bias=False,
@@ -193,22 +231,30 @@ def write_synthetic_model(
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = 2 << 30,
     device: str = "cpu",
+    variant: str = "turbo",
+    outliers: bool = False,
 ) -> Path:
     """Write a complete diffusers-layout Z-Image folder with random weights; returns its path.
-    `device`: where the values are drawn (see _random_state)."""
+    `device`: where the values are drawn (see _random_state); `variant` ("turbo", "base"): whose
+    published scheduler config it gets (the weights are the same kind of random either way);
+    `outliers`: outlier input channels (OUTLIER_NORMS)."""
     from zimage_lite.synthetic_tokenizer import write_synthetic_tokenizer
+    from zimage_lite.variants import VARIANTS, check_variant
 
     if size not in SIZES:
         raise ValueError(f"unknown synthetic size {size!r}; choose from {', '.join(SIZES)}")
     spec = SIZES[size]()
     out = Path(out)
     log.info("writing synthetic %s model to %s", size, out)
-    write_transformer(out / "transformer", spec.dit, seed + 1, dtype, shard_bytes, device)
+    write_transformer(out / "transformer", spec.dit, seed + 1, dtype, shard_bytes, device, outliers)
     te_dtype = torch.bfloat16 if size == "full" else dtype
-    write_text_encoder(out / "text_encoder", spec.text, seed + 2, te_dtype, shard_bytes, device)
+    write_text_encoder(out / "text_encoder", spec.text, seed + 2, te_dtype, shard_bytes, device, outliers)
     write_vae(out / "vae", spec.vae, seed + 3, dtype, device)
     write_synthetic_tokenizer(out / "tokenizer", vocab_size=spec.vocab_size)
-    _write_json(out / "scheduler" / "scheduler_config.json", published_config("scheduler"))
+    sched = published_config("scheduler")  # Turbo's, unchanged; base: its published shift (variants.py)
+    if check_variant(variant) != "turbo":
+        sched = {**sched, "shift": VARIANTS[variant].shift}
+    _write_json(out / "scheduler" / "scheduler_config.json", sched)
     _write_json(out / "model_index.json", MODEL_INDEX)
     return out
 
@@ -221,3 +267,28 @@ MODEL_INDEX = {
     "transformer": ["diffusers", "ZImageTransformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
+
+
+def write_synthetic_controlnet(
+    path: str | Path, dit: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A random-weight 2.1-style Fun-Controlnet-Union branch for `dit`, in our layout (one safetensors
+    file, places in its metadata): control blocks before every second main layer (the real 2.1's
+    places on the real model), refiner-stage hints after the first two noise-refiner layers."""
+    import json
+
+    from zimage_lite.config import ControlNetConfig
+    from zimage_lite.models.controlnet import ZImageControlNet
+    from zimage_lite.weights.names_controlnet import CONTROLNET_KEY
+
+    refiner = tuple(range(min(2, dit.n_refiner_layers)))
+    cfg = ControlNetConfig(
+        "2.1", dit.dim, dit.n_heads, 33, tuple(range(0, dit.n_layers, 2)), refiner, len(refiner)
+    )
+    shapes = _meta_shapes(lambda: ZImageControlNet(cfg))
+    meta = {CONTROLNET_KEY: json.dumps({"version": cfg.version, "places": cfg.places,
+                                        "refiner_places": cfg.refiner_places})}  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(dict(_random_state(shapes, seed, dtype)), str(path), metadata=meta)
+    return path

@@ -93,6 +93,24 @@ def file_quantizer(path: Path | None) -> str | None:
         return None
 
 
+def file_imatrix(path: Path | None) -> str | None:
+    """The importance matrix a converted GGUF was quantized with (llama.cpp's quantize.imatrix.* keys), or None."""
+    if path is None or path.suffix != ".gguf" or not path.is_file():
+        return None
+    from zimage_lite.convert.calibrated import IMATRIX_KEYS
+
+    try:
+        from zimage_lite.weights.gguf import GGUFCheckpoint
+
+        src = GGUFCheckpoint(path)
+        file = src.field(IMATRIX_KEYS["file"])
+        if file is None:
+            return None
+        return f"{Path(file).name} ({src.field(IMATRIX_KEYS['chunks'])} chunks, {src.field(IMATRIX_KEYS['dataset'])})"
+    except Exception:  # a report detail: an unreadable header must not cost the row
+        return None
+
+
 def free_device_memory() -> None:
     import torch
 
@@ -163,26 +181,34 @@ class OursEngine:
         card: str | None = None,
         hires: tuple[float, float] | None = None,
         fp8_matmul: str | None = None,
+        guidance: float | None = None,
+        control: tuple[Path, object] | None = None,
     ):
         """`hires` (scale, strength): each generation is the hires fix, its image and latents the
-        second pass's, its timings both passes together."""
+        second pass's, its timings both passes together. `guidance`: the CFG scale (None: the model's).
+        `control` (ControlNet file, control image): every generation runs under that control at 0.75."""
         from zimage_lite.pipeline import Pipeline
 
         self.hires = hires
+        self.guidance = guidance
+        self.control = {} if control is None else {"control_image": control[1], "control_scale": 0.75}
         self.vram = {"requested": vram, "applied": vram is not None, "note": None, "card": card}
         self.pipe = Pipeline.load(
-            source, device=device, dtype=dtype, vram=vram, card=card, fp8_matmul=fp8_matmul or "dequant"
-        )
+            source, device=device, dtype=dtype, vram=vram, card=card, fp8_matmul=fp8_matmul or "dequant",
+            controlnet=None if control is None else control[0],
+        )  # fmt: skip
         self.load_seconds = self.pipe.load_seconds
         self.compute_dtype = str(self.pipe.dtype).removeprefix("torch.")
         self.device = str(self.pipe.device)
         self.files = component_bytes(self.pipe.paths)
         self.transformer_types = tensor_types(self.pipe.paths.transformer)
         self.quantizer = file_quantizer(self.pipe.paths.transformer)
+        self.imatrix = file_imatrix(self.pipe.paths.transformer)
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()
-        latents = self.pipe.generate_latents(prompt, seed=seed, steps=steps, width=width, height=height)
+        kw = dict(seed=seed, steps=steps, guidance=self.guidance, **self.control)
+        latents = self.pipe.generate_latents(prompt, width=width, height=height, **kw)
         image = self.pipe.decode(latents)[0]
         passes = [self.pipe.last_stats.to_dict()]
         if self.hires is not None:
@@ -191,7 +217,7 @@ class OursEngine:
             scale, strength = self.hires
             w, h = upscaled_size(width, height, scale)
             latents = self.pipe.generate_latents(
-                prompt, seed=seed, steps=steps, width=w, height=h, image=image, strength=strength
+                prompt, width=w, height=h, image=image, strength=strength, **kw
             )
             image = self.pipe.decode(latents)[0]
             passes.append(self.pipe.last_stats.to_dict())

@@ -116,7 +116,10 @@ def render_markdown(report: dict) -> str:
         lines[-1] += "falls back to Q8_0 / Q4_0; small and 1-D tensors stay F32):"
         lines += ["", "| row | tensors | written by |", "|---|---|---|"]
         lines += [
-            f"| {r['name']} | {_types(r['transformer_types'])} | {r.get('quantizer') or '–'} |" for r in typed
+            f"| {r['name']} | {_types(r['transformer_types'])} | {r.get('quantizer') or '–'}"
+            + (f", imatrix {r['imatrix']}" if r.get("imatrix") else "")
+            + " |"
+            for r in typed
         ]
     lines += ["", "![images per row](grid.png)", "", "![quality vs time](plot.png)", "", "## Environment", ""]
     lines += _environment(env, s, report["created_utc"])

@@ -84,6 +84,7 @@ def build_row(row) -> dict:
         "files": info.get("files"),
         "transformer_types": info.get("transformer_types"),
         "quantizer": info.get("quantizer"),
+        "imatrix": info.get("imatrix"),
         "vram_cap": info.get("vram_cap"),
         "timing": _timing(row.samples),
         "memory": {
@@ -175,6 +176,7 @@ def settings(cfg, reference: Path) -> dict:
         "vram": cfg.vram,
         "cards": cfg.cards,
         "hires": None if cfg.hires is None else {"scale": cfg.hires, "strength": cfg.hires_strength},
+        "cfg": cfg.cfg,
     }
 
 

@@ -22,13 +22,13 @@ SETTINGS = {
     "model": OPT_STR, "synthetic": OPT_STR, "reference_folder": str, "reference_precision": str,
     "precisions": list, "baselines": list, "prompts": list, "seeds": list, "steps": int, "width": int,
     "height": int, "repeats": int, "warmup": int, "device": OPT_STR, "dtype": OPT_STR, "vram": OPT_STR,
-    "cards": list, "hires": (dict, NONE),
+    "cards": list, "hires": (dict, NONE), "cfg": OPT_NUM,
 }  # fmt: skip
 PROMPT = {"id": str, "kind": str, "text": str}
 ROW = {
     "name": str, "kind": str, "precision": str, "status": str, "reason": OPT_STR, "compute_dtype": OPT_STR,
     "device": OPT_STR, "source": OPT_STR, "convert": (dict, NONE), "load_s": OPT_NUM, "files": (dict, NONE),
-    "transformer_types": (dict, NONE), "quantizer": OPT_STR, "vram_cap": (dict, NONE), "timing": dict, "memory": dict,
+    "transformer_types": (dict, NONE), "quantizer": OPT_STR, "imatrix": OPT_STR, "vram_cap": (dict, NONE), "timing": dict, "memory": dict,
     "quality": dict, "deterministic": (bool, NONE),
 }  # fmt: skip
 CONVERT = {"cached": (bool, NONE), "convert_s": OPT_NUM}

@@ -20,12 +20,14 @@ from pathlib import Path
 from zimage_lite.convert.atomic import atomic_path, refuse_existing
 from zimage_lite.convert.plan import (
     ComponentPlan,
+    plan_controlnet,
     plan_text_encoder,
     plan_transformer,
     plan_vae,
     text_encoder_tokenizer_fields,
 )
 from zimage_lite.convert.quantizers import check_device, quantizer_metadata
+from zimage_lite.convert.recipe import RecipeOptions, apply
 from zimage_lite.convert.stream import DENSE, run_jobs
 from zimage_lite.errors import CheckpointError, UsageError
 from zimage_lite.preflight import check_disk, convert_output_bytes
@@ -105,6 +107,8 @@ def write_plan(
 def _plan_for(component: str, source, src: Path, quant: str, tokenizer_dir: Path | None) -> ComponentPlan:
     if component == "transformer":
         return plan_transformer(source, src, quant)
+    if component == "controlnet":
+        return plan_controlnet(source, src, quant)
     if component == "text_encoder":
         fields = text_encoder_tokenizer_fields(source, src, tokenizer_dir)
         return plan_text_encoder(source, src, quant, fields)
@@ -121,6 +125,15 @@ def _account(result: ConvertResult, plan: ComponentPlan, out_bytes: int) -> None
     result.out_bytes += out_bytes
     for o in plan.outputs:
         result.types[o.storage] = result.types.get(o.storage, 0) + 1
+
+
+def _base(quant: str, options: RecipeOptions) -> str:
+    """The preset plans start from: a target size retypes from BF16 (what it keeps, stays so)."""
+    if options.target_size is not None and quant.startswith("target-"):
+        return "bf16"
+    if options.any() and quant == "fp8":
+        raise UsageError("--imatrix, --tensor-type-rules and --target-size make GGUF files, not fp8")
+    return quant
 
 
 def _sibling_tokenizer(src: Path) -> Path | None:
@@ -141,10 +154,14 @@ def _convert_one(
     tokenizer: Path | None,
     device: str | None,
     quantizer: str | None,
+    options: RecipeOptions,
 ) -> ConvertResult:
     source = open_checkpoint(src)
     detected = describe(source, src)
-    plan = _plan_for(detected.component, source, src, quant, tokenizer or _sibling_tokenizer(src))
+    plan = _plan_for(
+        detected.component, source, src, _base(quant, options), tokenizer or _sibling_tokenizer(src)
+    )
+    apply([plan], options, device, quantizer, threads)
     quantizer_metadata(plan, device, quantizer)  # a forced quantizer that cannot run fails here
     if out.is_dir():  # an existing folder: put the file in it, named after the input
         out = out / f"{src.stem if src.is_file() else src.name}-{quant}{_suffix(plan)}"
@@ -171,8 +188,12 @@ def _convert_model(
     threads: int | None,
     device: str | None,
     quantizer: str | None,
+    options: RecipeOptions,
 ) -> ConvertResult:
+    from zimage_lite.variants import read_variant
+
     paths = resolve_model(src)
+    variant = read_variant(src).name  # carried into the manifest: the defaults a run of it gets
     result = ConvertResult(out, quant)
     # plan (and so validate) every component before writing anything
     plans: dict[str, ComponentPlan] = {}
@@ -185,8 +206,10 @@ def _convert_model(
                 f"{path}: expected a {component.replace('_', ' ')}, found a {found.replace('_', ' ')}"
             )
         tok_dir = paths.tokenizer if paths.tokenizer.is_dir() else None
-        plans[component] = _plan_for(component, source, path, quant, tok_dir)
-        quantizer_metadata(plans[component], device, quantizer)  # a forced quantizer that cannot run
+        plans[component] = _plan_for(component, source, path, _base(quant, options), tok_dir)
+    recorded = apply(list(plans.values()), options, device, quantizer, threads)
+    for plan in plans.values():
+        quantizer_metadata(plan, device, quantizer)  # a forced quantizer that cannot run
     check_disk(out, convert_output_bytes(plans.values(), [paths.tokenizer, src / "scheduler"]))
     with atomic_path(out, force, folder=True) as tmp:
         manifest: dict[str, str] = {}
@@ -208,7 +231,16 @@ def _convert_model(
                 if extra == "tokenizer":
                     manifest["tokenizer"] = "tokenizer"
         (tmp / MANIFEST).write_text(
-            json.dumps({"format": MANIFEST_FORMAT, "quant": quant, "components": manifest}, indent=2)
+            json.dumps(
+                {
+                    "format": MANIFEST_FORMAT,
+                    "quant": quant,
+                    "variant": variant,
+                    "components": manifest,
+                    **recorded,
+                },
+                indent=2,
+            )
         )
     result.components = {k: out / v for k, v in manifest.items()}
     return result
@@ -217,13 +249,14 @@ def _convert_model(
 def convert(
     src: Path,
     out: Path,
-    quant: str,
+    quant: str | None,
     force: bool = False,
     progress: bool = True,
     threads: int | None = None,
     tokenizer: Path | None = None,
     device: str | None = None,
     quantizer: str | None = None,
+    options: RecipeOptions | None = None,
 ) -> ConvertResult:
     """Convert a model folder, a component folder or a single file; see the module docstring.
 
@@ -231,12 +264,20 @@ def convert(
     encoder GGUF when converting a lone text encoder (default: a `tokenizer/` folder next to it).
     `device`: quantize there (e.g. "cuda": Q8_0, Q4_0, FP8 and BF16 only); default the CPU.
     `quantizer`: "ggml" or "torch" forces one (formats.quantize); default ggml's on the CPU where its
-    library is installed. GGUF and FP8 files record it under `zimage_lite.quantizer`."""
+    library is installed. GGUF and FP8 files record it under `zimage_lite.quantizer`.
+    `options`: an imatrix, tensor-type rules, a target size (recipe.py; with a target size `quant` may be
+    None and the manifest calls it "target-<bytes>")."""
     from zimage_lite.weights.checkpoint import is_model_folder
 
     start = time.perf_counter()
-    quant = _check_quant(quant)
-    check_device(quant, device)
+    options = options or RecipeOptions()
+    if (quant is None) == (options.target_size is None):
+        raise UsageError("give either --quant or --target-size (a target size chooses the types itself)")
+    if quant is None:
+        quant = f"target-{options.target_size}"
+    else:
+        quant = _check_quant(quant)
+        check_device(quant, device)
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
@@ -244,9 +285,11 @@ def convert(
         raise UsageError(f"{out}: the output must not be the input or inside it")
     if is_model_folder(src):
         refuse_existing(out, force)
-        result = _convert_model(src, out, quant, force, progress, threads, device, quantizer)
+        result = _convert_model(src, out, quant, force, progress, threads, device, quantizer, options)
     else:
-        result = _convert_one(src, out, quant, force, progress, threads, tokenizer, device, quantizer)
+        result = _convert_one(
+            src, out, quant, force, progress, threads, tokenizer, device, quantizer, options
+        )
     result.seconds = time.perf_counter() - start
     log.info(
         "converted %s -> %s (%s): %d tensors, %.2f GB -> %.2f GB in %.1f s",

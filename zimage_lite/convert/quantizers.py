@@ -44,7 +44,12 @@ def quantizer_metadata(plan: ComponentPlan, device: str | None, quantizer: str |
     storages = {o.storage for o in plan.outputs}
     writers: dict[str, list[str]] = {}
     for qtype in sorted(storages & set(QUANT_TYPES)):
-        version = quantizer_version(pick_quantizer(quantize_on(qtype, device), quantizer))
+        picked = pick_quantizer(quantize_on(qtype, device), quantizer)
+        if picked == "torch" and QUANT_TYPES[qtype].quantize is None:
+            raise UsageError(
+                f"{qtype} is written by ggml's quantizers only (on the CPU, without --quantizer torch)"
+            )
+        version = quantizer_version(picked)
         writers.setdefault(version, []).append(qtype)
     if len(writers) == 1:
         return {QUANTIZER_KEY: next(iter(writers))}

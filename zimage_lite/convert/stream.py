@@ -52,6 +52,7 @@ class Job:
     release: Callable[[], None] | None = None
     origin: str = ""  # where the weight comes from, for error messages
     prefetch: Callable[[], None] | None = None
+    imatrix: torch.Tensor | None = None  # importance per input channel, for ggml's quantizers (calibrated.py)
 
 
 def encode(
@@ -90,7 +91,7 @@ def _encode_values(
     from zimage_lite.quant.formats import QUANT_TYPES, all_finite, quantize
 
     if job.qtype in QUANT_TYPES:
-        return {job.name: quantize(w, job.qtype, quantizer, pool)}
+        return {job.name: quantize(w, job.qtype, quantizer, pool, imatrix=job.imatrix)}
     if job.qtype == "FP8_E4M3":
         from zimage_lite.quant.fp8 import quantize_fp8
         from zimage_lite.weights.fp8 import comfy_quant_marker

@@ -64,6 +64,7 @@ class QuantType:
     quantize: BlockFn | None
     dequantize: BlockFn
     checks_finite: bool = False
+    ggml_writes: bool = False  # no torch quantizer, but ggml's library writes it (Q3_K, Q2_K)
 
     @property
     def chunk_blocks(self) -> int:
@@ -73,11 +74,11 @@ class QuantType:
 
 
 def _entry(
-    name: str, quantize: BlockFn | None, dequantize: BlockFn, checks_finite: bool = False
+    name: str, quantize: BlockFn | None, dequantize: BlockFn, checks_finite: bool = False, ggml: bool = False
 ) -> QuantType:
     ggml_type = gguf.GGMLQuantizationType[name]
     block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
-    return QuantType(name, ggml_type, block_size, type_size, quantize, dequantize, checks_finite)
+    return QuantType(name, ggml_type, block_size, type_size, quantize, dequantize, checks_finite, ggml)
 
 
 QUANT_TYPES: dict[str, QuantType] = {
@@ -88,12 +89,13 @@ QUANT_TYPES: dict[str, QuantType] = {
         _entry("Q4_K", kquants.quantize_q4_k, kquants.dequantize_q4_k),
         _entry("Q5_K", kquants.quantize_q5_k, kquants.dequantize_q5_k),
         _entry("Q6_K", kquants.quantize_q6_k, kquants.dequantize_q6_k),
+        # written by ggml's library only (no torch quantizer): the 2-3 bit types, where an imatrix matters most
+        _entry("Q2_K", None, kquants.dequantize_q2_k, ggml=True),
+        _entry("Q3_K", None, kquants.dequantize_q3_k, ggml=True),
         # read-only: community GGUF files use them
         _entry("Q4_1", None, legacy.dequantize_q4_1),
         _entry("Q5_0", None, legacy.dequantize_q5_0),
         _entry("Q5_1", None, legacy.dequantize_q5_1),
-        _entry("Q2_K", None, kquants.dequantize_q2_k),
-        _entry("Q3_K", None, kquants.dequantize_q3_k),
     ]
 }
 
@@ -173,6 +175,34 @@ def _run_all(pool: Executor, fn: Callable[[int], None], args: range) -> None:
             f.cancel()
 
 
+def _run_chunks(one_chunk: Callable[[int], None], starts: range, pool: Executor | None) -> None:
+    if pool is None or len(starts) == 1:
+        for start in starts:
+            one_chunk(start)
+    else:
+        _run_all(pool, one_chunk, starts)
+
+
+def _quantize_ggml_imatrix(
+    w: torch.Tensor, q: QuantType, pool: Executor | None, imatrix: torch.Tensor
+) -> torch.Tensor:
+    """ggml's bytes with an importance matrix: whole rows per call (the imatrix weighs columns)."""
+    n = w.shape[-1]
+    rows = w.detach().reshape(-1, n)
+    out = torch.empty(rows.shape[0], n // q.block_size * q.type_size, dtype=torch.uint8)
+    weights = imatrix.detach().to(torch.float32, copy=True).contiguous()
+    step = max(1, _GGML_CHUNK_ELEMENTS // n)
+
+    def one_chunk(start: int) -> None:
+        values = rows[start : start + step].to(torch.float32).contiguous()
+        if not all_finite(values):
+            raise NonFiniteError("NaN or infinity among the values")
+        ggml_lib.quantize_rows(values, out[start : start + step], int(q.ggml_type), weights)
+
+    _run_chunks(one_chunk, range(0, rows.shape[0], step), pool)
+    return out
+
+
 def _quantize_ggml(w: torch.Tensor, q: QuantType, pool: Executor | None) -> torch.Tensor:
     """ggml's bytes, one chunk of blocks per call (in `pool` when given). Each chunk is copied to float32
     (bounded temporaries) and checked for NaN/Inf there: ggml would quantize them silently."""
@@ -188,12 +218,7 @@ def _quantize_ggml(w: torch.Tensor, q: QuantType, pool: Executor | None) -> torc
             raise NonFiniteError("NaN or infinity among the values")
         ggml_lib.quantize_blocks(values, out[start:stop], int(q.ggml_type), q.block_size)
 
-    starts = range(0, n_blocks, step)
-    if pool is None or len(starts) == 1:
-        for start in starts:
-            one_chunk(start)
-    else:
-        _run_all(pool, one_chunk, starts)
+    _run_chunks(one_chunk, range(0, n_blocks, step), pool)
     return out
 
 
@@ -205,16 +230,21 @@ def _quantize_torch(w: torch.Tensor, q: QuantType) -> torch.Tensor:
 
 
 def quantize(
-    w: torch.Tensor, qtype: str, quantizer: str | None = None, pool: Executor | None = None
+    w: torch.Tensor,
+    qtype: str,
+    quantizer: str | None = None,
+    pool: Executor | None = None,
+    imatrix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """w (..., n) float of any dtype, n a multiple of the block size -> uint8 (..., n/block * type_size).
 
     Computed in float32. `quantizer`: None picks ggml's (CPU tensors, library present), else the torch
     emulation on w's device; "ggml" or "torch" forces one (see pick_quantizer). `pool`: threads that
-    share ggml's chunks (the converter's); the torch quantizers ignore it.
+    share ggml's chunks (the converter's); the torch quantizers ignore it. `imatrix` (w.shape[-1],): the
+    mean square of each input channel, for ggml's importance-weighted quantizers (ggml only).
     Raises NonFiniteError when w holds NaN or infinity."""
     q = _lookup(qtype)
-    if q.quantize is None:
+    if q.quantize is None and not q.ggml_writes:
         raise UsageError(
             f"{qtype} is a read-only format here (choose one of {', '.join(quantizable_types())})"
         )
@@ -223,8 +253,16 @@ def quantize(
             f"cannot store shape {tuple(w.shape)} as {qtype}: rows must be multiples of {q.block_size}"
         )
     use_ggml = pick_quantizer(w.device, quantizer) == "ggml"
+    if not use_ggml and (q.quantize is None or imatrix is not None):
+        why = "an importance matrix" if imatrix is not None else qtype
+        raise UsageError(f"only ggml's quantizers (on the CPU, libggml-python installed) take {why}")
+    if imatrix is not None and tuple(imatrix.shape) != (w.shape[-1],):
+        raise UsageError(f"an imatrix of {tuple(imatrix.shape)} values for rows of {w.shape[-1]}")
     try:
-        raw = _quantize_ggml(w, q, pool) if use_ggml else _quantize_torch(w, q)
+        if imatrix is not None:
+            raw = _quantize_ggml_imatrix(w, q, pool, imatrix)
+        else:
+            raw = _quantize_ggml(w, q, pool) if use_ggml else _quantize_torch(w, q)
     except NonFiniteError:  # one message, wherever it was found
         raise NonFiniteError(f"cannot quantize a tensor holding NaN or infinity to {qtype}") from None
     return raw.reshape(*w.shape[:-1], w.shape[-1] // q.block_size * q.type_size)
@@ -259,4 +297,4 @@ def dequantize(
 
 
 def quantizable_types() -> list[str]:
-    return [name for name, q in QUANT_TYPES.items() if q.quantize is not None]
+    return [name for name, q in QUANT_TYPES.items() if q.quantize is not None or q.ggml_writes]

@@ -132,3 +132,32 @@ def quantize_blocks(src: torch.Tensor, dst: torch.Tensor, ggml_type: int, block_
     written = load().quantize_chunk(ggml_type, src.data_ptr(), dst.data_ptr(), 0, 1, n, None)
     if written != dst.numel():
         raise RuntimeError(f"ggml wrote {written} bytes, expected {dst.numel()}")
+
+
+def quantize_rows(src: torch.Tensor, dst: torch.Tensor, ggml_type: int, imatrix: torch.Tensor) -> None:
+    """ggml's quantizer with an importance matrix: src float32 (rows, n) -> dst uint8 (rows, row bytes),
+    in place; imatrix float32 (n,), the mean square of each input channel.
+
+    With an imatrix, `quantize_<type>` runs `quantize_row_<type>_impl` row by row, each weight's error
+    weighted by imatrix[column] (Q8_0 ignores it), so here rows are real rows."""
+    if src.dtype != torch.float32 or dst.dtype != torch.uint8 or imatrix.dtype != torch.float32:
+        raise ValueError("quantize_rows takes float32 values and imatrix, uint8 out")
+    if (
+        src.ndim != 2
+        or dst.ndim != 2
+        or dst.shape[0] != src.shape[0]
+        or tuple(imatrix.shape) != src.shape[1:]
+    ):
+        raise ValueError(
+            f"bad layout: {tuple(src.shape)} -> {tuple(dst.shape)}, imatrix {tuple(imatrix.shape)}"
+        )
+    if not (src.is_contiguous() and dst.is_contiguous() and imatrix.is_contiguous()):
+        raise ValueError("quantize_rows takes contiguous tensors")
+    if src.device.type != "cpu" or imatrix.device.type != "cpu":
+        raise ValueError("quantize_rows runs on the CPU")
+    rows, n = src.shape
+    if rows == 0:
+        return
+    written = load().quantize_chunk(ggml_type, src.data_ptr(), dst.data_ptr(), 0, rows, n, imatrix.data_ptr())
+    if written != dst.numel():
+        raise RuntimeError(f"ggml wrote {written} bytes, expected {dst.numel()}")

@@ -57,7 +57,20 @@ TEXT_ENCODER_RULES: tuple[Rule, ...] = (
     Rule(r"", "base"),
 )
 
-RULES: dict[str, tuple[Rule, ...]] = {"transformer": TRANSFORMER_RULES, "text_encoder": TEXT_ENCODER_RULES}
+# The ControlNet's blocks are DiT blocks: the same roles. Its embedder stays BF16 like the DiT's; the
+# before_proj / after_proj linears (3840 x 3840 each: BF16 would add 0.5 GB to a 2.1 file) write the
+# hints directly, so they get the "bumped" type, one step above the blocks'.
+CONTROLNET_RULES: tuple[Rule, ...] = (
+    Rule(r"(^|\.)control_x_embedder\.", "keep"),
+    Rule(r"\.(before_proj|after_proj)\.weight$", "bumped"),
+    *TRANSFORMER_RULES[2:],
+)
+
+RULES: dict[str, tuple[Rule, ...]] = {
+    "transformer": TRANSFORMER_RULES,
+    "text_encoder": TEXT_ENCODER_RULES,
+    "controlnet": CONTROLNET_RULES,
+}
 
 
 def _preset(base: str, bumped: str | None = None, modulation: str | None = None, embedding: str = "Q6_K"):
@@ -80,11 +93,15 @@ PRESETS: dict[str, dict[str, str]] = {
     "q4_0": _preset("Q4_0"),
     "fp8": _preset("FP8_E4M3", modulation="BF16", embedding="BF16"),
     "q4_k_m": _preset("Q4_K", bumped="Q5_K"),
+    "q3_k": _preset("Q3_K"),  # written by ggml's library only; made for an --imatrix
+    "q3_k_m": _preset("Q3_K", bumped="Q4_K"),
     "q5_k_m": _preset("Q5_K", bumped="Q6_K"),
 }
 
 # A block type that does not divide the row length -> the next choice (then BF16).
-FALLBACK: dict[str, str] = {"Q6_K": "Q8_0", "Q5_K": "Q8_0", "Q4_K": "Q4_0", "Q8_0": "BF16", "Q4_0": "BF16"}
+FALLBACK: dict[str, str] = {
+    "Q6_K": "Q8_0", "Q5_K": "Q8_0", "Q4_K": "Q4_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0", "Q8_0": "BF16", "Q4_0": "BF16",
+}  # fmt: skip
 
 
 def _rules(component: str) -> tuple[Rule, ...]:

@@ -26,6 +26,8 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
     "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+    "q3_k": gguf.LlamaFileType.MOSTLY_Q3_K_S,
+    "q3_k_m": gguf.LlamaFileType.MOSTLY_Q3_K_M,
 }
 
 
