@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,11 +86,15 @@ def run_slice(name: str, out: Path, workers: int, limit_s: float) -> dict:
     prepare(copy, modules, tests)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/ first
     log = (out / f"{name}.log").open("w")
+    # its own process group: at the time limit the forked test workers stop too (they outlive mutmut else)
+    proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)], cwd=copy,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)], cwd=copy,
-                       env=env, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s)  # fmt: skip
+        proc.wait(timeout=limit_s)
         finished = True
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
         finished = False
     stats = {"slice": name, "modules": modules, "tests": tests, "finished": finished, **counts(copy, env)}
     results = subprocess.run([sys.executable, "-m", "mutmut", "results"], cwd=copy, env=env,
