@@ -1,6 +1,8 @@
 # zimage-lite developer entry points.
 #   make demo   create/reuse a virtualenv, install, generate an image with the built-in tiny synthetic model
 #   make test   install what is missing and run the whole test suite
+#   make mutate mutation testing in slices (tools/mutate.py; hours on 2 cores, not in CI):
+#               make mutate SLICES="sampling planner" MUTATE_LIMIT=1800
 #
 # TORCH_SPEC picks the torch wheel. The default pins the CPU build that CI machines have on disk.
 # On a CUDA machine use the normal wheel:  make demo TORCH_SPEC=torch
@@ -12,7 +14,11 @@ STAMP := $(VENV)/.zimage-lite-installed
 DEMO_DIR ?= out/demo
 DEMO_PROMPT ?= a lighthouse on a cliff at dusk, oil painting
 
-.PHONY: install test demo lint clean-demo
+MUTATE_OUT ?= out/mutate
+MUTATE_LIMIT ?= 3600
+SLICES ?=
+
+.PHONY: install test demo lint clean-demo mutate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,9 +32,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+mutate: $(STAMP)
+	$(BIN)/python -m pip install -q mutmut
+	$(BIN)/python tools/mutate.py $(SLICES) --out $(MUTATE_OUT) --time-limit $(MUTATE_LIMIT)
+
 lint: $(STAMP)
-	$(BIN)/ruff check zimage_lite tests benchmarks
-	$(BIN)/ruff format --check zimage_lite tests benchmarks
+	$(BIN)/ruff check zimage_lite tests benchmarks tools
+	$(BIN)/ruff format --check zimage_lite tests benchmarks tools
 
 demo: $(STAMP)
 	test -d $(DEMO_DIR)/tiny-model || $(BIN)/zimage-lite synthetic $(DEMO_DIR)/tiny-model --size tiny

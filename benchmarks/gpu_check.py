@@ -5,7 +5,11 @@
 
 Steps, each a subprocess with the time that is left (`--time-limit`, default 480 s; what does not start
 in time is reported as "not run", and the script still writes its results):
-1. the gpu-marked tests (`pytest -m gpu`);
+0. the Triton kernel mode the commands below run with ("compiled" / "interpreted"): on a GPU anything
+   but "compiled" fails (TRITON_INTERPRET=1 would run every kernel in Triton's CPU interpreter);
+1. the gpu-marked tests (`pytest -m gpu`), which pass only when some test ran and none failed (all
+   skipped, e.g. torch without CUDA, is a failure); the dry run runs the kernel-mode tests instead, whose
+   CPU test runs there;
 2. a synthetic full-size model in BF16, its values drawn on the GPU (`zimage-lite synthetic --device cuda`);
 3. `zimage-lite bench` at 1024x1024: bf16 (the reference, resident), q8_0 and q4_k_m, each resident and
    as on 4, 6 and 8 GB cards (`--card`), plus diffusers' rows (resident and group offload) when
@@ -29,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +48,15 @@ class Settings:
     width: int
     cards: tuple[str, ...]
     card_for_stats: str
+    tests: tuple[str, ...]  # pytest arguments of the tests step
+    kernel_mode: str | None  # the Triton mode required (None: reported, not judged)
     precisions: tuple[str, ...] = ("bf16", "q8_0", "q4_k_m")
 
 
-REAL = Settings("full", "cuda", 1024, ("4GB", "6GB", "8GB"), "6GB")
-DRY = Settings("tiny", "cpu", 64, ("2MB", "6MB"), "6MB")  # 2 MB: below the transformer's minimum
+REAL = Settings("full", "cuda", 1024, ("4GB", "6GB", "8GB"), "6GB", ("-m", "gpu", "tests"), "compiled")
+# 2 MB: below the transformer's minimum. The gpu-marked tests all skip on the CPU, so the dry run runs the
+# kernel-mode tests, whose CPU half runs: the step's "nothing ran" rule is exercised either way.
+DRY = Settings("tiny", "cpu", 64, ("2MB", "6MB"), "6MB", ("tests/test_kernel_mode.py",), None)
 
 
 @dataclass
@@ -67,13 +76,17 @@ class Clock:
         return self.end - time.monotonic()
 
 
+def step_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_step(check: Check, cmd: list[str], clock: Clock, log: Path) -> bool:
     """Run `cmd` with the time left; its output goes to `log`. True when it exited 0."""
     if clock.left() < 5:
         check.detail = "time limit reached before this step"
         return False
     start = time.monotonic()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = step_env()
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
         out.flush()
@@ -88,6 +101,47 @@ def run_step(check: Check, cmd: list[str], clock: Clock, log: Path) -> bool:
     check.seconds = round(time.monotonic() - start, 1)
     check.status = "pass" if ok else "fail"
     return ok
+
+
+def kernel_mode_check(s: Settings, clock: Clock) -> Check:
+    """The Triton mode of a process started as the steps are (same environment): a GPU must compile."""
+    check = Check("kernel mode")
+    if clock.left() < 5:
+        check.detail = "time limit reached before this step"
+        return check
+    code = "from zimage_lite.kernels import kernel_mode; print(kernel_mode())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=step_env(), capture_output=True,
+                          text=True, timeout=max(clock.left(), 1))  # fmt: skip
+    mode = proc.stdout.strip() if proc.returncode == 0 else f"error: {proc.stderr.strip()[-200:]}"
+    check.data = {"mode": mode}
+    if s.kernel_mode is None:
+        check.status, check.detail = "pass", f"{mode} (not judged on the CPU)"
+    else:
+        ok = mode == s.kernel_mode
+        check.status = "pass" if ok else "fail"
+        check.detail = mode if ok else f"{mode}, must be {s.kernel_mode} (is TRITON_INTERPRET=1 set?)"
+    return check
+
+
+def tests_check(s: Settings, out: Path, clock: Clock, log: Path) -> Check:
+    """The tests step passes when pytest exits 0 and at least one test ran (not all skipped)."""
+    check = Check("gpu-marked tests")
+    junit = out / "tests.xml"
+    junit.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *s.tests]
+    if not run_step(check, cmd, clock, log) or not junit.is_file():
+        return check
+    suites = list(ET.parse(junit).getroot().iter("testsuite"))
+    total = {k: sum(int(t.get(k, 0)) for t in suites) for k in ("tests", "skipped", "failures", "errors")}
+    ran = total["tests"] - total["skipped"]
+    check.data = {**total, "ran": ran}
+    check.detail = f"{ran} ran, {total['skipped']} skipped"
+    if ran < 1:
+        check.status, check.detail = (
+            "fail",
+            f"every test was skipped ({total['skipped']}): nothing was checked",
+        )
+    return check
 
 
 def card_bytes(card: str) -> int:
@@ -139,17 +193,22 @@ def judge_stats(stats: dict, card: str, s: Settings) -> Check:
 
 def write_summary(out: Path, checks: list[Check], s: Settings, started: float) -> bool:
     passed = all(c.status == "pass" for c in checks)
+    mode = next((c.data.get("mode") for c in checks if c.name == "kernel mode"), None)
     summary = {
         "settings": s.__dict__, "passed": passed, "seconds": round(time.monotonic() - started, 1),
-        "checks": [c.__dict__ for c in checks],
+        "kernel_mode": mode, "checks": [c.__dict__ for c in checks],
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=list))
     lines = ["| check | result | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {c.name} | {c.status} | {c.seconds} | {c.detail[:160]} |" for c in checks]
     table = "\n".join(lines)
-    (out / "summary.md").write_text(f"# GPU check ({s.device}, {s.size} model)\n\n{table}\n")
+    (out / "summary.md").write_text(
+        f"# GPU check ({s.device}, {s.size} model, Triton kernels {mode})\n\n{table}\n"
+    )
     print(table)
-    print(f"{'PASSED' if passed else 'FAILED'} in {summary['seconds']} s; results in {out}")
+    print(
+        f"{'PASSED' if passed else 'FAILED'} in {summary['seconds']} s (Triton kernels {mode}); results in {out}"
+    )
     return passed
 
 
@@ -183,21 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     log = out / "log.txt"
     model, cache, bench = work / f"synthetic-{s.size}", work / "cache", out / "bench"
 
-    tests = Check("gpu-marked tests")
-    marker = "gpu" if not args.dry_run else "gpu and not slow"
-    run_step(
-        tests,
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, "tests"],
-        clock,
-        log,
-    )
+    mode = kernel_mode_check(s, clock)
+    tests = tests_check(s, out, clock, log)
     synth = Check("synthetic model")
     if model.is_dir():
         synth.status, synth.detail = "pass", "reused"
     else:
         cmd = [*CLI, "synthetic", str(model), "--size", s.size, "--dtype", "bfloat16", "--device", s.device]
         run_step(synth, cmd, clock, log)
-    checks = [tests, synth]
+    checks = [mode, tests, synth]
     if synth.status == "pass":
         checks += bench_checks(model, cache, bench, s, clock, log)
     from zimage_lite.bench.sources import converted_path

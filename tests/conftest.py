@@ -6,18 +6,51 @@ import os
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter in CI
+
+def _has_cuda() -> bool:
+    import torch  # importing torch does not import triton
+
+    return torch.cuda.is_available()
+
+
+# Triton fixes interpreted-or-compiled when a kernel module's @triton.jit runs (at import), so this must be
+# decided here, before any test module imports zimage_lite.kernels: the CPU interpreter only where there
+# is no CUDA (it would copy CUDA tensors to the host and never run a compiled kernel).
+HAS_CUDA = _has_cuda()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "interpreter: runs Triton kernels on CPU tensors (skipped where the kernels are compiled)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    compiled = pytest.mark.skip(
+        reason="Triton on CPU tensors needs the interpreter; kernels are compiled here"
+    )
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(no_gpu)
+        if "interpreter" in item.keywords and not interpreted:
+            item.add_marker(compiled)
+
+
+@pytest.fixture(scope="session")
+def kernel_device():
+    """Where this session's Triton kernels run: the GPU when compiled, the CPU under the interpreter."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    from zimage_lite.kernels import kernel_mode
+
+    mode = kernel_mode()
+    if mode == "compiled" and not HAS_CUDA:
+        pytest.skip("Triton kernels are compiled (TRITON_INTERPRET is not 1) but there is no CUDA device")
+    return torch.device("cuda" if mode == "compiled" else "cpu")
 
 
 @pytest.fixture(autouse=True)

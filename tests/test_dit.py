@@ -84,16 +84,21 @@ def test_forward_matches_diffusers_fp32(cfg_name, hw, cap_lens):
     assert rel_err(got, expected) <= 1e-5
 
 
-def test_forward_matches_diffusers_bf16():
-    # bf16 has an 8-bit mantissa (rel. step 2^-8 = 0.4%); both sides round at the same places, so the
-    # remaining difference comes from matmul/SDPA accumulation order: we allow 1e-2 relative.
-    cfg = CFGS["one_refiner"]
-    ref, ours = make_pair(cfg, dtype=torch.bfloat16)
-    latents, t = torch.randn(2, 16, 8, 6), torch.rand(2)
-    caps = [torch.randn(9, 32, dtype=torch.bfloat16), torch.randn(40, 32, dtype=torch.bfloat16)]
+@pytest.mark.parametrize("cfg_name", list(CFGS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forward_matches_diffusers_bf16(cfg_name, seed):
+    """Both sides round to bf16 at the same places with the same torch ops, so the difference is only
+    accumulation order. Measured (CPU, torch 2.13, 4 seeds x both configs): 0.0 relative every time.
+    Computing RMSNorm statistics in bf16 instead of fp32 (a real bug class) measured 0.0082-0.0138.
+    Tolerance 2e-3: 4x under the smallest bug, room for a matmul/SDPA order that differs on one side."""
+    cfg = CFGS[cfg_name]
+    ref, ours = make_pair(cfg, dtype=torch.bfloat16, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    latents, t = torch.randn(2, cfg.in_channels, 8, 6, generator=g), torch.rand(2, generator=g)
+    caps = [torch.randn(n, cfg.cap_feat_dim, generator=g).bfloat16() for n in (9, 40)]
     with torch.no_grad():
         err = rel_err(ours(latents, t, caps), run_ref(ref, latents, t, caps))
-    assert err <= 1e-2
+    assert err <= 2e-3
 
 
 def test_diffusers_and_comfy_names_give_identical_output():
@@ -137,12 +142,13 @@ def test_missing_and_unexpected_tensors_are_named():
         load_strict(build_meta(lambda: ZImageDiT(cfg)), state, "transformer")
 
 
-def test_config_inferred_from_shapes_matches():
-    cfg = CFGS["two_refiners"]
+@pytest.mark.parametrize("cfg_name", list(CFGS))
+def test_config_inferred_from_our_shapes_is_the_config(cfg_name):
+    """Sizes come back from our own model's shapes (the real shapes against the published config:
+    test_published_configs.py)."""
+    cfg = CFGS[cfg_name]
     shapes = {k: tuple(v.shape) for k, v in build_meta(lambda: ZImageDiT(cfg)).state_dict().items()}
-    inferred = DiTConfig.from_shapes(shapes)
-    assert inferred.dim == 96 and inferred.n_layers == 3 and inferred.n_refiner_layers == 2
-    assert inferred.cap_feat_dim == 48 and inferred.in_channels == 4 and inferred.n_heads == 3
+    assert DiTConfig.from_shapes(shapes) == cfg
 
 
 def test_two_layouts_of_one_tensor_are_refused():

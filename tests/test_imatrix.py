@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from zimage_lite.cli import main
 from zimage_lite.pipeline import Pipeline
@@ -35,7 +36,6 @@ def gathered(tiny) -> Imatrix:
 def test_text_encoder_sums_equal_transformers_qwen3_inputs(tiny):
     """Every linear input of our encoder, summed, equals the same linear's input in transformers' Qwen3Model
     loaded from the same folder (the layers Z-Image runs: all but the last)."""
-    transformers = pytest.importorskip("transformers")
     pipe = Pipeline.load(tiny, device="cpu")
     ids = pipe.tokenizer.encode(PROMPTS)
     ours = ImatrixCollector()

@@ -158,6 +158,7 @@ def test_event_timer_runs_warmup_and_repeats_on_the_cpu():
     assert len(calls) == 5 and seconds >= 0
 
 
+@pytest.mark.interpreter
 def test_quant_matmul_uses_the_measured_path(tmp_path):
     """Through dispatch: the candidates are really run paths; the faster one (by the fake clock) is
     used, remembered, and reported by select_path; M > 16 has one candidate and is never timed."""

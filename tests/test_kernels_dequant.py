@@ -1,14 +1,13 @@
-"""Triton dequant kernels (CPU interpreter) against gguf-py's numpy dequantizer and our torch reference.
+"""Triton dequant kernels against gguf-py's numpy dequantizer and our torch reference, on `kernel_device`
+(conftest): compiled on the GPU where there is CUDA, the CPU interpreter elsewhere.
 
 Tolerance: none. float32 outputs must be bit-identical; fp16 outputs equal the float32 result cast
-to fp16; bf16 outputs equal the float32 result rounded the way the backend rounds (the interpreter
-truncates, a GPU rounds to nearest even: DESIGN §4). Output buffers are pre-filled with NaN so an
-element the kernel forgets to write fails the comparison.
+to fp16; bf16 outputs equal the float32 result rounded the way the running mode rounds (the interpreter
+truncates, compiled kernels round to nearest even: DESIGN §4). Output buffers are pre-filled with NaN so
+an element the kernel forgets to write fails the comparison.
 """
 
 from __future__ import annotations
-
-import os
 
 import gguf
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 
 from zimage_lite.kernels import dequant_triton, dispatch
 from zimage_lite.kernels.dequant_triton import LAYOUTS, dequantize_blocks, dequantize_fp8
-from zimage_lite.quant import formats
+from zimage_lite.quant import formats, fp8
 
 # Byte offsets of the fp16 fields in each block (ggml-common.h).
 F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
@@ -51,8 +50,8 @@ def truncate_to_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def expected_bf16(x: torch.Tensor) -> torch.Tensor:
-    interpreted = x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    return truncate_to_bf16(x) if interpreted else x.to(torch.bfloat16)
+    """What the kernels' bf16 store gives in the mode that actually runs (not what the device suggests)."""
+    return truncate_to_bf16(x) if dispatch.kernel_mode() == "interpreted" else x.to(torch.bfloat16)
 
 
 def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
@@ -74,13 +73,14 @@ def test_layouts_match_formats():
 
 @pytest.mark.parametrize("qtype", list(LAYOUTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_dequant_fp32_bit_identical(qtype, shape):
+def test_dequant_fp32_bit_identical(qtype, shape, kernel_device):
     raw = random_blocks(qtype, *shape, seed=shape[1] + len(qtype))
     ggml = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]))
     ours = formats.dequantize(torch.from_numpy(raw), qtype, shape)
-    out = poisoned(shape, torch.float32)
-    got = dequantize_blocks(torch.from_numpy(raw), qtype, shape, out=out)
+    out = poisoned(shape, torch.float32, kernel_device)
+    got = dequantize_blocks(torch.from_numpy(raw).to(kernel_device), qtype, shape, out=out)
     assert got.data_ptr() == out.data_ptr()
+    got = got.cpu()
     assert torch.isfinite(ggml).all()
     assert torch.equal(got, ggml)
     assert torch.equal(got, ours)
@@ -88,14 +88,15 @@ def test_dequant_fp32_bit_identical(qtype, shape):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # d up to 1000: some fp16 outputs are inf
 @pytest.mark.parametrize("qtype", list(LAYOUTS))
-def test_dequant_fp16_and_bf16_outputs(qtype):
-    shape = (4, 512)
+def test_dequant_fp16_and_bf16_outputs(qtype, kernel_device):
+    shape, dev = (4, 512), kernel_device
     raw = torch.from_numpy(random_blocks(qtype, *shape, seed=7))
     ref = formats.dequantize(raw, qtype, shape)
-    half = dequantize_blocks(raw, qtype, shape, torch.float16, out=poisoned(shape, torch.float16))
-    assert torch.equal(half, ref.to(torch.float16))
-    bf16 = dequantize_blocks(raw, qtype, shape, torch.bfloat16, out=poisoned(shape, torch.bfloat16))
-    assert torch.equal(bf16, expected_bf16(ref))
+    raw = raw.to(dev)
+    half = dequantize_blocks(raw, qtype, shape, torch.float16, out=poisoned(shape, torch.float16, dev))
+    assert torch.equal(half.cpu(), ref.to(torch.float16))
+    bf16 = dequantize_blocks(raw, qtype, shape, torch.bfloat16, out=poisoned(shape, torch.bfloat16, dev))
+    assert torch.equal(bf16.cpu(), expected_bf16(ref))
 
 
 def all_fp8_bytes(rows: int) -> torch.Tensor:
@@ -111,41 +112,43 @@ def assert_equal_with_nans(a: torch.Tensor, b: torch.Tensor):
 
 
 @pytest.mark.parametrize("scale_shape", [(), (4,), (4, 1)], ids=["tensor", "row", "row2d"])
-def test_fp8_all_codes(scale_shape):
+def test_fp8_all_codes(scale_shape, kernel_device):
+    dev = kernel_device
     q = all_fp8_bytes(4)
     scale = torch.rand(scale_shape) * 0.01 + 1e-3
     ref = q.float() * scale.reshape(-1, 1)
-    got = dequantize_fp8(q, scale, torch.float32, out=poisoned(q.shape, torch.float32))
+    qd, sd = q.to(dev), scale.to(dev)
+    got = dequantize_fp8(qd, sd, torch.float32, out=poisoned(q.shape, torch.float32, dev)).cpu()
     assert got.isnan().sum() == 4  # 0x7F and 0xFF, twice each
     assert_equal_with_nans(got, ref)
-    fp8 = pytest.importorskip("zimage_lite.quant.fp8")  # the torch reference, written concurrently
     assert_equal_with_nans(
         got, fp8.dequantize_fp8(q, scale.reshape(-1, 1) if scale_shape else scale, torch.float32)
     )
-    half = dequantize_fp8(q, scale, torch.float16, out=poisoned(q.shape, torch.float16))
-    assert_equal_with_nans(half, ref.to(torch.float16))
-    bf16 = dequantize_fp8(q, scale, torch.bfloat16, out=poisoned(q.shape, torch.bfloat16))
-    assert_equal_with_nans(bf16, expected_bf16(ref))
+    half = dequantize_fp8(qd, sd, torch.float16, out=poisoned(q.shape, torch.float16, dev))
+    assert_equal_with_nans(half.cpu(), ref.to(torch.float16))
+    bf16 = dequantize_fp8(qd, sd, torch.bfloat16, out=poisoned(q.shape, torch.bfloat16, dev))
+    assert_equal_with_nans(bf16.cpu(), expected_bf16(ref))
 
 
 @pytest.mark.parametrize("shape", [(7, 2600), (5, 1024), (1, 3)])
-def test_fp8_tiles_cover_ragged_shapes(shape):
+def test_fp8_tiles_cover_ragged_shapes(shape, kernel_device):
     """Rows not a multiple of the 4-row tile, columns not a multiple of the 1024-column tile: every
     element is written once, with its own row's scale."""
     q = (torch.randn(shape) * 100).to(torch.float8_e4m3fn)
     scale = torch.rand(shape[0], 1) + 0.5
-    got = dequantize_fp8(q, scale, torch.float32, out=poisoned(shape, torch.float32))
-    assert torch.equal(got, q.float() * scale)
+    out = poisoned(shape, torch.float32, kernel_device)
+    got = dequantize_fp8(q.to(kernel_device), scale.to(kernel_device), torch.float32, out=out)
+    assert torch.equal(got.cpu(), q.float() * scale)
 
 
-def test_fp8_uint8_view_and_no_scale():
+def test_fp8_uint8_view_and_no_scale(kernel_device):
     q = all_fp8_bytes(2)
-    got = dequantize_fp8(q.view(torch.uint8), None)
-    assert_equal_with_nans(got, q.float())
+    got = dequantize_fp8(q.view(torch.uint8).to(kernel_device), None)
+    assert_equal_with_nans(got.cpu(), q.float())
 
 
-def test_bad_arguments_are_refused():
-    raw = torch.from_numpy(random_blocks("Q8_0", 2, 64))
+def test_bad_arguments_are_refused(kernel_device):
+    raw = torch.from_numpy(random_blocks("Q8_0", 2, 64)).to(kernel_device)
     with pytest.raises(ValueError, match="bytes"):
         dequantize_blocks(raw[:, :-1], "Q8_0", (2, 64))
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -153,22 +156,22 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="out must be"):
         dequantize_blocks(raw, "Q8_0", (2, 64), out=torch.empty(2, 64, dtype=torch.float16))
     with pytest.raises(ValueError, match="scale"):
-        dequantize_fp8(all_fp8_bytes(2), torch.ones(3))
+        dequantize_fp8(all_fp8_bytes(2).to(kernel_device), torch.ones(3))
 
 
 @pytest.mark.parametrize("qtype", [*LAYOUTS, "FP8_E4M3"])
-def test_dispatch_backends_agree(qtype):
+def test_dispatch_backends_agree(qtype, kernel_device):
     shape = (3, 256)
     scale = None
     if qtype == "FP8_E4M3":
-        raw = (torch.randn(shape) * 50).to(torch.float8_e4m3fn)
-        scale = torch.tensor(0.01)
+        raw = (torch.randn(shape) * 50).to(torch.float8_e4m3fn).to(kernel_device)
+        scale = torch.tensor(0.01, device=kernel_device)
     else:
-        raw = torch.from_numpy(random_blocks(qtype, *shape))
+        raw = torch.from_numpy(random_blocks(qtype, *shape)).to(kernel_device)
     by_triton = dispatch.dequantize(raw, qtype, shape, torch.float32, backend="triton", scale=scale)
     by_torch = dispatch.dequantize(raw, qtype, shape, torch.float32, backend="torch", scale=scale)
     assert torch.equal(by_triton, by_torch)
-    out = poisoned(shape, torch.float16)
+    out = poisoned(shape, torch.float16, kernel_device)
     assert dispatch.dequantize(raw, qtype, shape, torch.float16, backend="torch", out=out, scale=scale) is out
     assert torch.equal(out, by_torch.half())
 
@@ -183,6 +186,10 @@ def test_auto_on_cpu_uses_torch(monkeypatch):
     assert torch.equal(w, formats.dequantize(raw, "Q4_K", (2, 256)))
     assert dispatch.select_path(1, "Q4_K", torch.device("cpu")) == "torch"
     assert dispatch.candidate_paths(1, "Q4_K", torch.device("cpu")) == ("torch",)
+
+
+@pytest.mark.interpreter
+def test_forced_triton_on_cpu_offers_both_paths():
     assert dispatch.candidate_paths(16, "Q4_K", torch.device("cpu"), "triton") == ("dequant", "gemv")
     assert dispatch.candidate_paths(17, "Q4_K", torch.device("cpu"), "triton") == ("dequant",)
 

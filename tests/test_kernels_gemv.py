@@ -1,4 +1,6 @@
 """Small-M GEMV kernel (CPU interpreter) against a float32 reference built from gguf-compatible dequant.
+(Tests marked `interpreter` pass CPU tensors to Triton: they skip where the kernels are compiled, and the
+gpu-marked tests run the compiled kernels there.)
 
 Reference: x.float() @ W.T + bias with W = formats.dequantize (bit-identical to gguf-py). The kernel
 converts x to float32 exactly and decodes W exactly, so only the summation order differs:
@@ -48,6 +50,7 @@ CASES = [
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("qtype", GEMV_QTYPES)
 @pytest.mark.parametrize("mnk", CASES, ids=lambda c: "x".join(map(str, c)))
@@ -63,6 +66,7 @@ def test_gemv_small(qtype, x_dtype, mnk):
 
 
 # K-quant rows are whole 256-element blocks, so Q4_K only takes the 768 case
+@pytest.mark.interpreter
 @pytest.mark.parametrize(
     "qtype,k", [(q, k) for q in ("Q8_0", "Q4_0") for k in (96, 288, 768)] + [("Q4_K", 768)]
 )
@@ -79,6 +83,7 @@ def test_gemv_k_not_a_multiple_of_the_step(qtype, k):
 REAL_K = {"Q8_0": 2560, "Q4_0": 3840, "Q4_K": 9728, "Q5_K": 10240, "Q6_K": 2560, FP8: 10240}
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("qtype", GEMV_QTYPES)
 def test_gemv_real_k(qtype):
     """The K of Z-Image / Qwen3 layers, with few outputs to keep the interpreter quick."""
@@ -88,6 +93,7 @@ def test_gemv_real_k(qtype):
     check(gemv(x, raw, qtype, 12, None, scale), x, w)
 
 
+@pytest.mark.interpreter
 def test_gemv_fp8_per_row_scale_and_float32_output():
     n, k = 40, 256
     w = torch.randn(n, k) * torch.linspace(0.01, 1.0, n)[:, None]
@@ -113,6 +119,7 @@ def test_gemv_max_m_matches_dispatch():
     assert dispatch.GEMV_MAX_M == GEMV_MAX_M
 
 
+@pytest.mark.interpreter
 def test_quant_matmul_paths_agree():
     """Forced gemv, forced dequant and the torch path give the same product; batch dims kept."""
     raw, _, w = make_weight("Q4_K", 48, 512)
@@ -129,6 +136,7 @@ def test_quant_matmul_paths_agree():
     assert dispatch.quant_matmul(torch.randn(0, 512), weight, backend="triton").shape == (0, 48)
 
 
+@pytest.mark.interpreter
 def test_quant_matmul_refuses_a_path_that_cannot_run():
     raw, _, _ = make_weight("Q8_0", 8, 64)
     weight = dispatch.QuantWeight(raw, "Q8_0", (8, 64))
@@ -156,6 +164,7 @@ def test_fp16_w2_overflow_guard_full_size():
     assert ((y - ref).abs() - 2**-11 * ref.abs()).div(bound).max() <= 2e-3
 
 
+@pytest.mark.interpreter
 def test_fp16_w2_overflow_guard_gemv():
     """The GEMV kernel sums in float32: fp16 inputs up to +-3e4, |y| > 65504, float32 output exact."""
     k, n = 10240, 24

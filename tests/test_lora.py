@@ -3,17 +3,19 @@ diffusers reads; fused-qkv files; bad files refused without side effects; LoRAs 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import peft  # noqa: F401  diffusers' LoRA loading needs it: a missing test dependency fails here
 import pytest
 import torch
 from diffusers import ZImagePipeline
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zimage_lite.errors import CheckpointError
 from zimage_lite.pipeline import Pipeline
 from zimage_lite.synthetic import write_synthetic_model
-
-pytest.importorskip("peft")  # diffusers' LoRA loading needs it
 
 PROMPT, SEED, W, H = "a cabin by a lake", 4, 64, 48
 # diffusers module names the random LoRA covers: split q/k/v, out, FFN, modulation, embedders, final layer
@@ -114,6 +116,36 @@ def test_lora_matches_diffusers_fp32(tiny, linears, tmp_path, layout):
     assert np.abs(ours - base).mean() > 2  # the LoRA changes the image
     pipe.unload_loras()
     assert np.array_equal(our_image(pipe), base)
+
+
+def test_diffusers_saved_lora_with_alpha_only_in_its_metadata(tiny, linears, tmp_path):
+    """`ZImagePipeline.save_lora_weights` keeps alpha in the file's `lora_adapter_metadata` (PEFT's
+    LoraConfig), not in tensors: lora_alpha 3x the rank, one module 0.5x by alpha_pattern. Reading the
+    file without its metadata would scale every update by 1 instead."""
+    rank = 4
+    lora = {
+        n: (a[:rank], b[:, :rank].contiguous())
+        for n, (a, b) in random_lora(linears, rank=rank, seed=8).items()
+    }
+    layers = {
+        f"{name}.{ab}.weight": t for name, (a, b) in lora.items() for ab, t in (("lora_A", a), ("lora_B", b))
+    }
+    metadata = {"r": rank, "lora_alpha": 3.0 * rank, "target_modules": sorted(lora),
+                "alpha_pattern": {"layers.1.feed_forward.w2": 0.5 * rank}, "rank_pattern": {}}  # fmt: skip
+    ZImagePipeline.save_lora_weights(tmp_path / "saved", transformer_lora_layers=layers,
+                                     transformer_lora_adapter_metadata=metadata)  # fmt: skip
+    path = str(tmp_path / "saved" / "pytorch_lora_weights.safetensors")
+    with safe_open(path, "pt") as f:
+        assert not any("alpha" in k for k in f.keys())
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["transformer.lora_alpha"] == 3.0 * rank
+    pipe = Pipeline.load(tiny, device="cpu", dtype="float32")
+    pipe.load_lora(path, 0.6)
+    ours, theirs = our_image(pipe), diffusers_image(tiny, path, 0.6)
+    assert np.abs(ours - theirs).max() <= 1
+    pipe.unload_loras()
+    plain = save(tmp_path, "no-metadata.safetensors", peft_layout(lora))  # the same tensors, alpha = rank
+    pipe.load_lora(plain, 0.6)
+    assert np.abs(our_image(pipe) - theirs).max() > 8  # the metadata's alpha is what makes them agree
 
 
 def test_comfy_names_and_two_loras(tiny, linears, tmp_path):

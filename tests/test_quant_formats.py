@@ -239,14 +239,14 @@ def test_q8_0_rounds_half_away_from_zero_like_gguf_py(quantizer):
     np.testing.assert_array_equal(quantize(torch.from_numpy(x), "Q8_0", quantizer=quantizer).numpy(), ref)
 
 
-@pytest.mark.parametrize("quantizer", QUANTIZERS)
-@pytest.mark.parametrize("qtype", [*WRITABLE, "FP8"])
+@pytest.mark.parametrize(
+    ("qtype", "quantizer"),
+    [(q, quantizer) for q in WRITABLE for quantizer in QUANTIZERS] + [("FP8", "torch")],
+)  # FP8 has one quantizer (torch's cast)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_values_are_refused_wherever_they_are(qtype, bad, quantizer):
     from zimage_lite.errors import NonFiniteError
 
-    if qtype == "FP8" and quantizer != QUANTIZERS[0]:
-        return  # FP8 has one quantizer: run it once
     for where in (0, 70_000 * 32 - 1, 140_000 * 32 - 5):  # first block, end of a call, last block
         w = torch.randn(140_000 * 32) * 0.02
         w[where] = bad
@@ -254,22 +254,64 @@ def test_non_finite_values_are_refused_wherever_they_are(qtype, bad, quantizer):
             quantize_fp8(w) if qtype == "FP8" else quantize(w.reshape(-1, 1024), qtype, quantizer=quantizer)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
-def test_loop_summation_path_gives_the_same_bytes(vectors, monkeypatch, qtype):
-    """The per-element add loop (used on GPUs and for few lanes) must give the same bytes as numpy's."""
+def sequential_f32_sum(terms: np.ndarray) -> np.ndarray:
+    """An independent left-to-right float32 sum over axis 0 (numpy rounds each add to float32)."""
+    acc = terms[0].astype(np.float32).copy()
+    for t in terms[1:]:
+        acc = (acc + t).astype(np.float32)
+    return acc
+
+
+@pytest.mark.parametrize("lanes", [1, 7, 15, 16, 40])
+def test_seq_sum_adds_left_to_right_in_float32(lanes):
+    """Both branches of _seq_sum (the add loop below 16 lanes and on GPUs, numpy's reduce above) give
+    C's `for (...) s += t;`: terms spanning 1e8..1e-3 so any other order or a missing term shows."""
+    from zimage_lite.quant.kquants import _seq_sum
+
+    gen = np.random.default_rng(lanes)
+    terms = (gen.standard_normal((33, 2, lanes)) * 10.0 ** gen.integers(-3, 9, (33, 2, lanes))).astype(
+        np.float32
+    )
+    got = _seq_sum(torch.from_numpy(terms)).numpy()
+    assert_bits_equal(got, sequential_f32_sum(terms))
+    assert not np.array_equal(got, terms.sum(axis=0, dtype=np.float64).astype(np.float32))  # order matters
+
+
+def blocks_differing(ours: np.ndarray, ref: np.ndarray, qtype: str) -> np.ndarray:
+    size = QUANT_TYPES[qtype].type_size
+    return (ours.reshape(-1, size) != ref.reshape(-1, size)).any(axis=1)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
+def test_few_lane_loop_branch_gives_ggml_bytes(vectors, qtype):
+    """One 256-block per call has 8 lanes (sub-blocks), so every sum of the search takes _seq_sum's add
+    loop (the branch GPUs always take): its bytes are ggml's wherever the many-lane (numpy) path's are
+    (the torch quantizer's promise, test_quant_ggml.py), and no more than 1% of blocks differ."""
     from zimage_lite.quant import kquants
 
-    x = torch.from_numpy(vectors["outliers/input"][:4])
-    numpy_sum = quantize(x, qtype, quantizer="torch")
+    rows = 8
+    x = torch.from_numpy(vectors["outliers/input"][:rows])
+    assert 256 // 32 < kquants.NUMPY_SUM_MIN_LANES  # one block's lanes take the loop
+    per_block = torch.cat([quantize(b, qtype, quantizer="torch") for b in x.reshape(-1, 1, 256)])
+    ref = vectors[f"outliers/{qtype}"][:rows]
+    many_lanes = quantize(x, qtype, quantizer="torch").numpy()
+    loop_bad = blocks_differing(per_block.numpy(), ref, qtype)
+    assert not (loop_bad & ~blocks_differing(many_lanes, ref, qtype)).any()
+    assert loop_bad.mean() <= 0.01, f"{loop_bad.sum()} of {loop_bad.size} blocks differ from ggml"
 
-    def loop_sum(terms, dim=0):
-        acc = terms.select(dim, 0).clone()
-        for i in range(1, terms.shape[dim]):
-            acc += terms.select(dim, i)
-        return acc
 
-    monkeypatch.setattr(kquants, "_seq_sum", loop_sum)
-    assert torch.equal(quantize(x, qtype, quantizer="torch"), numpy_sum)
+def test_q6_k_search_gives_the_same_scales_with_few_lanes(vectors):
+    """Q6_K has 16 lanes per block, so on the CPU its search never loops: run make_qx_quants_rmse1 on a
+    few of the lanes (the loop) and compare with the same lanes of the many-lane run, whose Q6_K bytes
+    are ggml's (test_quant_ggml.py)."""
+    from zimage_lite.quant import kquants
+
+    lanes = torch.from_numpy(vectors["student_t3/input"][:4].reshape(-1, 16).T.copy())  # (16, 512)
+    L_all, s_all = kquants.make_qx_quants_rmse1(lanes, nmax=32)
+    few = kquants.NUMPY_SUM_MIN_LANES - 1
+    for start in (0, 100, 500):
+        L, s = kquants.make_qx_quants_rmse1(lanes[:, start : start + few].contiguous(), nmax=32)
+        assert torch.equal(L, L_all[:, start : start + few]) and torch.equal(s, s_all[start : start + few])
 
 
 @pytest.mark.gpu

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import diffusers
+import gguf
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 
 from zimage_lite.errors import CheckpointError
@@ -18,8 +21,6 @@ from zimage_lite.synthetic_tokenizer import write_synthetic_tokenizer
 from zimage_lite.text import PromptTokenizer
 from zimage_lite.weights.loaders import load_text_encoder
 from zimage_lite.weights.names_qwen3 import gguf_to_hf_name, hf_to_gguf_name, strip_model_prefix
-
-transformers = pytest.importorskip("transformers")
 
 LAYERS = 4
 PROMPTS = ["A red fox in the snow at sunrise, soft light.", "一只橘猫 on a windowsill"]
@@ -162,7 +163,6 @@ def test_rope_theta_is_read_from_config(tok_dir, tmp_path):
 def test_matches_diffusers_zimage_encode_prompt(hf, tok_dir, checkpoints):
     """Tokenizer + encoder against diffusers' own prompt encoding (chat template, 512-token padding,
     mask, hidden_states[-2], real tokens only)."""
-    diffusers = pytest.importorskip("diffusers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
     pipe = diffusers.ZImagePipeline(
         scheduler=None, vae=None, text_encoder=hf.model, tokenizer=tokenizer, transformer=None
@@ -227,7 +227,6 @@ def test_not_a_text_encoder(tmp_path):
 
 def test_gguf_names_match_gguf_py(hf):
     """Our HF -> llama.cpp names equal gguf-py's own tensor map for MODEL_ARCH.QWEN3, and invert."""
-    gguf = pytest.importorskip("gguf")
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, LAYERS)
     names = list(hf.state_dict())  # model.-prefixed, plus lm_head.weight
     assert "lm_head.weight" in names and "model.norm.weight" in names

@@ -19,6 +19,7 @@ from zimage_lite.runtime.budget import DEFAULT_CUDA_CONTEXT_BYTES, GIB, MIB
 from zimage_lite.runtime.planner import (
     ALIGN,
     block_bytes,
+    dequant_scratch_bytes,
     dit_activation_bytes,
     dit_blocks,
     dit_tokens,
@@ -26,6 +27,7 @@ from zimage_lite.runtime.planner import (
     plan_blocks,
     plan_text_encoder,
     plan_transformer,
+    qwen3_activation_bytes,
 )
 from zimage_lite.runtime.quant_linear import swap_linears
 from zimage_lite.weights.load import build_meta
@@ -80,34 +82,34 @@ def test_plans_fit_the_budget_and_the_minimum_is_exact(sizes, budget, fixed, act
 
 
 def brute_force_most_resident(sizes, budget, overhead, slots):
-    """The largest resident count over every subset (streaming needs > slots streamed blocks)."""
-    best = None
+    """(the largest resident count over every subset, the fewest device bytes among those placements);
+    streaming needs > slots streamed blocks."""
     n = len(sizes)
     for k in range(n, -1, -1):
+        fits = []
         for resident in itertools.combinations(range(n), k):
             streamed = [i for i in range(n) if i not in resident]
             if streamed and len(streamed) <= slots:
                 continue
             ring = slots * max((sizes[i] for i in streamed), default=0)
             if overhead + sum(sizes[i] for i in resident) + ring <= budget:
-                best = k
-                break
-        if best is not None:
-            return best
+                fits.append(sum(sizes[i] for i in resident) + ring)
+        if fits:
+            return k, min(fits)
     return None
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 100), min_size=0, max_size=8), st.integers(0, 900), st.integers(0, 50),
        st.integers(1, 2))  # fmt: skip
-def test_resident_count_is_maximal(sizes, budget, overhead, depth):
+def test_resident_count_is_maximal_and_its_bytes_minimal(sizes, budget, overhead, depth):
     expected = brute_force_most_resident(sizes, budget, overhead, depth + 1)
     try:
         plan = plan_blocks(sizes, budget, fixed_bytes=overhead, prefetch_depth=depth)
     except UsageError:
         assert expected is None
     else:
-        assert len(plan.resident) == expected
+        assert (len(plan.resident), plan.accounted["resident_blocks"] + plan.accounted["ring"]) == expected
 
 
 def test_resident_blocks_are_spread_between_streamed_ones():
@@ -128,6 +130,17 @@ def test_impossible_budget_message():
     assert "activations 512 MB" in msg and "context 400 MB" in msg and "2 ring slots of 1.0 GB" in msg
     with pytest.raises(UsageError):
         plan_blocks([1, 2], 10, prefetch_depth=0)
+
+
+def test_impossible_budget_message_names_the_cheapest_placement():
+    """One large block and five small ones: the cheapest placement keeps the large block resident and
+    streams the small ones through two 8 MB slots (1 GiB + 16 MiB, below all-resident 1 GiB + 40 MiB).
+    With no other costs the list starts with the blocks (it once began with a stray ", ")."""
+    with pytest.raises(UsageError) as info:
+        plan_blocks([GIB] + [8 * MIB] * 5, GIB, what="thing")
+    msg = str(info.value)
+    assert "below the minimum 1.02 GB for the thing" in msg, msg
+    assert msg.endswith("(1 resident blocks, 2 ring slots of 8 MB)"), msg
 
 
 def test_packed_layout_aligns_every_tensor():
@@ -234,3 +247,53 @@ def test_real_q8_0_model_plans_inside_each_card_with_a_margin(gb):
         assert plan.total_bytes <= card  # context + margin + weights + activations
     assert not plans.keep  # 6.5 GB of q8_0 blocks + 4 GB of text encoder: each phase gives back
     assert bool(plans.transformer.streamed) == (gb < 8)  # on 8 GB the transformer phase holds it all
+
+
+def test_every_argument_reaches_the_transformer_plan(full_dit_q4):
+    """plan_transformer's options land in the plan, each where it belongs (not the defaults)."""
+    cfg, bf16 = full_dit_q4.config, torch.bfloat16
+    plan = plan_transformer(full_dit_q4, 4 * GIB, 768, 512, 2, caption_tokens=300, context_bytes=300 * MIB,
+                            margin_bytes=77 * MIB, prefetch_depth=2, attention="math", torch_dequant=True)  # fmt: skip
+    acc = plan.accounted
+    assert acc["activations"] == dit_activation_bytes(
+        cfg, 768, 512, 2, bf16, caption_tokens=300, attention="math"
+    )
+    assert acc["dequant_scratch"] == dequant_scratch_bytes([full_dit_q4], bf16, torch_path=True)
+    assert acc["dequant_scratch"] > dequant_scratch_bytes([full_dit_q4], bf16)
+    assert (acc["context"], acc["allocator_margin"], plan.ring_slots) == (300 * MIB, 77 * MIB, 3)
+    assert plan.what == "transformer at 768x512 batch 2"
+    assert plan_transformer(full_dit_q4, 4 * GIB, 768, 512).accounted["activations"] == dit_activation_bytes(
+        cfg, 768, 512, 1, bf16
+    )  # defaults: the model's dtype, batch 1, 512 caption tokens, fused attention
+
+
+def test_every_argument_reaches_the_text_encoder_plan():
+    model = _q8_0_everywhere(build_meta(lambda: Qwen3Encoder(Qwen3Config())).to(torch.bfloat16))
+    cfg, bf16 = model.config, torch.bfloat16
+    plan = plan_text_encoder(model, 3 * GIB, tokens=300, batch=2, context_bytes=300 * MIB, margin_bytes=77 * MIB,
+                             prefetch_depth=2, torch_dequant=True)  # fmt: skip
+    acc = plan.accounted
+    assert acc["activations"] == qwen3_activation_bytes(cfg, 300, 2, bf16)
+    blocks = list(model.layers)
+    assert acc["dequant_scratch"] == dequant_scratch_bytes(blocks, bf16, torch_path=True)
+    assert acc["dequant_scratch"] > dequant_scratch_bytes(blocks, bf16)
+    assert (acc["context"], acc["allocator_margin"], plan.ring_slots) == (300 * MIB, 77 * MIB, 3)
+    assert plan.what == "text encoder (300 tokens, batch 2)"
+    assert plan_text_encoder(model, 3 * GIB).accounted["activations"] == qwen3_activation_bytes(
+        cfg, 512, 1, bf16
+    )
+
+
+def test_plan_as_stats_json():
+    """The keys `--stats` reports under streaming.plans (what gpu_check and the bench read)."""
+    plan = plan_blocks([100] * 8, 2 * 100 + 2 * 100 + 50, fixed_bytes=50, prefetch_depth=1, what="thing")
+    assert plan.to_dict() == {
+        "budget_bytes": 450, "minimum_bytes": 250, "total_bytes": 450, "resident_blocks": [0, 4],
+        "streamed_blocks": [1, 2, 3, 5, 6, 7], "ring_slots": 2, "slot_bytes": 100,
+        "accounted_bytes": {"context": 0, "allocator_margin": 0, "fixed_weights": 50, "activations": 0,
+                            "dequant_scratch": 0, "resident_blocks": 200, "ring": 200},
+    }  # fmt: skip
+    assert plan.summary() == (
+        "thing: 2 blocks resident, 6 streamed through 2 slots of 100 B; 450 B of 450 B "
+        "(fixed_weights 50 B, resident_blocks 200 B, ring 200 B)"
+    )

@@ -1,4 +1,5 @@
-"""Prompt tokenization against transformers' tokenizer and chat template, on the synthetic tokenizer.
+"""Prompt tokenization against transformers' tokenizer rendering the real Qwen3 chat template
+(tests/data/templates/, see its README entry), on the synthetic tokenizer's vocabulary.
 
 What diffusers' ZImagePipeline does: apply_chat_template(..., add_generation_prompt=True,
 enable_thinking=True), then tokenizer(text, truncation=True, max_length=512).
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
+import transformers
 
 from zimage_lite.errors import CheckpointError
 from zimage_lite.synthetic_tokenizer import build_synthetic_tokenizer, write_synthetic_tokenizer
 from zimage_lite.text import PromptTokenizer
 
-transformers = pytest.importorskip("transformers")
+QWEN3_TEMPLATE = (Path(__file__).parent / "data" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
 
 PROMPTS = {
     "english": "A photograph of a red fox sitting in the snow at sunrise, soft golden light.",
@@ -35,7 +38,10 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_tok(folder):
-    return transformers.AutoTokenizer.from_pretrained(folder)
+    """transformers' tokenizer of the synthetic folder, rendering the real Qwen3 template (not ours)."""
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = QWEN3_TEMPLATE
+    return tok
 
 
 def hf_template(hf_tok, prompt: str, **kw) -> str:
@@ -44,7 +50,7 @@ def hf_template(hf_tok, prompt: str, **kw) -> str:
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_template_matches_transformers(hf_tok, name):
+def test_template_matches_the_real_qwen3_template_in_transformers(hf_tok, name):
     prompt = PROMPTS[name]
     ours = PromptTokenizer.apply_template(prompt)
     assert ours == hf_template(hf_tok, prompt, enable_thinking=True)
@@ -108,6 +114,18 @@ def test_chinese_round_trips(folder):
     tok = PromptTokenizer.from_file(folder)
     ids = tok.encode([PROMPTS["unseen"]])[0]
     assert tok.decode(ids) == PromptTokenizer.apply_template(PROMPTS["unseen"])
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_synthetic_template_renders_one_turn_like_the_real_one(folder, hf_tok, name):
+    """The synthetic folders' own template (what diffusers renders in the parity tests) gives the real
+    template's text for ZImagePipeline's call, so those tests condition as the real model would."""
+    synthetic = transformers.AutoTokenizer.from_pretrained(folder)
+    assert synthetic.chat_template != QWEN3_TEMPLATE
+    for thinking in (True, False):
+        assert hf_template(synthetic, PROMPTS[name], enable_thinking=thinking) == hf_template(
+            hf_tok, PROMPTS[name], enable_thinking=thinking
+        )
 
 
 def test_synthetic_tokenizer_is_deterministic(folder, tmp_path):

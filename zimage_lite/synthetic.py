@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from zimage_lite.config import DiTConfig, Qwen3Config, SchedulerConfig, VAEConfig
+from zimage_lite.config import DiTConfig, Qwen3Config, VAEConfig
+from zimage_lite.published import published_config
 from zimage_lite.weights.load import build_meta
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,18 @@ class SyntheticSpec:
     vocab_size: int
 
 
+def _published_dit(**sizes) -> DiTConfig:
+    """The published transformer config with only its sizes changed (rope_theta, t_scale, norm_eps,
+    patch sizes and position-table lengths stay the real model's)."""
+    return dataclasses.replace(DiTConfig.from_dict(published_config("transformer")), **sizes)
+
+
 def _tiny() -> SyntheticSpec:
     text = Qwen3Config(
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
     )  # fmt: skip
-    dit = DiTConfig(
+    dit = _published_dit(
         dim=64,
         n_layers=2,
         n_refiner_layers=1,
@@ -59,7 +66,7 @@ def _small() -> SyntheticSpec:
         vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1, head_dim=128, max_position_embeddings=1024,
     )  # fmt: skip
-    dit = DiTConfig(dim=384, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=256)
+    dit = _published_dit(dim=384, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=256)
     vae = VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
     return SyntheticSpec(dit, text, vae, vocab_size=512)
 
@@ -72,7 +79,7 @@ def _small_k() -> SyntheticSpec:
 
 
 def _full() -> SyntheticSpec:
-    return SyntheticSpec(DiTConfig(), Qwen3Config(), VAEConfig(), vocab_size=151936)
+    return SyntheticSpec(_published_dit(), Qwen3Config(), VAEConfig(), vocab_size=151936)
 
 
 SIZES: dict[str, Callable[[], SyntheticSpec]] = {
@@ -271,8 +278,9 @@ def write_synthetic_model(
     write_text_encoder(out / "text_encoder", spec.text, seed + 2, te_dtype, shard_bytes, device, text_edit)
     write_vae(out / "vae", spec.vae, seed + 3, dtype, device)
     write_synthetic_tokenizer(out / "tokenizer", vocab_size=spec.vocab_size)
-    shift = VARIANTS[check_variant(variant)].shift
-    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **SchedulerConfig(shift=shift).to_dict()}
+    sched = published_config("scheduler")  # Turbo's, unchanged; base: its published shift (variants.py)
+    if check_variant(variant) != "turbo":
+        sched = {**sched, "shift": VARIANTS[variant].shift}
     _write_json(out / "scheduler" / "scheduler_config.json", sched)
     _write_json(out / "model_index.json", MODEL_INDEX)
     return out

@@ -4,9 +4,18 @@ from zimage_lite.kernels.dispatch import (
     QuantWeight,
     candidate_paths,
     dequantize,
+    kernel_mode,
     quant_matmul,
     select_path,
     triton_available,
 )
 
-__all__ = ["QuantWeight", "candidate_paths", "dequantize", "quant_matmul", "select_path", "triton_available"]
+__all__ = [
+    "QuantWeight",
+    "candidate_paths",
+    "dequantize",
+    "kernel_mode",
+    "quant_matmul",
+    "select_path",
+    "triton_available",
+]

@@ -76,6 +76,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def kernel_mode() -> str:
+    """How this process runs the Triton kernels: "compiled", "interpreted" (Triton's CPU interpreter,
+    fixed by TRITON_INTERPRET when the kernel modules are imported; it copies CUDA tensors to the host)
+    or "unavailable" (no triton). Imports the kernel module, so call it only when the answer is needed."""
+    if not triton_available():
+        return "unavailable"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from zimage_lite.kernels import dequant_triton
+
+    return (
+        "interpreted"
+        if isinstance(dequant_triton._dequant_blocks_kernel, InterpretedFunction)
+        else "compiled"
+    )
+
+
 def triton_usable(device: torch.device, forced: bool = False) -> bool:
     """Can Triton kernels run on `device`? CPU only under the interpreter and only when `forced`."""
     if not triton_available():

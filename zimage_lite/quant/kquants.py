@@ -27,6 +27,7 @@ from zimage_lite.quant.legacy import fp16_at, fp16_bytes, rdiv
 
 QK_K = 256
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose max |x| is below this is all zero
+NUMPY_SUM_MIN_LANES = 16  # _seq_sum: fewer lanes (or a GPU) take the add loop
 
 
 def _seq_sum(terms: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _seq_sum(terms: torch.Tensor, dim: int = 0) -> torch.Tensor:
     torch's reductions reorder the adds; numpy's add.reduce over a non-innermost axis of a C-contiguous
     array is a plain sequential loop per output element, so the CPU uses it (one call instead of n). With
     a single lane numpy would make the summed axis the inner loop and sum pairwise: too few lanes loop."""
-    if terms.device.type == "cpu" and terms.shape[-1] >= 16 and dim != terms.ndim - 1:
+    if terms.device.type == "cpu" and terms.shape[-1] >= NUMPY_SUM_MIN_LANES and dim != terms.ndim - 1:
         return torch.from_numpy(np.add.reduce(np.ascontiguousarray(terms.numpy()), axis=dim))
     acc = terms.select(dim, 0).clone()
     for i in range(1, terms.shape[dim]):

@@ -184,11 +184,11 @@ def plan_blocks(
                 k += 1
             options.append((must + optional[:k], optional[k:], s))
         if not options:
+            parts = [f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in base.items() if v]
+            parts += [f"{cheapest[1]} resident blocks", f"{slots} ring slots of {format_bytes(cheapest[2])}"]
             raise UsageError(
                 f"VRAM budget {format_bytes(budget_bytes, 2)} is below the minimum "
-                f"{format_bytes(minimum, 2)} for the {what} ("
-                + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in base.items() if v)
-                + f", {cheapest[1]} resident blocks, {slots} ring slots of {format_bytes(cheapest[2])})"
+                f"{format_bytes(minimum, 2)} for the {what} ({', '.join(parts)})"
             )
         # most blocks resident; among those, the fewest device bytes
         best = max(options, key=lambda o: (len(o[0]), -weights(o[0], o[2])))

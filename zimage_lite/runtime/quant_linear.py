@@ -24,15 +24,12 @@ model code, in models/numerics.py: rows arrive here with max |x| < 2^6, then tak
 FP8 matmul: `fp8_matmul` is "dequant" (default: W dequantized to the compute dtype, cuBLAS) or "native"
 (FP8 weights on FP8 tensor cores via torch._scaled_mm with per-token activation scales, where the
 device has them: sm >= 8.9; see kernels/fp8_matmul.py). `set_fp8_matmul(model, mode)` sets every layer.
-
-Low-rank delta: `lora_down` (r, in), `lora_up` (out, r) and `lora_scale` are plain attributes, None by
-default and not part of the state dict; when set, forward adds lora_scale * (x @ down^T) @ up^T.
+LoRAs run beside the layer, not in it (runtime/lora.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zimage_lite.errors import CheckpointError, UsageError
@@ -78,9 +75,6 @@ class QuantLinear(nn.Module):
         self.out_dtype: torch.dtype | None = None
         self.backend = "auto"
         self.fp8_matmul = "dequant"
-        self.lora_down: torch.Tensor | None = None
-        self.lora_up: torch.Tensor | None = None
-        self.lora_scale: float | None = None
         if qtype == FP8:
             self.weight = _frozen(
                 torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device)
@@ -114,9 +108,6 @@ class QuantLinear(nn.Module):
             out_dtype=out_dtype,
             fp8_matmul=self.fp8_matmul,
         )
-        if self.lora_down is not None and self.lora_up is not None:
-            delta = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
-            y = y + (delta * (1.0 if self.lora_scale is None else self.lora_scale)).to(y.dtype)
         return y
 
     @classmethod
