@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -67,14 +68,20 @@ def _png_info(meta: dict[str, str]):
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
-    """`style.safetensors[:0.8]` -> (path, scale); a suffix that is not a number belongs to the path."""
+    """`style.safetensors[:0.8]` -> (path, scale). A suffix that is not a number belongs to the path
+    (`C:lora`), unless the part before it is a file: then the scale is what is wrong."""
     path, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or Path(spec).expanduser().exists():
+        return spec, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        if Path(path).expanduser().is_file():
+            raise UsageError(f"--lora {spec}: the scale {tail!r} is not a number (FILE:0.8)") from None
+        return spec, 1.0
+    if not math.isfinite(scale):
+        raise UsageError(f"--lora {spec}: the scale must be a finite number (got {tail})")
+    return path, scale
 
 
 def _image_inputs(args: argparse.Namespace) -> dict:

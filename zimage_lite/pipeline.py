@@ -7,6 +7,7 @@ per-step timings land in `pipe.last_stats` as plain JSON-able values.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -199,6 +200,8 @@ class Pipeline:
         from zimage_lite.runtime.lora import apply_loras
         from zimage_lite.weights.lora import read_lora
 
+        if not math.isfinite(scale):
+            raise UsageError(f"LoRA {path}: the scale must be a finite number (got {scale})")
         updates = read_lora(path, self.transformer)
         loras = [*self.loras, (str(path), updates, float(scale))]
         self.runtime.forget("transformer")
