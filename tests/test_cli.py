@@ -130,7 +130,7 @@ def test_cuda_without_cuda(tiny, tmp_path, capsys):
     code, _, err = run(
         capsys, "generate", "x", "--model", str(tiny), "--device", "cuda", "-o", str(tmp_path / "a.png")
     )
-    _one_line_error(code, err, "--device cuda requested")
+    _one_line_error(code, err, "no usable CUDA device")
 
 
 def test_console_script_error_has_no_traceback(tmp_path):

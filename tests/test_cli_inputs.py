@@ -129,3 +129,192 @@ def test_truncated_gguf_says_truncated(gguf_file, tmp_path, capsys, keep):
     cut.write_bytes(data[: int(keep * len(data)) if keep < 1 else keep])
     line = error_line(capsys, "inspect", cut)
     assert line.startswith(f"zimage-lite: error: {cut}: truncated GGUF file"), line
+
+
+# -- outputs: one rule for every command -----------------------------------------------------------------
+def test_output_same_as_stats_is_refused(tiny, tmp_path, capsys):
+    same = tmp_path / "same.png"
+    line = error_line(capsys, *gen(tiny, same, "--stats", same))
+    assert line == f"zimage-lite: error: {same}: --stats and -o name the same file: give each its own"
+    assert not same.exists()
+
+
+def test_batch_file_and_stats_collision_is_refused(tiny, tmp_path, capsys):
+    line = error_line(capsys, *gen(tiny, tmp_path / "b.png", "--batch", 2, "--stats", tmp_path / "b-1.png"))
+    assert "--stats and -o (image 1) name the same file" in line
+
+
+@pytest.mark.parametrize("option", ["--init-image", "--mask"])
+def test_output_onto_an_input_is_refused_even_with_force(tiny, tmp_path, capsys, option):
+    photo = tmp_path / "photo.png"
+    assert main([str(a) for a in gen(tiny, photo)]) == 0
+    before = photo.read_bytes()
+    other = tmp_path / "other.png"
+    other.write_bytes(before)
+    extra = [option, photo] if option == "--init-image" else ["--init-image", other, "--mask", photo]
+    line = error_line(capsys, *gen(tiny, photo, *extra, "--force"))
+    assert line == f"zimage-lite: error: {photo}: -o would overwrite the {option} it reads: write elsewhere"
+    assert photo.read_bytes() == before
+
+
+def test_output_onto_a_model_file_is_refused(tiny, tmp_path, capsys):
+    target = tiny / "model_index.json.png"  # any existing file inside the model folder is an input
+    target.write_bytes(b"x")
+    try:
+        line = error_line(capsys, *gen(tiny, target, "--force"))
+    finally:
+        target.unlink()
+    assert "would overwrite the --model it reads" in line
+
+
+def test_existing_output_needs_force(tiny, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    out.write_bytes(b"mine")
+    line = error_line(capsys, *gen(tiny, out))
+    assert line == f"zimage-lite: error: {out} already exists; pass --force to overwrite it"
+    assert out.read_bytes() == b"mine"
+    assert main([str(a) for a in gen(tiny, out, "--force")]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outputs_follow_the_umask(tiny, tmp_path, capsys):
+    out, stats = tmp_path / "a.png", tmp_path / "a.json"
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        assert main([str(a) for a in gen(tiny, out, "--stats", stats, "--force")]) == 0
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777, stats.stat().st_mode & 0o777) == (0o644, 0o644)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "name,fmt", [("a.jpg", "JPEG"), ("a.JPEG", "JPEG"), ("a.webp", "WEBP"), ("a.png", "PNG")]
+)
+def test_image_type_follows_the_extension_with_metadata(tiny, tmp_path, capsys, name, fmt):
+    from PIL import Image
+
+    from zimage_lite.outputs import read_metadata
+
+    out = tmp_path / name
+    argv = gen(tiny, out)
+    argv[1] = "一只猫, a cat"
+    assert main([str(a) for a in argv]) == 0
+    with Image.open(out) as img:
+        assert img.format == fmt and img.size == (32, 32)
+    meta = read_metadata(out)
+    assert meta["prompt"] == "一只猫, a cat" and meta["seed"] == "0" and meta["batch_index"] == "0"
+
+
+@pytest.mark.parametrize("name", ["a.gif", "a.tiff", "a"])
+def test_unknown_image_type_is_refused_up_front(tiny, tmp_path, capsys, monkeypatch, name):
+    from zimage_lite.pipeline import Pipeline
+
+    monkeypatch.setattr(Pipeline, "load", lambda *a, **k: pytest.fail("loaded before refusing"))
+    line = error_line(capsys, *gen(tiny, tmp_path / name))
+    assert line.endswith("is not an image type zimage-lite writes: use .png, .jpg or .webp")
+    assert not list(tmp_path.iterdir())
+
+
+# -- batches: each image records what remakes it ---------------------------------------------------------
+def test_batch_image_remade_alone_equals_the_batch_image(tiny, tmp_path, capsys):
+    from zimage_lite.outputs import read_metadata
+
+    assert main([str(a) for a in gen(tiny, tmp_path / "b.png", "--batch", 3, "--seed", 7)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b-0.png", "b-1.png", "b-2.png"]
+    meta = read_metadata(tmp_path / "b-1.png")
+    assert (meta["seed"], meta["batch"], meta["batch_index"]) == ("7", "3", "1")
+    remake = ["--seed", meta["seed"], "--batch", meta["batch"], "--batch-index", meta["batch_index"]]
+    assert main([str(a) for a in gen(tiny, tmp_path / "one.png", *remake)]) == 0
+    import numpy as np
+    from PIL import Image
+
+    batch, alone = (np.asarray(Image.open(tmp_path / n)) for n in ("b-1.png", "one.png"))
+    other = np.asarray(Image.open(tmp_path / "b-0.png"))
+    # CPU float32: one row run alone and the same row in a batch of 3 take the same kernels here
+    assert np.array_equal(batch, alone) and not np.array_equal(batch, other)
+    assert read_metadata(tmp_path / "one.png")["batch_index"] == "1"
+
+
+def test_batch_index_api_keeps_that_row_of_the_batch_noise(tiny):
+    from zimage_lite.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny, device="cpu")
+    kw = dict(seed=3, steps=2, width=32, height=32)
+    full = pipe.generate_latents("a", batch=3, **kw)
+    one = pipe.generate_latents("a", batch=3, batch_index=2, **kw)
+    assert one.shape[0] == 1
+    torch.testing.assert_close(one[0], full[2], rtol=1e-5, atol=1e-5)
+    seed_plus = pipe.generate_latents("a", batch=1, **{**kw, "seed": 5})
+    assert not torch.allclose(seed_plus[0], full[2])  # image 2 is not seed + 2
+
+
+def test_batch_index_outside_the_batch(tiny, tmp_path, capsys):
+    line = error_line(capsys, *gen(tiny, tmp_path / "a.png", "--batch", 2, "--batch-index", 2))
+    assert line == "zimage-lite: error: --batch-index 2 is not in a batch of 2 (0 to 1)"
+
+
+# -- the API agrees with the program ---------------------------------------------------------------------
+def test_api_refuses_the_seeds_the_cli_refuses(tiny):
+    from zimage_lite.errors import UsageError
+    from zimage_lite.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny, device="cpu")
+    for seed in (-1, 2**64):
+        with pytest.raises(UsageError, match="seed must be from 0 to 18446744073709551615"):
+            pipe.generate("a", seed=seed, steps=1, width=16, height=16)
+
+
+def test_api_cuda_without_cuda_does_not_speak_of_options(tiny, monkeypatch):
+    from zimage_lite.errors import UsageError
+    from zimage_lite.pipeline import Pipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError) as err:
+        Pipeline.load(tiny, device="cuda")
+    assert "--" not in str(err.value) and "no usable CUDA device" in str(err.value)
+
+
+def test_hires_fix_returns_a_list_as_generate_does(tiny):
+    from zimage_lite.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny, device="cpu")
+    first = pipe.generate("a", steps=2, width=32, height=32)
+    hires = pipe.hires_fix(first[0], "a", scale=1.5, strength=0.5, steps=2)
+    assert isinstance(hires, list) and len(hires) == 1 and hires[0].size == (48, 48)
+
+
+def test_inpainting_records_the_strength_it_used(tiny, tmp_path, capsys):
+    from zimage_lite.outputs import read_metadata
+
+    photo, out = tmp_path / "photo.png", tmp_path / "in.png"
+    assert main([str(a) for a in gen(tiny, photo)]) == 0
+    assert main([str(a) for a in gen(tiny, out, "--init-image", photo, "--mask", photo)]) == 0
+    assert read_metadata(out)["strength"] == "1"
+    assert main([str(a) for a in gen(tiny, tmp_path / "i2i.png", "--init-image", photo)]) == 0
+    assert read_metadata(tmp_path / "i2i.png")["strength"] == "0.6"
+
+
+def test_stats_show_no_budget_as_null(tiny, tmp_path, capsys):
+    import json
+
+    stats = tmp_path / "s.json"
+    assert main([str(a) for a in gen(tiny, tmp_path / "a.png", "--stats", stats)]) == 0
+    plans = json.loads(stats.read_text())["streaming"]["plans"]
+    budgets = [p["budget_bytes"] for p in plans.values() if isinstance(p, dict) and "budget_bytes" in p]
+    assert budgets and all(b is None for b in budgets), budgets
+
+
+def test_tiny_init_image_without_a_size_is_refused(tiny, tmp_path, capsys):
+    from PIL import Image
+
+    dot = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1)).save(dot)
+    line = error_line(capsys, *[a for a in gen(tiny, tmp_path / "a.png", "--init-image", dot)
+                                if a not in ("--width", "--height", 32)])  # fmt: skip
+    assert line == (
+        f"zimage-lite: error: {dot}: the init image is 1x1, below the 16-pixel minimum side of an output: "
+        "give --width and --height"
+    )

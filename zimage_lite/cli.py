@@ -12,9 +12,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -30,41 +28,43 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) and rename the result onto `path` only when it completed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write(path: Path, write, force: bool = True) -> None:
+    """Call write(tmp_path) and rename the result onto `path` only when it completed (the umask's mode)."""
+    from zimage_lite.convert.atomic import atomic_path
+
+    with atomic_path(path, force) as tmp:
+        write(tmp)
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
+    """A batch's files: out.png for one image, else out-0.png, out-1.png, ... (README, "Batches")."""
     if count == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
-def check_output(path: Path, force: bool = True) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{parent}: output folder does not exist")
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder: give a file name")
-    if path.exists() and not force:
-        raise UsageError(f"{path}: already exists (use --force to overwrite)")
+def _check_generate_outputs(args: argparse.Namespace) -> list[Path]:
+    """The image files to write, checked before any work: a known image type, not an input, not named
+    twice, not existing without --force (outputs.check_outputs)."""
+    from zimage_lite.outputs import check_outputs, image_format
 
-
-def _png_info(meta: dict[str, str]):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for k, v in meta.items():
-        info.add_itxt(k, v)  # iTXt: UTF-8, so Chinese prompts survive
-    return info
+    out = Path(args.output)
+    image_format(out)
+    if args.batch_index is not None and args.batch_index >= args.batch:
+        raise UsageError(
+            f"--batch-index {args.batch_index} is not in a batch of {args.batch} (0 to {args.batch - 1})"
+        )
+    outs = output_paths(out, 1 if args.batch_index is not None else args.batch)
+    named = {"-o" if len(outs) == 1 else f"-o (image {i})": p for i, p in enumerate(outs)}
+    if args.stats:
+        named["--stats"] = Path(args.stats)
+    sources = {"--init-image": args.init_image, "--mask": args.mask, "--model": args.model,
+               "--transformer": args.transformer, "--text-encoder": args.text_encoder, "--vae": args.vae,
+               "--tokenizer": args.tokenizer}  # fmt: skip
+    sources.update({f"--lora {spec}": parse_lora(spec)[0] for spec in args.lora or []})
+    inputs = {k: Path(v).expanduser() for k, v in sources.items() if v is not None}
+    check_outputs(named, inputs, args.force)
+    return outs
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -95,6 +95,11 @@ def _image_inputs(args: argparse.Namespace) -> dict:
         args.width, args.height = args.width or 1024, args.height or 1024
         return {}
     image = open_image(args.init_image, "init image")
+    if min(image.size) < 16 and (args.width is None or args.height is None):
+        raise UsageError(
+            f"{args.init_image}: the init image is {image.width}x{image.height}, below the 16-pixel minimum "
+            "side of an output: give --width and --height"
+        )
     args.width = args.width or max(16, image.width // 16 * 16)
     args.height = args.height or max(16, image.height // 16 * 16)
     inputs = {"image": image, "strength": args.strength}
@@ -105,10 +110,12 @@ def _image_inputs(args: argparse.Namespace) -> dict:
 
 def _pass_meta(args: argparse.Namespace, pipe) -> dict[str, str]:
     """PNG text for the inputs beyond the prompt: init image, mask, strength, LoRAs, the hires pass."""
+    from zimage_lite.pipeline import effective_strength
+
     meta = {}
     if args.init_image is not None:
         meta["init_image"] = str(args.init_image)
-        meta["strength"] = "default" if args.strength is None else str(args.strength)
+        meta["strength"] = f"{effective_strength(args.strength, args.mask):g}"
     if args.mask is not None:
         meta["mask"] = str(args.mask)
     if pipe.loras:
@@ -123,17 +130,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from zimage_lite import preflight
     from zimage_lite.init_image import upscaled_size
+    from zimage_lite.outputs import save_image
     from zimage_lite.pipeline import Pipeline, check_size
     from zimage_lite.text import MAX_PROMPT_TOKENS
 
-    out = Path(args.output)
+    outs = _check_generate_outputs(args)
     inputs = _image_inputs(args)
     check_size(args.width, args.height)
-    outs = output_paths(out, args.batch)
-    for p in outs:
-        check_output(p)
-    if args.stats:
-        check_output(Path(args.stats))
     start = time.perf_counter()
     preflight.before_load(
         args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer, args.device, args.dtype
@@ -167,14 +170,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with preflight.device_oom_as_error(pipe, *size):
             images = pipe.generate(
                 args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
-                batch=args.batch, on_step=on_step, **inputs,
+                batch=args.batch, batch_index=args.batch_index, on_step=on_step, **inputs,
             )  # fmt: skip
             first_stats = pipe.last_stats
             if args.hires is not None:
                 hires = []
                 for img in images:
-                    hires.append(pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
-                                                seed=args.seed, steps=args.steps, on_step=on_step))  # fmt: skip
+                    hires += pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
+                                            seed=args.seed, steps=args.steps, on_step=on_step)  # fmt: skip
                     hires_stats.append(pipe.last_stats.to_dict())
                 images = hires
     finally:
@@ -189,8 +192,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         meta["first_pass_size"] = f"{args.width}x{args.height}"
     meta.update(_pass_meta(args, pipe))
     for i, (img, path) in enumerate(zip(images, outs)):
-        info = _png_info({**meta, "batch_index": str(i)})
-        atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
+        index = i if args.batch_index is None else args.batch_index
+        image_meta = {**meta, "batch": str(args.batch), "batch_index": str(index)}
+        atomic_write(path, lambda tmp, img=img, m=image_meta, p=path: save_image(img, tmp, m, p), args.force)
         print(f"wrote {path}")
     if args.stats:
         stats = {
@@ -200,7 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         }  # fmt: skip
         if hires_stats:
             stats["hires_passes"] = hires_stats
-        atomic_write(Path(args.stats), lambda tmp: tmp.write_text(json.dumps(stats, indent=2)))
+        atomic_write(Path(args.stats), lambda tmp: tmp.write_text(json.dumps(stats, indent=2)), args.force)
         print(f"wrote {args.stats}")
     return 0
 
@@ -269,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=cli_args.image_size, default=None, help=size_help)
     g.add_argument("--height", type=cli_args.image_size, default=None, help=size_help)
     g.add_argument("--batch", type=cli_args.batch, default=1, help="images per prompt")
+    g.add_argument("--batch-index", type=cli_args.batch_index, default=None, metavar="I",
+                   help="remake only image I of a --batch run (what its file records as batch_index)")  # fmt: skip
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     g.add_argument(
         "--vram",
@@ -297,8 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hires fix: upscale each image by SCALE (e.g. 1.5) and re-generate detail")  # fmt: skip
     g.add_argument("--hires-strength", type=cli_args.strength, default=0.35,
                    help="strength of the hires pass (0.3-0.4)")  # fmt: skip
-    g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png")
+    g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png",
+                   help="image file: .png, .jpg or .webp (a batch writes NAME-0.png, NAME-1.png, ...)")  # fmt: skip
     g.add_argument("--stats", type=cli_args.output_file, help="write timings and memory as JSON here")
+    g.add_argument("--force", action="store_true", help="replace existing output files")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

@@ -49,6 +49,7 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
 seed = bounded_int(0, SEED_MAX)
 steps = bounded_int(1, STEPS_MAX)
 batch = bounded_int(1, BATCH_MAX)
+batch_index = bounded_int(0, BATCH_MAX - 1)
 threads = bounded_int(1, THREADS_MAX)
 repeats = bounded_int(1, 1000)
 warmup = bounded_int(0, 1000)
