@@ -12,6 +12,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import re
 import sys
 import time
 import traceback
@@ -19,10 +21,19 @@ from pathlib import Path
 
 from zimage_lite import cli_args
 from zimage_lite.cli_errors import EXIT_USAGE, Terminated, describe, one_line, sigterm_raises
+from zimage_lite.convert.atomic import committed
 from zimage_lite.errors import UsageError
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat` whose reader left
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a token that starts with a minus and a digit is a value (`--vram -1GB`), never an option: so
+        # the value's own check says what is wrong, not "expected one argument"
+        self._negative_number_matcher = re.compile(r"^-\d")
+
     def error(self, message: str):  # one line, not usage + message
         print(f"{self.prog}: error: {one_line(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
@@ -242,6 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_synthetic(args: argparse.Namespace) -> int:
     import torch
 
+    from zimage_lite import preflight
     from zimage_lite.convert.atomic import atomic_path
     from zimage_lite.pipeline import resolve_device
     from zimage_lite.synthetic import write_synthetic_model
@@ -249,6 +261,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     out = Path(args.output)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = str(resolve_device(args.device or "cpu"))
+    preflight.check_synthetic(out, args.size, dtype)
     with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
         write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)
     print(f"wrote synthetic {args.size} model to {out}")
@@ -278,11 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     g.add_argument(
         "--vram",
+        type=cli_args.vram,
         default=None,
         help="VRAM budget (4GB, 6GB, 8GB, auto): weights stream from host memory to fit it",
     )
     g.add_argument(
         "--card",
+        type=cli_args.vram,
         default=None,
         help="run as on a card of this size (4GB, 6GB, 8GB): caps the GPU allocator as such a card would "
         "and plans in its budget, so a big GPU shows what a small one will do",
@@ -373,11 +388,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0), or a bad argument whose one line _Parser.error printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    done = len(committed())
     try:
         with sigterm_raises():
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()  # a closed pipe fails here, not at exit after the return
+            return code
+    except BrokenPipeError:  # `inspect --json | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE
     except (Exception, KeyboardInterrupt, Terminated) as exc:
-        message, code = describe(exc)
+        message, code = describe(exc, committed()[done:])
         if args.verbose:
             traceback.print_exc()
         print(f"zimage-lite: error: {one_line(message)}", file=sys.stderr)

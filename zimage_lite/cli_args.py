@@ -144,6 +144,18 @@ def convert_output(text: str) -> str:
     return str(path)
 
 
+def vram(text: str) -> str:
+    """A VRAM size (4GB, 6GiB, 512MB, 5.5G) or auto, as runtime.budget.parse_vram reads it; kept as text."""
+    from zimage_lite.errors import UsageError
+    from zimage_lite.runtime.budget import parse_vram
+
+    try:
+        parse_vram(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("invalid VRAM budget ")) from None
+    return text
+
+
 def torch_device(text: str) -> str:
     """A torch device this machine has: cpu, cuda or cuda:N."""
     import torch

@@ -131,6 +131,20 @@ def _sibling_tokenizer(src: Path) -> Path | None:
     return None
 
 
+def _given_tokenizer(tokenizer: Path, component: str) -> Path:
+    """--tokenizer's folder, checked: a folder with tokenizer.json (or that file), for a text encoder."""
+    tokenizer = Path(tokenizer).expanduser()
+    if component != "text_encoder":
+        raise UsageError(f"--tokenizer is for a text encoder; this input is a {component.replace('_', ' ')}")
+    if tokenizer.is_file() and tokenizer.name == "tokenizer.json":
+        return tokenizer.parent
+    if not tokenizer.exists():
+        raise CheckpointError(f"{tokenizer}: no such tokenizer folder (--tokenizer)")
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise CheckpointError(f"{tokenizer}: no tokenizer.json in this folder (--tokenizer)")
+    return tokenizer
+
+
 def _convert_one(
     src: Path,
     out: Path,
@@ -144,6 +158,8 @@ def _convert_one(
 ) -> ConvertResult:
     source = open_checkpoint(src)
     detected = describe(source, src)
+    if tokenizer is not None:
+        tokenizer = _given_tokenizer(tokenizer, detected.component)
     plan = _plan_for(detected.component, source, src, quant, tokenizer or _sibling_tokenizer(src))
     quantizer_metadata(plan, device, quantizer)  # a forced quantizer that cannot run fails here
     if out.is_dir():  # an existing folder: put the file in it, named after the input
@@ -243,6 +259,10 @@ def convert(
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UsageError(f"{out}: the output must not be the input or inside it")
     if is_model_folder(src):
+        if tokenizer is not None:
+            raise UsageError(
+                "--tokenizer is for a lone text encoder: a model folder's own tokenizer/ is used"
+            )
         refuse_existing(out, force)
         result = _convert_model(src, out, quant, force, progress, threads, device, quantizer)
     else:
