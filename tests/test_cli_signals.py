@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from zimage_lite import preflight
-from zimage_lite.bench import runner, sources
+from zimage_lite.bench import sources
 from zimage_lite.cli import main
 from zimage_lite.synthetic import write_synthetic_model
 
@@ -33,7 +33,22 @@ def error_line(capsys, *argv, exit_code: int = 2) -> str:
 
 
 def gen(tiny, out: Path, *extra) -> list:
-    return ["generate", "x", "--model", tiny, "--width", 32, "--height", 32, "--steps", 1, "-q", "-o", out, *extra]
+    return [
+        "generate",
+        "x",
+        "--model",
+        tiny,
+        "--width",
+        32,
+        "--height",
+        32,
+        "--steps",
+        1,
+        "-q",
+        "-o",
+        out,
+        *extra,
+    ]
 
 
 def _sigint(*args, **kwargs):
@@ -46,7 +61,9 @@ def test_ctrl_c_right_after_convert_wrote_its_output_says_it_is_kept(tiny, tmp_p
 
     out = tmp_path / "t.gguf"
     monkeypatch.setattr(converter.log, "info", _sigint)  # the log line right after the rename
-    line = error_line(capsys, "convert", tiny / "transformer", "-o", out, "--quant", "q8_0", "-q", exit_code=130)
+    line = error_line(
+        capsys, "convert", tiny / "transformer", "-o", out, "--quant", "q8_0", "-q", exit_code=130
+    )
     assert line == f"zimage-lite: error: interrupted; what was complete before is kept: {out}; nothing else"
     assert out.is_file() and [p.name for p in tmp_path.iterdir()] == ["t.gguf"]
 
@@ -74,14 +91,18 @@ def test_disk_full_on_the_second_image_of_a_batch_names_the_first(tiny, tmp_path
 def test_synthetic_full_checks_disk_before_starting(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 10 * 2**30)
     line = error_line(capsys, "synthetic", tmp_path / "full", "--size", "full")
-    assert line.startswith(f"zimage-lite: error: not enough disk space for {tmp_path / 'full'}: it needs about 3")
+    assert line.startswith(
+        f"zimage-lite: error: not enough disk space for {tmp_path / 'full'}: it needs about 3"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_synthetic_full_checks_memory_before_starting(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(preflight, "available_host_bytes", lambda: 2 * 2**30)
     line = error_line(capsys, "synthetic", tmp_path / "full", "--size", "full")
-    assert line.startswith("zimage-lite: error: not enough host memory: writing the full synthetic model needs")
+    assert line.startswith(
+        "zimage-lite: error: not enough host memory: writing the full synthetic model needs"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -110,7 +131,9 @@ def test_disk_full_during_synthetic_is_our_line(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("zimage-lite: error: disk full while writing ") and "nothing was kept" in lines[0]
+    assert (
+        lines[0].startswith("zimage-lite: error: disk full while writing ") and "nothing was kept" in lines[0]
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -154,7 +177,9 @@ def test_bench_with_a_home_it_cannot_write_names_cache(tmp_path, capsys, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     out = tmp_path / "report"
     line = error_line(capsys, *_bench_args(tmp_path, "--out", out))
-    assert line.startswith(f"zimage-lite: error: cannot create the cache folder {blocker / 'zimage-lite' / 'bench'}")
+    assert line.startswith(
+        f"zimage-lite: error: cannot create the cache folder {blocker / 'zimage-lite' / 'bench'}"
+    )
     assert line.endswith(": give a writable one with --cache")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home-file"]  # no empty report folder
 
@@ -172,7 +197,10 @@ def test_bench_out_holding_other_files_is_never_replaced(tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("keep")
     line = error_line(capsys, *_bench_args(tmp_path, "--cache", tmp_path / "c", "--out", out, "--force"))
-    assert line == f"zimage-lite: error: {out} holds files that are not a bench report (notes.txt): give --out a new folder"
+    assert (
+        line
+        == f"zimage-lite: error: {out} holds files that are not a bench report (notes.txt): give --out a new folder"
+    )
     assert (out / "notes.txt").read_text() == "keep"
 
 
@@ -199,7 +227,9 @@ def interleaved(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(OursEngine, "generate", record)
-        argv = _bench_args(root, "--precisions", "bf16,q8_0", "--repeats", 3, "--cache", root / "c", "--out", root / "r")
+        argv = _bench_args(
+            root, "--precisions", "bf16,q8_0", "--repeats", 3, "--cache", root / "c", "--out", root / "r"
+        )
         assert main([str(a) for a in argv]) == 0
     return order, json.loads((root / "r" / "report.json").read_text()), root / "r"
 
@@ -219,7 +249,9 @@ def test_bench_report_has_spread_and_load(interleaved):
         t = row["timing"]
         assert t["samples"] == 3
         assert t["s_per_image_min"] <= t["s_per_image_median"] <= t["s_per_image_max"]
-        assert t["spread"] == pytest.approx((t["s_per_image_max"] - t["s_per_image_min"]) / t["s_per_image_median"])
+        assert t["spread"] == pytest.approx(
+            (t["s_per_image_max"] - t["s_per_image_min"]) / t["s_per_image_median"]
+        )
         assert t["comparable"] == (t["spread"] <= 0.3)
     env = report["environment"]
     assert len(env["load_average_before"]) == 3 and len(env["load_average_after"]) == 3
@@ -241,7 +273,9 @@ def test_a_row_whose_repeats_spread_too_wide_is_marked(interleaved):
     for row in busy["rows"]:  # report.json writes infinity as "inf"; render_markdown takes the numbers
         row["quality"] = {k: float(v) if v == "inf" else v for k, v in row["quality"].items()}
     busy["rows"][1]["timing"].update(spread=1.5, comparable=False)
-    line = next(li for li in render_markdown(busy).splitlines() if li.startswith(f"| **{busy['rows'][1]['name']}**"))
+    line = next(
+        li for li in render_markdown(busy).splitlines() if li.startswith(f"| **{busy['rows'][1]['name']}**")
+    )
     assert "**not comparable** (spread 150%)" in line
 
 
@@ -278,7 +312,10 @@ def test_inspect_a_device_or_fifo(tmp_path, capsys):
     assert error_line(capsys, "inspect", "/dev/null") == (
         "zimage-lite: error: /dev/null is a device, not a file or folder: give a checkpoint file or folder"
     )
-    assert error_line(capsys, "inspect", tmp_path / "nothere") == f"zimage-lite: error: {tmp_path / 'nothere'}: no such file or folder"
+    assert (
+        error_line(capsys, "inspect", tmp_path / "nothere")
+        == f"zimage-lite: error: {tmp_path / 'nothere'}: no such file or folder"
+    )
 
 
 def test_model_that_is_a_file(tiny, tmp_path, capsys):
@@ -299,7 +336,9 @@ def test_convert_tokenizer_that_is_not_there(tiny, tmp_path, capsys):
     assert error_line(capsys, *argv, "--tokenizer", tmp_path) == (
         f"zimage-lite: error: {tmp_path}: no tokenizer.json in this folder (--tokenizer)"
     )
-    line = error_line(capsys, "convert", tiny, "-o", tmp_path / "m", "--quant", "q8_0", "--tokenizer", tiny / "tokenizer")
+    line = error_line(
+        capsys, "convert", tiny, "-o", tmp_path / "m", "--quant", "q8_0", "--tokenizer", tiny / "tokenizer"
+    )
     assert line.endswith("--tokenizer is for a lone text encoder: a model folder's own tokenizer/ is used")
     assert list(tmp_path.iterdir()) == []
 
@@ -312,7 +351,9 @@ def test_bad_vram_says_what_is_wrong(tiny, tmp_path, capsys, value):
 
 
 def test_vae_minimum_names_the_untileable_part(tiny, tmp_path, capsys):
-    line = error_line(capsys, *gen(tiny, tmp_path / "a.png", "--vram", "1GB", "--width", 2048, "--height", 2048))
+    line = error_line(
+        capsys, *gen(tiny, tmp_path / "a.png", "--vram", "1GB", "--width", 2048, "--height", 2048)
+    )
     assert "tiles of" not in line
     assert line.endswith(
         "for the VAE decode at 2048x2048 batch 1: its mid-block attention runs over all 65536 latent positions "
