@@ -93,7 +93,7 @@ def test_hires_fix_in_one_command(tiny, pipe, files, tmp_path, capsys):
     "argv,message",
     [
         (["--mask", "m.png"], "need --init-image"),
-        (["--init-image", "missing.png"], "cannot read the init image"),
+        (["--init-image", "missing.png"], "no such init image file"),
         (["--lora", "BAD"], "bad.safetensors"),
         (["--hires", "0.8"], "--hires: must be above 1"),
     ],

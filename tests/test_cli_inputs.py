@@ -318,3 +318,57 @@ def test_tiny_init_image_without_a_size_is_refused(tiny, tmp_path, capsys):
         f"zimage-lite: error: {dot}: the init image is 1x1, below the 16-pixel minimum side of an output: "
         "give --width and --height"
     )
+
+
+# -- the same kinds of fault, found elsewhere ----------------------------------------------------------
+def test_init_image_that_is_a_fifo_is_refused_not_waited_on(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    argv = [str(a) for a in gen(tiny, tmp_path / "a.png", "--init-image", fifo)]
+    code = f"import sys\nfrom zimage_lite.cli import main\nsys.exit(main({argv!r}))\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"zimage-lite: error: {fifo} is a FIFO, not an init image file\n"
+
+
+def test_lora_that_is_a_fifo(tiny, tmp_path, capsys):
+    fifo = tmp_path / "style.safetensors"
+    os.mkfifo(fifo)
+    line = error_line(capsys, *gen(tiny, tmp_path / "a.png", "--lora", fifo))
+    assert line == f"zimage-lite: error: {fifo} is a FIFO, not a LoRA file"
+
+
+def test_init_image_too_large_to_decode(tiny, tmp_path, capsys):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (1, 1)).save(bomb)
+    data = bomb.read_bytes()
+    header = b"IHDR" + struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)  # declares 30000x30000
+    bomb.write_bytes(
+        data[:8] + struct.pack(">I", 13) + header + struct.pack(">I", zlib.crc32(header)) + data[33:]
+    )
+    line = error_line(capsys, *gen(tiny, tmp_path / "a.png", "--init-image", bomb))
+    assert line.startswith(
+        f"zimage-lite: error: {bomb}: cannot read the init image (Image size (900000000 pixels)"
+    )
+
+
+def test_model_folder_whose_name_is_not_utf8(tiny, tmp_path, capsys):
+    import shutil
+
+    from zimage_lite.outputs import read_metadata
+
+    model = tmp_path / os.fsdecode(b"m\xff")
+    shutil.copytree(tiny, model)
+    for name in ("a.png", "a.jpg"):
+        assert main([str(a) for a in gen(model, tmp_path / name)]) == 0, capsys.readouterr().err
+        assert read_metadata(tmp_path / name)["model.transformer"] == str(
+            tmp_path / "m\ufffd" / "transformer"
+        )

@@ -307,10 +307,10 @@ def test_inspect_a_device_or_fifo(tmp_path, capsys):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     assert error_line(capsys, "inspect", fifo) == (
-        f"zimage-lite: error: {fifo} is a FIFO, not a file or folder: give a checkpoint file or folder"
+        f"zimage-lite: error: {fifo} is a FIFO, not a file or folder"
     )
     assert error_line(capsys, "inspect", "/dev/null") == (
-        "zimage-lite: error: /dev/null is a device, not a file or folder: give a checkpoint file or folder"
+        "zimage-lite: error: /dev/null is a device, not a file or folder"
     )
     assert (
         error_line(capsys, "inspect", tmp_path / "nothere")

@@ -36,9 +36,10 @@ def not_found(path, what: str = "file or folder") -> CheckpointError:
         mode = path.stat().st_mode
     except OSError:
         return CheckpointError(f"{path}: no such {what}")
+    article = "an" if what[0] in "aeiou" else "a"
     if stat.S_ISDIR(mode):
-        return CheckpointError(f"{path} is a folder, not a {what}")
+        return CheckpointError(f"{path} is a folder, not {article} {what}")
     if stat.S_ISREG(mode):
-        return CheckpointError(f"{path} is a file, not a {what}")
+        return CheckpointError(f"{path} is a file, not {article} {what}")
     kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
-    return CheckpointError(f"{path} is a {kind}, not a {what}: give a checkpoint file or folder")
+    return CheckpointError(f"{path} is a {kind}, not {article} {what}")

@@ -34,6 +34,12 @@ def image_format(path: Path) -> str:
     return fmt
 
 
+def _text(value: str) -> str:
+    """`value` as text any format can store: a path that is not UTF-8 (its bytes arrive as lone
+    surrogates) keeps its readable part, U+FFFD for each undecodable byte."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _exif(meta: dict[str, str]):
     from PIL import Image
 
@@ -47,6 +53,7 @@ def save_image(image, path: Path, meta: dict[str, str], target: Path | None = No
     """Write `image` to `path` in the format the extension of `target` (default: `path`; the name a
     temporary file will be renamed to) says, with `meta` (see the module docstring)."""
     fmt = image_format(path if target is None else target)
+    meta = {k: _text(v) for k, v in meta.items()}
     if fmt == "PNG":
         from PIL.PngImagePlugin import PngInfo
 

@@ -58,8 +58,8 @@ class PromptTokenizer:
         )
         for file in candidates:
             if file.is_file():
-                try:
-                    return cls(Tokenizer.from_file(str(file)))
+                try:  # from the text: tokenizers' from_file cannot open a path that is not UTF-8
+                    return cls(Tokenizer.from_str(file.read_text(encoding="utf-8")))
                 except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
                     raise CheckpointError(f"{file}: not a readable tokenizer.json ({exc})") from None
         raise CheckpointError(f"{path}: no tokenizer.json found")

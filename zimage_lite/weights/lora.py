@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zimage_lite.errors import CheckpointError
+from zimage_lite.errors import CheckpointError, not_found
 from zimage_lite.weights.names_dit import to_diffusers_name
 from zimage_lite.weights.safetensors import SafetensorsCheckpoint
 
@@ -195,7 +195,7 @@ def read_lora(path: str | Path, model: nn.Module) -> dict[str, LowRank]:
     CheckpointError naming the first offending tensor; returns only when every tensor was understood."""
     file = Path(path)
     if not file.is_file():
-        raise CheckpointError(f"{file}: no such LoRA file")
+        raise not_found(file, "LoRA file")
     source = SafetensorsCheckpoint.open(file)
     shapes = linear_shapes(model)
     targets = lora_targets(shapes)
