@@ -372,3 +372,37 @@ def test_model_folder_whose_name_is_not_utf8(tiny, tmp_path, capsys):
         assert read_metadata(tmp_path / name)["model.transformer"] == str(
             tmp_path / "m\ufffd" / "transformer"
         )
+
+
+def test_force_never_replaces_a_fifo_or_device(tiny, tmp_path, capsys):
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    for argv in (
+        gen(tiny, tmp_path / "a.png", "--stats", fifo, "--force"),
+        ["convert", tiny / "transformer", "-o", fifo, "--quant", "q8_0", "--force", "-q"],
+    ):
+        line = error_line(capsys, *argv)
+        assert line == f"zimage-lite: error: {fifo} is a device, FIFO or socket, not a file: write elsewhere"
+        assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.gguf"]
+
+
+@pytest.mark.parametrize("command", ["synthetic", "convert"])
+def test_force_never_replaces_a_folder_of_other_files(tiny, tmp_path, capsys, command):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    argv = (
+        ["synthetic", mine]
+        if command == "synthetic"
+        else ["convert", tiny, "-o", mine, "--quant", "q8_0", "-q"]
+    )
+    line = error_line(capsys, *argv, "--force")
+    assert line == f"zimage-lite: error: {mine} holds files that are not an earlier output: give a new folder"
+    assert (mine / "notes.txt").read_text() == "keep" and len(list(tmp_path.iterdir())) == 1
+    again = (
+        ["synthetic", tmp_path / "new"]
+        if command == "synthetic"
+        else [*argv[:3], tmp_path / "new", *argv[4:]]
+    )
+    assert main([str(a) for a in again]) == 0
+    assert main([str(a) for a in [*again, "--force"]]) == 0  # an earlier output of the command is replaced

@@ -262,7 +262,9 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = str(resolve_device(args.device or "cpu"))
     preflight.check_synthetic(out, args.size, dtype)
-    with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
+    with atomic_path(
+        out, args.force, folder=True, marks=("model_index.json",)
+    ) as tmp:  # Ctrl-C: nothing left
         write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)
     print(f"wrote synthetic {args.size} model to {out}")
     return 0

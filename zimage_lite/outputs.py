@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from zimage_lite.convert.atomic import refuse_existing
 from zimage_lite.errors import UsageError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -100,8 +101,7 @@ def check_outputs(outputs: dict[str, Path], inputs: dict[str, Path], force: bool
         for source, src in inputs.items():
             if _same(path, src) or (path.exists() and _inside(path, src)):
                 raise UsageError(f"{path}: {what} would overwrite the {source} it reads: write elsewhere")
-        if (path.exists() or path.is_symlink()) and not force:
-            raise UsageError(f"{path} already exists; pass --force to overwrite it")
+        refuse_existing(path, force)
 
 
 def existing(paths: Iterable[str | Path | None]) -> list[Path]:

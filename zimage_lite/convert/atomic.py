@@ -26,9 +26,17 @@ def committed() -> list[Path]:
     return list(_COMMITTED)
 
 
-def refuse_existing(out: Path, force: bool) -> None:
+def refuse_existing(out: Path, force: bool, marks: tuple[str, ...] = ()) -> None:
+    """Refuse an existing output without `force`; a device, FIFO or socket always (renaming over
+    /dev/null as root would replace the device); with `marks`, a non-empty folder holding none of those
+    names (what marks an earlier output of this command) always: --force replaces an output, never a
+    folder of the user's other files."""
+    if out.exists() and not (out.is_file() or out.is_dir()):
+        raise UsageError(f"{out} is a device, FIFO or socket, not a file: write elsewhere")
     if (out.exists() or out.is_symlink()) and not force:
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    if marks and out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in marks):
+        raise UsageError(f"{out} holds files that are not an earlier output: give a new folder")
 
 
 def _remove(path: Path) -> None:
@@ -62,9 +70,10 @@ def _remove_leftovers(out: Path) -> None:
 
 
 @contextmanager
-def atomic_path(out: Path, force: bool, folder: bool = False) -> Iterator[Path]:
-    """Yield a temporary path (file or created folder) that becomes `out` when the block succeeds."""
-    refuse_existing(out, force)
+def atomic_path(out: Path, force: bool, folder: bool = False, marks: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary path (file or created folder) that becomes `out` when the block succeeds
+    (`marks`: see refuse_existing)."""
+    refuse_existing(out, force, marks)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
     _remove_leftovers(out)

@@ -204,7 +204,7 @@ def _convert_model(
         plans[component] = _plan_for(component, source, path, quant, tok_dir)
         quantizer_metadata(plans[component], device, quantizer)  # a forced quantizer that cannot run
     check_disk(out, convert_output_bytes(plans.values(), [paths.tokenizer, src / "scheduler"]))
-    with atomic_path(out, force, folder=True) as tmp:
+    with atomic_path(out, force, folder=True, marks=(MANIFEST,)) as tmp:
         manifest: dict[str, str] = {}
         for component, plan in plans.items():
             if component == "vae":
@@ -263,7 +263,7 @@ def convert(
             raise UsageError(
                 "--tokenizer is for a lone text encoder: a model folder's own tokenizer/ is used"
             )
-        refuse_existing(out, force)
+        refuse_existing(out, force, (MANIFEST,))
         result = _convert_model(src, out, quant, force, progress, threads, device, quantizer)
     else:
         result = _convert_one(src, out, quant, force, progress, threads, tokenizer, device, quantizer)
