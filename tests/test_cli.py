@@ -140,7 +140,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "model folder not found" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "no such model folder" in proc.stderr
 
 
 def test_bad_argument_is_one_line(capsys):

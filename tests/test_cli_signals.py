@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli_inputs import error_line, gen  # tests/ is on sys.path (pytest rootdir conftest)
 
 from zimage_lite import preflight
 from zimage_lite.bench import sources
@@ -22,33 +23,6 @@ from zimage_lite.synthetic import write_synthetic_model
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return write_synthetic_model(tmp_path_factory.mktemp("signals") / "tiny", "tiny", seed=0)
-
-
-def error_line(capsys, *argv, exit_code: int = 2) -> str:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == exit_code and len(lines) == 1 and "Traceback" not in err, (code, err)
-    return lines[0]
-
-
-def gen(tiny, out: Path, *extra) -> list:
-    return [
-        "generate",
-        "x",
-        "--model",
-        tiny,
-        "--width",
-        32,
-        "--height",
-        32,
-        "--steps",
-        1,
-        "-q",
-        "-o",
-        out,
-        *extra,
-    ]
 
 
 def _sigint(*args, **kwargs):
