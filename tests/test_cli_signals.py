@@ -333,3 +333,7 @@ def test_vae_minimum_names_the_untileable_part(tiny, tmp_path, capsys):
         "for the VAE decode at 2048x2048 batch 1: its mid-block attention runs over all 65536 latent positions "
         "at once, which tiles do not shrink: use a smaller --width/--height"
     )
+
+
+def test_path_with_a_nul_byte(capsys):
+    assert error_line(capsys, "inspect", "a\x00b") == "zimage-lite: error: a\\x00b: no such file or folder"

@@ -39,8 +39,8 @@ PHASES = {
 }
 
 
-# every character str.splitlines() breaks at -> its escape
-_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+# every character str.splitlines() breaks at, and NUL (a terminal shows nothing) -> its escape
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00"}
 
 
 class Terminated(BaseException):

@@ -34,7 +34,7 @@ def not_found(path, what: str = "file or folder") -> CheckpointError:
     path = Path(path)
     try:
         mode = path.stat().st_mode
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return CheckpointError(f"{path}: no such {what}")
     article = "an" if what[0] in "aeiou" else "a"
     if stat.S_ISDIR(mode):
