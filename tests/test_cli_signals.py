@@ -337,3 +337,11 @@ def test_vae_minimum_names_the_untileable_part(tiny, tmp_path, capsys):
 
 def test_path_with_a_nul_byte(capsys):
     assert error_line(capsys, "inspect", "a\x00b") == "zimage-lite: error: a\\x00b: no such file or folder"
+
+
+def test_card_auto_is_refused_when_parsed(tiny, tmp_path, capsys):
+    line = error_line(capsys, *gen(tiny, tmp_path / "a.png", "--card", "auto"))
+    assert (
+        line
+        == "zimage-lite generate: error: argument --card: a card has a size, e.g. 4GB, 6GB or 8GB (got 'auto')"
+    )

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--card",
-        type=cli_args.vram,
+        type=cli_args.card,
         default=None,
         help="run as on a card of this size (4GB, 6GB, 8GB): caps the GPU allocator as such a card would "
         "and plans in its budget, so a big GPU shows what a small one will do",

@@ -156,6 +156,13 @@ def vram(text: str) -> str:
     return text
 
 
+def card(text: str) -> str:
+    """A card size to emulate: as `vram`, but a card has a size (not auto)."""
+    if text.strip().lower() == "auto":
+        raise argparse.ArgumentTypeError("a card has a size, e.g. 4GB, 6GB or 8GB (got 'auto')")
+    return vram(text)
+
+
 def torch_device(text: str) -> str:
     """A torch device this machine has: cpu, cuda or cuda:N."""
     import torch
