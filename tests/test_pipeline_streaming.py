@@ -68,7 +68,14 @@ def test_cli_stats_report_streaming(quantized, tmp_path, capsys):
     assert code == 0
     data = json.loads(stats.read_text())
     assert data["streaming"]["transformer"]["h2d_bytes"] > 0
-    assert set(data["streaming"]["plans"]) == {"text_encoder", "transformer", "vae", "vae_tile", "keep"}
+    assert set(data["streaming"]["plans"]) == {
+        "text_encoder",
+        "transformer",
+        "vae",
+        "vae_tile",
+        "keep",
+        "transformer_chunks",
+    }
     assert set(data["device_memory"]) == {"text_encoder", "transformer", "vae"}
 
 

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from zimage_lite import cli_args
+from zimage_lite import cli_args, cli_control
 from zimage_lite.cli_errors import EXIT_USAGE, Terminated, describe, one_line, sigterm_raises
 from zimage_lite.convert.atomic import committed
 from zimage_lite.errors import UsageError
@@ -140,6 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from zimage_lite import preflight
+    from zimage_lite.cli_guidance import guidance_kwargs, guidance_meta
     from zimage_lite.init_image import upscaled_size
     from zimage_lite.outputs import save_image
     from zimage_lite.pipeline import Pipeline, check_size
@@ -148,6 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     outs = _check_generate_outputs(args)
     inputs = _image_inputs(args)
     check_size(args.width, args.height)
+    inputs.update(cli_control.control_inputs(args))
     start = time.perf_counter()
     preflight.before_load(
         args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer, args.device, args.dtype
@@ -155,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(
         args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
         tokenizer=args.tokenizer, device=args.device, vram=args.vram, dtype=args.dtype, card=args.card,
-        fp8_matmul=args.fp8_matmul,
+        fp8_matmul=args.fp8_matmul, variant=args.variant, controlnet=args.controlnet,
     )  # fmt: skip
     for spec in args.lora or []:
         pipe.load_lora(*parse_lora(spec))
@@ -164,7 +166,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.hires is None
         else upscaled_size(args.width, args.height, args.hires)
     )
-    size = (*big, args.batch, MAX_PROMPT_TOKENS)  # upper bounds: the larger pass, the longest caption
+    _, cfg = pipe.sampling_settings(args.steps, args.guidance, args.cfg_normalization, args.cfg_truncation)
+    # upper bounds: the larger pass, the longest caption, a negative pass beside each image under guidance
+    size = (*big, args.batch * (2 if cfg.active else 1), MAX_PROMPT_TOKENS)
     preflight.check_generation(pipe, *size)
     bar = None
 
@@ -181,14 +185,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with preflight.device_oom_as_error(pipe, *size):
             images = pipe.generate(
                 args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
-                batch=args.batch, batch_index=args.batch_index, on_step=on_step, **inputs,
+                batch=args.batch, batch_index=args.batch_index, on_step=on_step, **inputs, **guidance_kwargs(args),
             )  # fmt: skip
             first_stats = pipe.last_stats
             if args.hires is not None:
                 hires = []
                 for img in images:
                     hires += pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
-                                            seed=args.seed, steps=args.steps, on_step=on_step)  # fmt: skip
+                                            seed=args.seed, steps=args.steps, on_step=on_step,
+                                            **guidance_kwargs(args), **cli_control.hires_inputs(inputs))  # fmt: skip
                     hires_stats.append(pipe.last_stats.to_dict())
                 images = hires
     finally:
@@ -201,7 +206,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.hires is not None:
         meta["first_pass_size"] = f"{args.width}x{args.height}"
+    meta.update(guidance_meta(pipe, args))
     meta.update(_pass_meta(args, pipe))
+    meta.update(cli_control.control_meta(args))
     for i, (img, path) in enumerate(zip(images, outs)):
         index = i if args.batch_index is None else args.batch_index
         image_meta = {**meta, "batch": str(args.batch), "batch_index": str(index)}
@@ -211,7 +218,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stats = {
             **first_stats.to_dict(), "load_s": pipe.load_seconds, "total_s": time.perf_counter() - start,
             "device": str(pipe.device), "dtype": meta["dtype"], "width": args.width, "height": args.height,
-            "steps": args.steps, "batch": args.batch,
+            "steps": int(meta["steps"]), "batch": args.batch, "variant": meta["variant"],
+            "guidance": float(meta["guidance"]),
         }  # fmt: skip
         if hires_stats:
             stats["hires_passes"] = hires_stats
@@ -265,12 +273,16 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     with atomic_path(
         out, args.force, folder=True, marks=("model_index.json",)
     ) as tmp:  # Ctrl-C: nothing left
-        write_synthetic_model(tmp, size=args.size, seed=args.seed, dtype=dtype, device=device)
-    print(f"wrote synthetic {args.size} model to {out}")
+        write_synthetic_model(
+            tmp, size=args.size, seed=args.seed, dtype=dtype, device=device, variant=args.variant
+        )
+    print(f"wrote synthetic {args.size} {args.variant} model to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from zimage_lite.cli_guidance import add_guidance_arguments
+
     parser = _Parser(prog="zimage-lite", description="Z-Image-Turbo on 4-8 GB GPUs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -282,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", help="text encoder file or folder (overrides the model's)")
     g.add_argument("--vae", help="VAE file or folder (overrides the model's)")
     g.add_argument("--tokenizer", help="tokenizer.json or its folder (not needed with a GGUF text encoder)")
-    g.add_argument("--steps", type=cli_args.steps, default=8)
+    g.add_argument(
+        "--steps", type=cli_args.steps, default=None, help="default: the model variant's (8 Turbo)"
+    )
     g.add_argument("--seed", type=cli_args.seed, default=0, help=f"0 to {cli_args.SEED_MAX}")
     size_help = "pixels, a multiple of 16 (default: the init image's, else 1024)"
     g.add_argument("--width", type=cli_args.image_size, default=None, help=size_help)
@@ -320,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hires fix: upscale each image by SCALE (e.g. 1.5) and re-generate detail")  # fmt: skip
     g.add_argument("--hires-strength", type=cli_args.strength, default=0.35,
                    help="strength of the hires pass (0.3-0.4)")  # fmt: skip
+    add_guidance_arguments(g)
+    cli_control.add_control_args(g)
     g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png",
                    help="image file: .png, .jpg or .webp (a batch writes NAME-0.png, NAME-1.png, ...)")  # fmt: skip
     g.add_argument("--stats", type=cli_args.output_file, help="write timings and memory as JSON here")
@@ -371,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
     s.add_argument("--seed", type=cli_args.seed, default=0)
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument(
+        "--variant", choices=["turbo", "base"], default="turbo", help="its scheduler config's variant"
+    )
     s.add_argument(
         "--device", choices=["cpu", "cuda"], default=None,
         help="draw the values there (cuda: the full model in seconds; other values for the same seed)",

@@ -179,3 +179,14 @@ def torch_device(text: str) -> str:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} GPU(s)")
     return str(device)
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0 (guidance scale, cfg normalization factor, cfg truncation)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (got {text})")
+    return value

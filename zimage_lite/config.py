@@ -215,3 +215,75 @@ class SchedulerConfig(_FromJson):
         _require(
             self.shift > 0 and self.num_train_timesteps > 0, "scheduler", "shift and timesteps must be > 0"
         )
+
+
+# Fun-Controlnet-Union versions (VideoX-Fun's config/z_image/*.yaml): control blocks, the main layer
+# after which each block's hint is added (for the real 30-layer transformer), the noise-refiner layers
+# that take refiner-stage hints, and the control input channels. "2.0" computes its refiner-stage hints
+# with the main control blocks (`add_control_noise_refiner_correctly: false`).
+CONTROLNET_VERSIONS: dict[str, dict[str, Any]] = {
+    "v1": {"places": tuple(range(0, 30, 5)), "refiner_places": (), "in_dim": 16},
+    "2.0": {"places": tuple(range(0, 30, 2)), "refiner_places": (0, 1), "in_dim": 33},
+    "2.1": {"places": tuple(range(0, 30, 2)), "refiner_places": (0, 1), "in_dim": 33},
+    "2.1-lite": {"places": (0, 10, 20), "refiner_places": (0, 1), "in_dim": 33},
+}
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """A Fun-Controlnet-Union control branch. `places[i]`: the main layer after which control block i's
+    hint is added; `refiner_places[j]`: the noise-refiner layer after which refiner-stage hint j is added
+    (v1: none). `n_refiner_blocks`: v1's plain control refiner blocks, 2.1's control refiner blocks,
+    0 for 2.0 (its refiner stage runs the main control blocks)."""
+
+    version: str
+    dim: int
+    n_heads: int
+    control_in_dim: int
+    places: tuple[int, ...]
+    refiner_places: tuple[int, ...]
+    n_refiner_blocks: int
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        m = "ControlNet"
+        _require(self.version in CONTROLNET_VERSIONS, m, f"unknown version {self.version!r}")
+        _require(self.dim > 0 and self.n_heads > 0 and self.dim % self.n_heads == 0, m, "bad dim/n_heads")
+        _require(len(self.places) >= 1 and self.places[0] == 0, m, "the first hint goes after main layer 0")
+        _require(list(self.places) == sorted(set(self.places)), m, "places must increase")
+        _require(self.control_in_dim > 0, m, "control_in_dim must be positive")
+        two = self.version != "v1"
+        _require(not two or len(self.refiner_places) >= 1, m, "2.x has refiner-stage hints")
+        _require(two or not self.refiner_places, m, "v1 has no refiner-stage hints")
+        _require(not self.refiner_places or self.refiner_places[0] == 0, m, "refiner hints start at layer 0")
+        _require(
+            list(self.refiner_places) == sorted(set(self.refiner_places)), m, "refiner places must increase"
+        )
+        stage = self.n_refiner_blocks if self.version != "2.0" else len(self.places)
+        _require(not two or len(self.refiner_places) <= stage, m, "more refiner hints than refiner blocks")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def block_config(self) -> DiTConfig:
+        """A DiTConfig that builds this branch's blocks (width, heads, eps; the rest unused)."""
+        q = self.head_dim // 8
+        return DiTConfig(
+            dim=self.dim, n_heads=self.n_heads, n_kv_heads=self.n_heads, norm_eps=self.norm_eps,
+            axes_dims=(self.head_dim - 6 * q, 3 * q, 3 * q),
+        )  # fmt: skip
+
+    def check_fits(self, dit: DiTConfig) -> None:
+        """Refuse (one line) a branch made for another transformer."""
+        if dit.dim != self.dim or dit.n_heads != self.n_heads:
+            raise ConfigError(
+                f"this ControlNet is {self.dim} wide with {self.n_heads} heads; the transformer is "
+                f"{dit.dim} wide with {dit.n_heads}"
+            )
+        if self.places[-1] >= dit.n_layers or any(p >= dit.n_refiner_layers for p in self.refiner_places):
+            raise ConfigError(
+                f"this ControlNet ({self.version}) adds hints after main layers {list(self.places)} and "
+                f"refiner layers {list(self.refiner_places)}; the transformer has {dit.n_layers} layers and "
+                f"{dit.n_refiner_layers} refiner layers"
+            )

@@ -15,6 +15,7 @@ from typing import Any
 
 from zimage_lite.errors import CheckpointError, not_found
 from zimage_lite.quant.formats import QUANTIZER_KEY
+from zimage_lite.variants import VARIANTS, read_variant
 from zimage_lite.weights.checkpoint import (
     classify_keys,
     is_model_folder,
@@ -76,6 +77,8 @@ def _file_report(path: Path) -> dict[str, Any]:
     try:
         component, style, prefix = classify_keys(*stored_keys_and_shape(source), source.architecture)
         report.update(component=component, key_style=style, prefix=prefix)
+        if component == "controlnet":
+            report["controlnet"] = _controlnet(path)
     except CheckpointError as exc:
         report.update(component=None, problem=str(exc))
     if source.format == "gguf":
@@ -83,6 +86,18 @@ def _file_report(path: Path) -> dict[str, Any]:
     report["quantizer"] = source.metadata.get(QUANTIZER_KEY)
     report["metadata"] = {k: _summarise(v) for k, v in source.metadata.items()}
     return report
+
+
+def _controlnet(path: Path) -> dict[str, Any]:
+    """The branch's version and where its hints go (or why it cannot be used)."""
+    from zimage_lite.weights.names_controlnet import read_controlnet
+
+    try:
+        cfg = read_controlnet(path)[3]
+    except CheckpointError as exc:
+        return {"problem": str(exc)}
+    return {"version": cfg.version, "places": list(cfg.places), "refiner_places": list(cfg.refiner_places),
+            "control_in_dim": cfg.control_in_dim, "dim": cfg.dim}  # fmt: skip
 
 
 def inspect_path(path: str | Path) -> dict[str, Any]:
@@ -98,6 +113,12 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     if fmt == "zimage-lite":
         manifest = read_manifest(path)
         report["quant"] = manifest.get("quant")
+    variant = read_variant(path)
+    report["variant"] = {
+        "name": variant.name,
+        "decided_by": variant.decided_by,
+        **variant.scheduler.to_dict(),
+    }
     for name in COMPONENTS:
         p = getattr(paths, name)
         if name == "tokenizer":
@@ -114,6 +135,10 @@ def _gb(n: int) -> str:
 
 def _file_lines(r: dict[str, Any], indent: str = "") -> list[str]:
     detected = r.get("component") or f"not a Z-Image component ({r.get('problem')})"
+    if r.get("controlnet"):
+        c = r["controlnet"]
+        detected += (f" {c['version']} (hints after layers {c['places']}, refiner {c['refiner_places']})"
+                     if "version" in c else f" ({c['problem']})")  # fmt: skip
     lines = [
         f"{indent}{r['path']}",
         f"{indent}  format:       {r['format']}" + (f" ({r['fp8_variant']})" if r.get("fp8_variant") else ""),
@@ -147,6 +172,12 @@ def format_report(report: dict[str, Any]) -> str:
         + (f" ({report['quant']})" if report.get("quant") else "")
     ]
     lines.append(f"  total: {_gb(report['bytes'])}")
+    v = report["variant"]
+    d = VARIANTS[v["name"]]
+    lines.append(
+        f"  variant: {v['name']} (decided by {v['decided_by']}; scheduler shift {v['shift']:g}; defaults "
+        f"{d.steps} steps, guidance {d.guidance:g})"
+    )
     for name, sub in report["components"].items():
         lines.append(f"  [{name}]")
         lines += _file_lines(sub, "    ") if "format" in sub else [f"    {sub['path']}"]

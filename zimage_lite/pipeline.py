@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from zimage_lite.control import control_part, controlled
 from zimage_lite.errors import UsageError, ZImageError
+from zimage_lite.guidance import Guidance, guided, negative_prompts
 from zimage_lite.init_image import image_tensor, init_latents, mask_tensor
 from zimage_lite.sampling import (
     euler_sample,
@@ -117,7 +119,7 @@ class _Timer:
 
 
 class Pipeline:
-    """Z-Image-Turbo text-to-image. Build with `Pipeline.load(...)`, call `generate(...)`.
+    """Z-Image (Turbo or base) text-to-image. Build with `Pipeline.load(...)`, call `generate(...)`.
 
     Weights are loaded into host memory; each phase places what its plan says on the device
     (`runtime.phases`), whatever the budget: with no `vram` the plan is made against the card's free
@@ -133,11 +135,15 @@ class Pipeline:
         device: torch.device,
         dtype,
         budget=None,
+        variant=None,
+        controlnet=None,
     ):
         from zimage_lite.runtime.budget import VramBudget
         from zimage_lite.runtime.phases import DeviceRuntime, phase_models
+        from zimage_lite.variants import read_variant
 
         self.paths = paths
+        self.variant = variant or read_variant(paths.root)  # variants.ModelVariant: defaults, scheduler
         self.budget = budget or VramBudget(None, 0, "unlimited")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -148,7 +154,10 @@ class Pipeline:
         self.last_stats = Stats()
         self.load_seconds = 0.0
         capacity = self.budget.total_bytes if self.budget.source == "card" and device.type == "cpu" else None
-        self.runtime = DeviceRuntime(device, phase_models(text_encoder, transformer, vae), capacity)
+        self.controlnet = controlnet
+        self.runtime = DeviceRuntime(
+            device, phase_models(text_encoder, transformer, vae, controlnet), capacity
+        )
         self._plans = None
         self.loras: list[tuple[str, dict, float]] = []  # (file, {layer: LowRank}, scale), in load order
 
@@ -166,14 +175,20 @@ class Pipeline:
         vram: str | int | None = None,
         card: str | int | None = None,
         fp8_matmul: str = "dequant",
+        variant: str | None = None,
+        controlnet: str | Path | None = None,
     ) -> Pipeline:
         """`vram` ("6GB", "auto", bytes): the device budget every phase is planned in; None plans
         against the free memory of a GPU (no limit on the CPU). `card` ("6GB"): run as on a card of
         that size (the allocator capped as it would be, and that budget; see budget.emulate_card).
         `fp8_matmul` "native": FP8 weights on the FP8 tensor cores where the card has them (sm >= 8.9;
-        kernels/fp8_matmul.py), else dequantized (the default, and the fallback elsewhere)."""
+        kernels/fp8_matmul.py), else dequantized (the default, and the fallback elsewhere). `variant`
+        ("turbo", "base"): whose sampling defaults apply (default: from the model's files, variants.py).
+        `controlnet`: a Fun-Controlnet-Union file or folder (any layout weights/names_controlnet.py reads)."""
         from zimage_lite.runtime.quant_linear import set_fp8_matmul
+        from zimage_lite.variants import read_variant
         from zimage_lite.weights.loaders import load_text_encoder, load_tokenizer, load_transformer, load_vae
+        from zimage_lite.weights.names_controlnet import load_controlnet
 
         start = time.perf_counter()
         dev = resolve_device(device)
@@ -186,18 +201,25 @@ class Pipeline:
             raise UsageError("this GPU (sm < 8.0) has no bfloat16 support: use --dtype float16 or float32")
         budget = _budget(vram, card, dev)
         paths = resolve_model(model, transformer, text_encoder, vae, tokenizer)
+        model_variant = read_variant(paths.root, variant)
         host = torch.device("cpu")  # phases place weights on the device per their plan
+        dit = load_transformer(paths.transformer, dtype, host).eval()
+        control = None if controlnet is None else load_controlnet(controlnet, dtype, host)
+        if control is not None:
+            control.config.check_fits(dit.config)
         pipe = cls(
             paths,
             tokenizer=load_tokenizer(paths.tokenizer),
             text_encoder=load_text_encoder(paths.text_encoder, dtype, host).eval(),
-            transformer=load_transformer(paths.transformer, dtype, host).eval(),
+            transformer=dit,
             vae=load_vae(paths.vae, dtype, host).eval(),
             device=dev,
             dtype=dtype,
             budget=budget,
+            variant=model_variant,
+            controlnet=control,
         )
-        for m in (pipe.text_encoder, pipe.transformer):
+        for m in (pipe.text_encoder, pipe.transformer, *([control] if control is not None else [])):
             set_fp8_matmul(m, fp8_matmul)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
@@ -244,7 +266,7 @@ class Pipeline:
         prompt: str | list[str],
         *,
         seed: int = 0,
-        steps: int = 8,
+        steps: int | None = None,
         width: int = 1024,
         height: int = 1024,
         batch: int = 1,
@@ -252,16 +274,35 @@ class Pipeline:
         image: Image.Image | None = None,
         strength: float | None = None,
         mask: Image.Image | None = None,
+        guidance: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        cfg_normalization: float | bool | None = None,
+        cfg_truncation: float | None = None,
+        control_image: Image.Image | None = None,
+        control_scale: float = 0.75,
+        control_start: float = 0.0,
+        control_end: float = 1.0,
+        control_inpaint: Image.Image | None = None,
+        control_mask: Image.Image | None = None,
         batch_index: int | None = None,
     ) -> torch.Tensor:
         """Final float32 latents (B*batch, C, H/8, W/8) before VAE decoding.
 
+        `steps`, `guidance`, `cfg_normalization`, `cfg_truncation`: None takes the model variant's
+        default (variants.py; Turbo: 8 steps, no guidance). With guidance > 0, classifier-free guidance
+        as diffusers' ZImagePipeline (guidance.py) against `negative_prompt` (default "", one per prompt).
         `batch_index` i remakes image i of a `batch` run alone: the batch's noise is drawn from the one
         seeded generator (as diffusers does), row i kept, so it is that image, not the one of seed + i.
-
         With `image` (resized to width x height): image-to-image from the schedule cut by `strength`
         (default 0.6); with `mask` too, inpainting (white = re-generate; strength default 1.0).
-        `on_step(i, n)` counts the steps that run (fewer than `steps` when strength < 1)."""
+        `on_step(i, n)` counts the steps that run (fewer than `steps` when strength < 1).
+        `control_image` (with a ControlNet loaded): its hints times `control_scale` join the steps whose
+        sigma lies in the schedule's [control_start, control_end] fraction, both passes of guidance;
+        `control_inpaint` + `control_mask`: ControlNet inpainting through the 33-channel input (control.py).
+
+        Structure: settings -> tokens -> plans -> text encoder phase -> start latents -> the Euler loop
+        over a denoiser (the transformer, wrapped by `guided`) with `_step_callback` after each step."""
+        steps, cfg = self.sampling_settings(steps, guidance, cfg_normalization, cfg_truncation)
         check_size(width, height)
         if steps < 1 or batch < 1:
             raise UsageError("steps and batch must be >= 1")
@@ -275,28 +316,73 @@ class Pipeline:
             strength = effective_strength(strength, mask)
         start = 0 if image is None else strength_start(steps, strength)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompts(prompts, negative_prompt, cfg)
         stats = self.last_stats = Stats()
         timer = _Timer(self.device)
 
-        ids = self.tokenizer.encode(prompts)
+        ids = self._tokens(prompts + negatives)
+        encode = image is not None or control_image is not None
+        n = len(prompts) * batch
         # rows of the noise drawn (prompt p, copy i at p*batch + i) and the rows run
         rows = [p * batch + i for p in range(len(prompts)) for i in range(batch) if batch_index in (None, i)]
-        self._plan(ids, width, height, len(rows), encode=image is not None)
+        self._plan(ids, width, height, len(rows), encode=encode, cfg=cfg.active)
         t0 = timer.now()
         with self._phase("text_encoder"):
-            captions = [c for c in self.encode_ids(ids) for _ in range(batch)]
-            captions = [captions[r] for r in rows]
-        t1 = timer.now()
-        stats.phases["text_encoder"] = t1 - t0
+            features = [c for c in self.encode_ids(ids) for _ in range(batch)]
+        stats.phases["text_encoder"] = timer.now() - t0
+        captions = [features[r] for r in rows]
+        negative = [features[n + r] for r in rows] if len(features) > n else []
 
-        latents, blend = self._start(
-            image, mask, start, steps, seed, len(prompts) * batch, width, height, rows
-        )
+        latents, blend = self._start(image, mask, start, steps, seed, n, width, height, rows)
+        control = control_part(
+            self.controlnet, self.encode_pixels, self.vae.config, control_image, width, height,
+            scale=control_scale, start=control_start, end=control_end, inpaint=control_inpaint,
+            mask=control_mask, device=self.device, scheduler=self.variant.scheduler,
+        )  # fmt: skip
         t1 = timer.now()  # "denoise" starts after the VAE encode of an init image (timed on its own)
-        last = [t1]
+        transformer = controlled(self.transformer, control)
+        denoise = guided(transformer, captions, negative, cfg, self._plans.transformer_chunks)
+        step_done = self._step_callback(timer, t1, start, steps, on_step)
+        with self._phase("transformer"):
+            latents = euler_sample(
+                denoise, latents, steps, self.variant.scheduler, on_step=step_done, start=start, blend=blend
+            )
+        stats.phases["denoise"] = timer.now() - t1
+        return latents
 
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.transformer(x, t, captions)
+    def sampling_settings(
+        self,
+        steps: int | None = None,
+        guidance: float | None = None,
+        cfg_normalization: float | bool | None = None,
+        cfg_truncation: float | None = None,
+    ) -> tuple[int, Guidance]:
+        """(steps, Guidance) a generation runs with: each given value, else the model variant's default."""
+        d = self.variant.defaults
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        cfg = Guidance(
+            float(pick(guidance, d.guidance)),
+            float(pick(cfg_normalization, d.cfg_normalization)),
+            float(pick(cfg_truncation, d.cfg_truncation)),
+        )
+        return int(pick(steps, d.steps)), cfg
+
+    def _tokens(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids per prompt; a prompt that gives none is refused (the chat template alone always
+        gives some, so only a tokenizer without those tokens can: nothing to condition on)."""
+        ids = self.tokenizer.encode(prompts)
+        for i, row in enumerate(ids):
+            if not row:
+                raise UsageError(
+                    f"prompt {prompts[i]!r} gives no tokens with this tokenizer (not even the chat "
+                    "template's): nothing to condition on"
+                )
+        return ids
+
+    def _step_callback(self, timer, t_start: float, start: int, steps: int, on_step):
+        """The Euler loop's `on_step(i, x)`: refuses non-finite latents, times the step, reports it."""
+        stats = self.last_stats
+        last = [t_start]
 
         def step_done(i: int, x: torch.Tensor) -> None:
             if not torch.isfinite(x).all():
@@ -312,10 +398,7 @@ class Pipeline:
             if on_step is not None:
                 on_step(i - start, steps - start)
 
-        with self._phase("transformer"):
-            latents = euler_sample(denoise, latents, steps, on_step=step_done, start=start, blend=blend)
-        stats.phases["denoise"] = timer.now() - t1
-        return latents
+        return step_done
 
     def _start(self, image, mask, start, steps, seed, images, width, height, rows):
         """(start latents on the device, inpainting blend or None) for the schedule entered at `start`:
@@ -329,7 +412,7 @@ class Pipeline:
         moments = self.encode_image(image, width, height)
         init = init_latents(moments, images, seed, cfg.scaling_factor, cfg.shift_factor)
         clean, noise = init.image[rows].to(self.device), init.noise[rows].to(self.device)
-        latents = noised(clean, noise, turbo_sigmas(steps)[start].to(self.device))
+        latents = noised(clean, noise, turbo_sigmas(steps, self.variant.scheduler)[start].to(self.device))
         if mask is None:
             return latents, None
         latent_mask = mask_tensor(mask, width, height, cfg.scale_factor).to(self.device)
@@ -341,24 +424,37 @@ class Pipeline:
         (Lanczos), in the "vae_encoder" phase (planned by generate_latents, or now for this size)."""
         if self._plans is None or self._plans.vae_encoder is None:
             self._plan([[0]], width, height, 1, encode=True)
+        return self.encode_pixels(image_tensor(image, width, height))
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE encoder moments of pixels (1, 3, H, W) in [-1, 1], as `encode_image` (planned first)."""
         timer = _Timer(self.device)
         t0 = timer.now()
         s = self.last_stats
         with self.runtime.phase("vae_encoder", self._plans.vae_encoder, False, s.streaming, s.device_memory):
-            moments = self.vae.encoder(image_tensor(image, width, height).to(self.device, self.vae.dtype))
-        s.phases["vae_encode"] = timer.now() - t0
+            moments = self.vae.encoder(pixels.to(self.device, self.vae.dtype))
+        s.phases["vae_encode"] = s.phases.get("vae_encode", 0.0) + timer.now() - t0
         return moments.float().cpu()
 
-    def _plan(self, ids: list[list[int]], width: int, height: int, images: int, encode: bool = False) -> None:
+    def _plan(
+        self,
+        ids: list[list[int]],
+        width: int,
+        height: int,
+        images: int,
+        encode: bool = False,
+        cfg: bool = False,
+    ) -> None:
         """All phases planned before any work, so a budget too small fails first (`encode`: with the
-        VAE encoder, for an init image)."""
+        VAE encoder, for an init image; `cfg`: the transformer runs a negative pass beside each image)."""
         from zimage_lite.runtime.phases import plan_phases
 
         try:
             self._plans = plan_phases(
                 self.text_encoder, self.transformer, self.vae, self.budget, self.device, width=width,
                 height=height, images=images, caption_tokens=max(len(r) for r in ids), dtype=self.dtype,
-                encode=encode,
+                encode=encode, cfg=cfg, controlnet=self.controlnet,
             )  # fmt: skip
         except UsageError as exc:
             if self.budget.source != "auto":

@@ -191,6 +191,7 @@ def _plans(pipe, total: int, width: int, height: int, images: int, caption_token
         plan_phases(
             pipe.text_encoder, pipe.transformer, pipe.vae, _explicit_budget(total, pipe.device), pipe.device,
             width=width, height=height, images=images, caption_tokens=caption_tokens, dtype=pipe.dtype,
+            controlnet=getattr(pipe, "controlnet", None),
         )  # fmt: skip
     except UsageError:
         return False

@@ -243,10 +243,13 @@ def write_synthetic_model(
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = 2 << 30,
     device: str = "cpu",
+    variant: str = "turbo",
 ) -> Path:
     """Write a complete diffusers-layout Z-Image folder with random weights; returns its path.
-    `device`: where the values are drawn (see _random_state)."""
+    `device`: where the values are drawn (see _random_state); `variant` ("turbo", "base"): whose
+    published scheduler config it gets (the weights are the same kind of random either way)."""
     from zimage_lite.synthetic_tokenizer import write_synthetic_tokenizer
+    from zimage_lite.variants import VARIANTS, check_variant
 
     if size not in SIZES:
         raise ValueError(f"unknown synthetic size {size!r}; choose from {', '.join(SIZES)}")
@@ -258,7 +261,8 @@ def write_synthetic_model(
     write_text_encoder(out / "text_encoder", spec.text, seed + 2, te_dtype, shard_bytes, device)
     write_vae(out / "vae", spec.vae, seed + 3, dtype, device)
     write_synthetic_tokenizer(out / "tokenizer", vocab_size=spec.vocab_size)
-    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **SchedulerConfig().to_dict()}
+    shift = VARIANTS[check_variant(variant)].shift
+    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **SchedulerConfig(shift=shift).to_dict()}
     _write_json(out / "scheduler" / "scheduler_config.json", sched)
     _write_json(out / "model_index.json", MODEL_INDEX)
     return out
@@ -272,3 +276,28 @@ MODEL_INDEX = {
     "transformer": ["diffusers", "ZImageTransformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
+
+
+def write_synthetic_controlnet(
+    path: str | Path, dit: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A random-weight 2.1-style Fun-Controlnet-Union branch for `dit`, in our layout (one safetensors
+    file, places in its metadata): control blocks before every second main layer (the real 2.1's
+    places on the real model), refiner-stage hints after the first two noise-refiner layers."""
+    import json
+
+    from zimage_lite.config import ControlNetConfig
+    from zimage_lite.models.controlnet import ZImageControlNet
+    from zimage_lite.weights.names_controlnet import CONTROLNET_KEY
+
+    refiner = tuple(range(min(2, dit.n_refiner_layers)))
+    cfg = ControlNetConfig(
+        "2.1", dit.dim, dit.n_heads, 33, tuple(range(0, dit.n_layers, 2)), refiner, len(refiner)
+    )
+    shapes = _meta_shapes(lambda: ZImageControlNet(cfg))
+    meta = {CONTROLNET_KEY: json.dumps({"version": cfg.version, "places": cfg.places,
+                                        "refiner_places": cfg.refiner_places})}  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(dict(_random_state(shapes, seed, dtype)), str(path), metadata=meta)
+    return path

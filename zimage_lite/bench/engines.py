@@ -163,16 +163,22 @@ class OursEngine:
         card: str | None = None,
         hires: tuple[float, float] | None = None,
         fp8_matmul: str | None = None,
+        guidance: float | None = None,
+        control: tuple[Path, object] | None = None,
     ):
         """`hires` (scale, strength): each generation is the hires fix, its image and latents the
-        second pass's, its timings both passes together."""
+        second pass's, its timings both passes together. `guidance`: the CFG scale (None: the model's).
+        `control` (ControlNet file, control image): every generation runs under that control at 0.75."""
         from zimage_lite.pipeline import Pipeline
 
         self.hires = hires
+        self.guidance = guidance
+        self.control = {} if control is None else {"control_image": control[1], "control_scale": 0.75}
         self.vram = {"requested": vram, "applied": vram is not None, "note": None, "card": card}
         self.pipe = Pipeline.load(
-            source, device=device, dtype=dtype, vram=vram, card=card, fp8_matmul=fp8_matmul or "dequant"
-        )
+            source, device=device, dtype=dtype, vram=vram, card=card, fp8_matmul=fp8_matmul or "dequant",
+            controlnet=None if control is None else control[0],
+        )  # fmt: skip
         self.load_seconds = self.pipe.load_seconds
         self.compute_dtype = str(self.pipe.dtype).removeprefix("torch.")
         self.device = str(self.pipe.device)
@@ -182,7 +188,8 @@ class OursEngine:
 
     def generate(self, prompt: str, seed: int, steps: int, width: int, height: int) -> Generation:
         start = time.perf_counter()
-        latents = self.pipe.generate_latents(prompt, seed=seed, steps=steps, width=width, height=height)
+        kw = dict(seed=seed, steps=steps, guidance=self.guidance, **self.control)
+        latents = self.pipe.generate_latents(prompt, width=width, height=height, **kw)
         image = self.pipe.decode(latents)[0]
         passes = [self.pipe.last_stats.to_dict()]
         if self.hires is not None:
@@ -191,7 +198,7 @@ class OursEngine:
             scale, strength = self.hires
             w, h = upscaled_size(width, height, scale)
             latents = self.pipe.generate_latents(
-                prompt, seed=seed, steps=steps, width=w, height=h, image=image, strength=strength
+                prompt, width=w, height=h, image=image, strength=strength, **kw
             )
             image = self.pipe.decode(latents)[0]
             passes.append(self.pipe.last_stats.to_dict())

@@ -192,6 +192,7 @@ def settings(cfg, reference: Path) -> dict:
         "vram": cfg.vram,
         "cards": cfg.cards,
         "hires": None if cfg.hires is None else {"scale": cfg.hires, "strength": cfg.hires_strength},
+        "cfg": cfg.cfg,
     }
 
 

@@ -16,6 +16,8 @@ class RowResult:
     precision: str
     card: str | None = None  # the card this row emulates (--card), None: the whole device or --vram
     hires: float | None = None  # hires-fix scale (--hires): generate, upscale, image-to-image
+    guidance: float | None = None  # CFG scale (--cfg); None: the model's default (Turbo: none)
+    control: bool = False  # with the ControlNet (--controlnet) at this precision, the bench's control map
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
     engine: object | None = None  # filled while running; not reported

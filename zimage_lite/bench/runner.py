@@ -54,6 +54,8 @@ class BenchConfig:
     cards: list[str] = field(default_factory=list)  # --card: extra rows per precision, run as on that card
     hires: float | None = None  # --hires: extra rows per precision, the hires fix at this scale
     hires_strength: float = 0.35
+    cfg: float | None = None  # --cfg: extra rows per precision, classifier-free guidance at this scale
+    controlnet: Path | None = None  # --controlnet: extra rows per precision with control (bench/control.py)
     device: str | None = None
     dtype: str | None = None
     cache: Path = field(default_factory=sources.default_cache_dir)
@@ -112,6 +114,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--hires-strength", type=cli_args.strength, default=0.35, help="strength of the hires pass"
     )
     parser.add_argument(
+        "--cfg", type=cli_args.non_negative, metavar="G",
+        help="every precision also runs with classifier-free guidance G (empty negative prompt: two passes "
+        "per step, each block uploaded once); rows named q8_0+cfg4, compared with the reference's cfg row",
+    )  # fmt: skip
+    parser.add_argument(
+        "--controlnet",
+        help="a ControlNet file, or 'synthetic' with --synthetic: every precision also runs under a fixed "
+        "control map with the ControlNet at that precision; rows named q8_0+control",
+    )
+    parser.add_argument(
         "--baselines", default="", help="'diffusers': add diffusers rows (needs diffusers installed)"
     )
     parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
@@ -139,9 +151,17 @@ def hires_name(precision: str, scale: float) -> str:
     return f"{precision}+hires{scale:g}x"
 
 
+def cfg_name(precision: str, guidance: float) -> str:
+    return f"{precision}+cfg{guidance:g}"
+
+
 def _reference_name(row: RowResult) -> str:
     """The row a row's images are compared with: the reference precision, in the same workflow."""
-    return sources.REFERENCE if row.hires is None else hires_name(sources.REFERENCE, row.hires)
+    if row.guidance is not None:
+        name = cfg_name(sources.REFERENCE, row.guidance)
+    else:
+        name = sources.REFERENCE if row.hires is None else hires_name(sources.REFERENCE, row.hires)
+    return name + "+control" if row.control else name
 
 
 def _cards(text: str | None) -> list[str]:
@@ -152,6 +172,14 @@ def _cards(text: str | None) -> list[str]:
         if parse_vram(c) is None:
             raise UsageError(f"--card takes sizes like 4GB,6GB,8GB (got {c!r})")
     return cards
+
+
+def _controlnet(spec: str | None, synthetic: str | None) -> Path | None:
+    if spec is None or spec != "synthetic":
+        return None if spec is None else Path(spec)
+    if synthetic is None:
+        raise UsageError("--controlnet synthetic needs --synthetic")
+    return Path("synthetic")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -172,7 +200,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         precisions=sources.parse_precisions(args.precisions), prompts=bench_prompts(args.prompts),
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
-        cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength,
+        cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength, cfg=args.cfg,
+        controlnet=_controlnet(args.controlnet, args.synthetic),
         device=args.device, dtype=args.dtype, cache=Path(args.cache) if args.cache else sources.default_cache_dir(),
         baselines=baselines, save_images=not args.no_images, progress=not args.quiet, force=args.force,
     )  # fmt: skip
@@ -273,6 +302,10 @@ def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
         rows += [
             RowResult(hires_name(p, cfg.hires), "zimage-lite", p, hires=cfg.hires) for p in cfg.precisions
         ]
+    if cfg.cfg is not None:
+        rows += [RowResult(cfg_name(p, cfg.cfg), "zimage-lite", p, guidance=cfg.cfg) for p in cfg.precisions]
+    if cfg.controlnet is not None:
+        rows += [RowResult(f"{p}+control", "zimage-lite", p, control=True) for p in cfg.precisions]
     if "diffusers" in cfg.baselines:
         from zimage_lite.bench.baselines import planned_baselines
 
@@ -298,9 +331,24 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
     row.info["convert"] = convert_info
     _, options = sources.base_precision(row.precision)
     hires = None if row.hires is None else (row.hires, cfg.hires_strength)
+    if row.control:
+        options = {**options, "control": _control_source(cfg, row)}
     return OursEngine(
-        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires, **options
-    )
+        folder, cfg.device, cfg.dtype, cfg.vram if row.card is None else None, row.card, hires,
+        guidance=row.guidance, **options,
+    )  # fmt: skip
+
+
+def _control_source(cfg: BenchConfig, row: RowResult):
+    """(ControlNet file at the row's precision, the bench's control map)."""
+    from zimage_lite.bench.control import control_map
+
+    src = cfg.controlnet
+    if src == Path("synthetic"):
+        src = sources.synthetic_controlnet(cfg.synthetic, cfg.cache)
+    path, info = sources.controlnet_source(src, row.precision, cfg.cache, cfg.progress)
+    row.info["controlnet"] = {"source": str(path), **info}
+    return path, control_map(cfg.width, cfg.height)
 
 
 def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar, round_: int) -> None:
@@ -340,8 +388,8 @@ def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gen: Gene
         entry["repeat_latent_rel_error"] = max(entry["repeat_latent_rel_error"], err)
         return
     if row.name == _reference_name(row):
-        refs[(prompt.id, seed, row.hires)] = gen
-    ref = refs[(prompt.id, seed, row.hires)]
+        refs[(prompt.id, seed, row.hires, row.guidance, row.control)] = gen
+    ref = refs[(prompt.id, seed, row.hires, row.guidance, row.control)]
     entry = {
         "prompt_id": prompt.id,
         "seed": seed,

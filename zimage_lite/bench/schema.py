@@ -23,7 +23,7 @@ SETTINGS = {
     "model": OPT_STR, "synthetic": OPT_STR, "reference_folder": str, "reference_precision": str,
     "precisions": list, "baselines": list, "prompts": list, "seeds": list, "steps": int, "width": int,
     "height": int, "repeats": int, "warmup": int, "device": OPT_STR, "dtype": OPT_STR, "vram": OPT_STR,
-    "cards": list, "hires": (dict, NONE),
+    "cards": list, "hires": (dict, NONE), "cfg": OPT_NUM,
 }  # fmt: skip
 PROMPT = {"id": str, "kind": str, "text": str}
 ROW = {

@@ -118,6 +118,36 @@ def precision_source(src: Path, precision: str, cache: Path, progress: bool) -> 
     return out, {"cached": False, "convert_s": time.perf_counter() - start}
 
 
+def controlnet_source(src: Path, precision: str, cache: Path, progress: bool) -> tuple[Path, dict]:
+    """(ControlNet file to load, convert info) for one precision: the file itself for the reference,
+    else a converted file in the cache (keyed as converted model folders are)."""
+    precision, _ = base_precision(precision)
+    if precision == REFERENCE:
+        return src, {"cached": None, "convert_s": None}
+    out = converted_path(src, precision, cache).with_suffix(".safetensors" if precision == "fp8" else ".gguf")
+    if out.is_file():
+        return out, {"cached": True, "convert_s": None}
+    cache.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    converter()(src, out, precision, force=True, progress=progress)
+    return out, {"cached": False, "convert_s": time.perf_counter() - start}
+
+
+def synthetic_controlnet(size: str, cache: Path, seed: int = 0) -> Path:
+    """A cached random-weight 2.1-style ControlNet for the synthetic model of `size`."""
+    import torch
+
+    from zimage_lite.synthetic import SIZES, write_synthetic_controlnet
+
+    out = cache / f"synthetic-{size}-seed{seed}-controlnet.safetensors"
+    if not out.is_file():
+        part = out.with_name(out.name + ".part")
+        dtype = torch.bfloat16 if size == "full" else torch.float32
+        write_synthetic_controlnet(part, SIZES[size]().dit, seed=seed + 7, dtype=dtype)
+        part.rename(out)
+    return out
+
+
 def synthetic_model(size: str, cache: Path, seed: int = 0) -> Path:
     """A cached random-weight model (float32; full size: bfloat16, the real checkpoint's dtype)."""
     import torch

@@ -20,6 +20,7 @@ from pathlib import Path
 from zimage_lite.convert.atomic import atomic_path, refuse_existing
 from zimage_lite.convert.plan import (
     ComponentPlan,
+    plan_controlnet,
     plan_text_encoder,
     plan_transformer,
     plan_vae,
@@ -105,6 +106,8 @@ def write_plan(
 def _plan_for(component: str, source, src: Path, quant: str, tokenizer_dir: Path | None) -> ComponentPlan:
     if component == "transformer":
         return plan_transformer(source, src, quant)
+    if component == "controlnet":
+        return plan_controlnet(source, src, quant)
     if component == "text_encoder":
         fields = text_encoder_tokenizer_fields(source, src, tokenizer_dir)
         return plan_text_encoder(source, src, quant, fields)
@@ -188,7 +191,10 @@ def _convert_model(
     device: str | None,
     quantizer: str | None,
 ) -> ConvertResult:
+    from zimage_lite.variants import read_variant
+
     paths = resolve_model(src)
+    variant = read_variant(src).name  # carried into the manifest: the defaults a run of it gets
     result = ConvertResult(out, quant)
     # plan (and so validate) every component before writing anything
     plans: dict[str, ComponentPlan] = {}
@@ -224,7 +230,10 @@ def _convert_model(
                 if extra == "tokenizer":
                     manifest["tokenizer"] = "tokenizer"
         (tmp / MANIFEST).write_text(
-            json.dumps({"format": MANIFEST_FORMAT, "quant": quant, "components": manifest}, indent=2)
+            json.dumps(
+                {"format": MANIFEST_FORMAT, "quant": quant, "variant": variant, "components": manifest},
+                indent=2,
+            )
         )
     result.components = {k: out / v for k, v in manifest.items()}
     return result

@@ -127,6 +127,35 @@ def plan_transformer(source, path: Path, preset: str) -> ComponentPlan:
     return ComponentPlan("transformer", "safetensors", jobs, None, meta)
 
 
+# -- ControlNet ------------------------------------------------------------------------------------------
+def plan_controlnet(source, path: Path, preset: str) -> ComponentPlan:
+    """Our names (the DiT's renames), the places in the metadata (`CONTROLNET_KEY`), GGUF architecture
+    "zimage_controlnet" or FP8 safetensors; 2.0's unused refiner blocks are not written."""
+    import json
+
+    from zimage_lite.models.controlnet import ZImageControlNet
+    from zimage_lite.quant.policy import choose_qtype
+    from zimage_lite.weights.names_controlnet import CONTROLNET_KEY, read_controlnet
+
+    _, plan, shapes, cfg = read_controlnet(path)
+    expected = {k: tuple(v.shape) for k, v in build_meta(lambda: ZImageControlNet(cfg)).state_dict().items()}
+    check_keys(expected, shapes, f"{path}: ControlNet")
+    container = "safetensors" if preset == "fp8" else "gguf"
+    jobs = [
+        _job(source, name, plan[name], shape, choose_qtype(name, shape, preset, "controlnet"), f"{path}: ")
+        for name, shape in expected.items()
+    ]
+    places = json.dumps({"version": cfg.version, "places": cfg.places, "refiner_places": cfg.refiner_places})
+    if container == "gguf":
+        meta = {**_general(f"Z-Image ControlNet {cfg.version}", preset), CONTROLNET_KEY: places}
+        return ComponentPlan("controlnet", "gguf", jobs, "zimage_controlnet", meta)
+    from zimage_lite.weights.fp8 import quant_metadata
+
+    fp8_layers = [j.name.removesuffix(".weight") for j in jobs if j.qtype == "FP8_E4M3"]
+    meta = {"_quantization_metadata": quant_metadata(fp8_layers), "format": "pt", CONTROLNET_KEY: places}
+    return ComponentPlan("controlnet", "safetensors", jobs, None, meta)
+
+
 # -- text encoder ----------------------------------------------------------------------------------------
 def _text_config(source, path: Path, bare_shapes: dict[str, tuple[int, ...]]) -> tuple[Qwen3Config, dict]:
     from zimage_lite.models.qwen3 import infer_qwen3_config

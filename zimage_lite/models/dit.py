@@ -96,6 +96,17 @@ class Block(nn.Module):
         freqs: torch.Tensor,
         mask: torch.Tensor | None,
         adaln: torch.Tensor | None = None,
+        chunks: int = 1,
+    ) -> torch.Tensor:
+        """x (B, S, dim). `chunks` > 1: the batch in that many parts one after the other (the same
+        result; the block's temporaries for one part at a time)."""
+        if chunks <= 1:
+            return self._forward(x, freqs, mask, adaln)
+        parts = zip(*(_split(a, chunks) for a in (x, freqs, mask, adaln)))
+        return torch.cat([self._forward(*p) for p in parts])
+
+    def _forward(
+        self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None, adaln: torch.Tensor | None
     ) -> torch.Tensor:
         if not self.modulated:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), freqs, mask))
@@ -106,6 +117,17 @@ class Block(nn.Module):
         x = x + gate_msa.tanh() * self.attention_norm2(attn)
         ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
         return x + gate_mlp.tanh() * self.ffn_norm2(ffn)
+
+
+def _split(a: torch.Tensor | None, chunks: int) -> list[torch.Tensor | None]:
+    """`a` cut into `chunks` parts along the batch; a key mask whose part is all valid becomes None,
+    as the DiT passes it for items of one length."""
+    if a is None:
+        return [None] * chunks
+    parts = list(a.chunk(chunks))
+    if a.dtype == torch.bool:
+        parts = [None if bool(p.all()) else p for p in parts]
+    return parts
 
 
 class TimestepEmbedder(nn.Module):
@@ -133,6 +155,17 @@ class FinalLayer(nn.Module):
         return self.linear(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * scale)
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, hints, *args) -> torch.Tensor:
+    """x through `blocks`; `hints.before(i, x)` (if given) returns what to add after block i, or None."""
+    for i, block in enumerate(blocks):
+        hint = None if hints is None else hints.before(i, x)
+        x = block(x, *args)
+        if hint is not None:
+            x = x + hint
+            hint = None  # freed now, not when the next hint is already computed
+    return x
+
+
 class ZImageDiT(nn.Module):
     """forward(latents (B, C, H, W), t (B,) in [0, 1] with 1 = clean, captions [(L_i, cap_dim)]) -> (B, C, H, W)."""
 
@@ -156,24 +189,36 @@ class ZImageDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.x_pad_token.dtype
 
-    def forward(self, latents: torch.Tensor, t: torch.Tensor, captions: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        captions: list[torch.Tensor],
+        chunks: int = 1,
+        control=None,
+    ) -> torch.Tensor:
+        """`chunks`: each block runs the batch in that many parts (Block.forward). `control`: None, or a
+        hook whose `start(seq, adaln, x_pad_token, chunks)` gives a run with `refiner_hints()` and
+        `layer_hints(cap)`: objects whose `before(i, x)` returns what to add to the stream after its
+        layer i (models/controlnet.py)."""
         from zimage_lite.models.dit_sequence import build_sequences, unpatchify
 
         seq = build_sequences(self.config, latents, captions)
         adaln = self.t_embedder(t * self.config.t_scale).to(self.dtype)
+        run = None if control is None else control.start(seq, adaln, self.x_pad_token, chunks)
 
         x = self.x_embedder(seq.image_patches.to(self.dtype))
         x = torch.where(seq.image_pad[..., None], self.x_pad_token, x)
-        for block in self.noise_refiner:
-            x = block(x, seq.image_freqs, None, adaln)
+        hints = None if run is None else run.refiner_hints()
+        x = run_blocks(self.noise_refiner, x, hints, seq.image_freqs, None, adaln, chunks)
 
         cap = self.cap_embedder(seq.caption_feats.to(self.dtype))
         cap = torch.where(seq.caption_pad[..., None], self.cap_pad_token, cap)
         for block in self.context_refiner:
-            cap = block(cap, seq.caption_freqs, seq.caption_mask)
+            cap = block(cap, seq.caption_freqs, seq.caption_mask, None, chunks)
 
         h = seq.join(x, cap)
-        for block in self.layers:
-            h = block(h, seq.joint_freqs, seq.joint_mask, adaln)
+        hints = None if run is None else run.layer_hints(cap)
+        h = run_blocks(self.layers, h, hints, seq.joint_freqs, seq.joint_mask, adaln, chunks)
         out = self.final_layer(h, adaln)
         return unpatchify(out[:, : seq.image_len], latents.shape, self.config.patch_size)

@@ -91,6 +91,9 @@ def build_sequences(cfg: DiTConfig, latents: torch.Tensor, captions: list[torch.
     b, _, h, w = latents.shape
     if len(captions) != b:
         raise ValueError(f"{len(captions)} captions for a batch of {b} latents")
+    empty = [i for i, c in enumerate(captions) if c.shape[0] == 0]
+    if empty:  # diffusers fails here too (a reshape in its RoPE); there is nothing to condition on
+        raise ValueError(f"caption {empty[0]} has no tokens: the DiT needs at least one caption token")
     ht, wt = h // p, w // p
     n_img = ht * wt
     n_img_pad = _round_up(n_img, m)

@@ -57,7 +57,20 @@ TEXT_ENCODER_RULES: tuple[Rule, ...] = (
     Rule(r"", "base"),
 )
 
-RULES: dict[str, tuple[Rule, ...]] = {"transformer": TRANSFORMER_RULES, "text_encoder": TEXT_ENCODER_RULES}
+# The ControlNet's blocks are DiT blocks: the same roles. Its embedder stays BF16 like the DiT's; the
+# before_proj / after_proj linears (3840 x 3840 each: BF16 would add 0.5 GB to a 2.1 file) write the
+# hints directly, so they get the "bumped" type, one step above the blocks'.
+CONTROLNET_RULES: tuple[Rule, ...] = (
+    Rule(r"(^|\.)control_x_embedder\.", "keep"),
+    Rule(r"\.(before_proj|after_proj)\.weight$", "bumped"),
+    *TRANSFORMER_RULES[2:],
+)
+
+RULES: dict[str, tuple[Rule, ...]] = {
+    "transformer": TRANSFORMER_RULES,
+    "text_encoder": TEXT_ENCODER_RULES,
+    "controlnet": CONTROLNET_RULES,
+}
 
 
 def _preset(base: str, bumped: str | None = None, modulation: str | None = None, embedding: str = "Q6_K"):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from zimage_lite.errors import UsageError
 from zimage_lite.runtime.budget import VramBudget
 from zimage_lite.runtime.device import DeviceLedger, device_layer_for
 from zimage_lite.runtime.planner import (
@@ -36,6 +37,7 @@ from zimage_lite.runtime.planner import (
     plan_transformer,
     qwen3_blocks,
     qwen3_host_only,
+    transformer_root,
 )
 from zimage_lite.runtime.streamer import BlockStreamer
 from zimage_lite.runtime.vae_tiling import choose_vae_tile, decode_bytes, encode_bytes
@@ -55,10 +57,15 @@ class PhaseModel:
     host_only: Sequence[nn.Module] = ()
 
 
-def phase_models(text_encoder: nn.Module, transformer: nn.Module, vae: nn.Module) -> dict[str, PhaseModel]:
+def phase_models(
+    text_encoder: nn.Module, transformer: nn.Module, vae: nn.Module, controlnet: nn.Module | None = None
+) -> dict[str, PhaseModel]:
+    """A ControlNet is placed and streamed in the transformer's phase, its blocks in execution order."""
     return {
         "text_encoder": PhaseModel(text_encoder, qwen3_blocks(text_encoder), qwen3_host_only(text_encoder)),
-        "transformer": PhaseModel(transformer, dit_blocks(transformer)),
+        "transformer": PhaseModel(
+            transformer_root(transformer, controlnet), dit_blocks(transformer, controlnet)
+        ),
         "vae": PhaseModel(vae.decoder),
         "vae_encoder": PhaseModel(vae.encoder),
     }
@@ -74,6 +81,9 @@ class PhasePlans:
     # image-to-image: the encoder as fixed weights, activations of an untiled encode; always given back
     # after its phase (it runs once per generation, and a later text-to-image run does not plan it)
     vae_encoder: Plan | None = None
+    # the transformer runs each block on its batch in this many parts: 2 when a CFG batch of two passes
+    # keeps fewer blocks resident (or does not fit) at once, 1 otherwise (plan_cfg_transformer)
+    transformer_chunks: int = 1
 
     def of(self, name: str) -> Plan:
         return getattr(self, name)
@@ -85,6 +95,7 @@ class PhasePlans:
             "vae": self.vae.to_dict(),
             "vae_tile": self.vae_tile,
             "keep": self.keep,
+            "transformer_chunks": self.transformer_chunks,
         }
         if self.vae_encoder is not None:
             out["vae_encoder"] = self.vae_encoder.to_dict()
@@ -119,31 +130,40 @@ def plan_phases(
     caption_tokens: int,
     dtype: torch.dtype,
     encode: bool = False,
+    controlnet: nn.Module | None = None,
+    cfg: bool = False,
 ) -> PhasePlans:
-    """Plan every phase (`encode`: the VAE encoder too, for an init image); raises UsageError (naming
-    the minimum) when any phase cannot fit."""
+    """Plan every phase (`encode`: the VAE encoder too, for an init image; `cfg`: the transformer runs
+    a negative pass beside every image, its activations doubled); raises UsageError (naming the
+    minimum) when any phase cannot fit."""
     total = budget.total_bytes if budget.total_bytes is not None else UNLIMITED
     over = dict(context_bytes=budget.context_bytes, margin_bytes=budget.margin_bytes)
     slow = _torch_dequant(device)
     planners = {
-        "text_encoder": lambda b: plan_text_encoder(
-            text_encoder, b, tokens=caption_tokens, batch=1, dtype=dtype, torch_dequant=slow, **over
+        "text_encoder": lambda b: (
+            plan_text_encoder(
+                text_encoder, b, tokens=caption_tokens, batch=1, dtype=dtype, torch_dequant=slow, **over
+            ),
+            1,
         ),
-        "transformer": lambda b: plan_transformer(
+        "transformer": lambda b: plan_cfg_transformer(
             transformer,
             b,
             width,
             height,
-            batch=images,
+            images=images,
+            cfg=cfg,
             dtype=dtype,
             caption_tokens=caption_tokens,
             torch_dequant=slow,
+            controlnet=controlnet,
             **over,
         ),  # fmt: skip
     }
     # Plan the most demanding phase first, so a refusal names the minimum for the whole generation.
-    minimum = {name: plan(UNLIMITED).minimum_bytes for name, plan in planners.items()}
-    plans = {name: planners[name](total) for name in sorted(planners, key=minimum.get, reverse=True)}
+    minimum = {name: plan(UNLIMITED)[0].minimum_bytes for name, plan in planners.items()}
+    planned = {name: planners[name](total) for name in sorted(planners, key=minimum.get, reverse=True)}
+    plans = {name: plan for name, (plan, _) in planned.items()}
     decoder = fixed_bytes(vae.decoder, [])
     reserved = budget.context_bytes + budget.margin_bytes
     tile = choose_vae_tile(
@@ -173,12 +193,38 @@ def plan_phases(
             what=f"VAE encode at {width}x{height}",
             **over,
         )
-    result = PhasePlans(plans["text_encoder"], plans["transformer"], plans["vae"], tile, keep, encoder)
+    chunks = planned["transformer"][1]
+    result = PhasePlans(
+        plans["text_encoder"], plans["transformer"], plans["vae"], tile, keep, encoder, chunks
+    )
     for name in ("text_encoder", "transformer", "vae"):
         log.info("%s", result.of(name).summary())
     log.info("VAE: %s; %s", "whole decode" if tile is None else f"tiles of {tile} latent cells",
              "all phases stay on the device" if keep else "each phase gives its memory back")  # fmt: skip
     return result
+
+
+def plan_cfg_transformer(
+    transformer: nn.Module, budget_bytes: int, width: int, height: int, *, images: int, cfg: bool, **kwargs
+) -> tuple[Plan, int]:
+    """(plan, chunks) for the transformer. With `cfg` every step runs 2 * images items: as one batch
+    (chunks 1) where that plan keeps as many blocks resident as running the two passes one after the
+    other inside each block (chunks 2) does, else the latter; either way each block is uploaded once."""
+    if not cfg:
+        return plan_transformer(transformer, budget_bytes, width, height, batch=images, **kwargs), 1
+    options = []
+    for chunks in (1, 2):
+        try:
+            plan = plan_transformer(
+                transformer, budget_bytes, width, height, batch=2 * images, chunks=chunks, **kwargs
+            )
+        except UsageError:
+            if chunks == 2:
+                raise
+            continue
+        options.append((len(plan.resident), -chunks, plan))
+    _, neg_chunks, plan = max(options, key=lambda o: o[:2])
+    return plan, -neg_chunks
 
 
 @dataclass

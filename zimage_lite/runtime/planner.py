@@ -218,6 +218,7 @@ def dit_activation_bytes(
     dtype: torch.dtype,
     caption_tokens: int = 512,
     attention: str = "efficient",
+    chunks: int = 1,
 ) -> int:
     """Peak activation bytes of ZImageDiT.forward (S = image + caption tokens, D = dim, F = FFN dim):
 
@@ -231,7 +232,8 @@ def dit_activation_bytes(
         FFN: normed input S*D*e plus w1->silu, w3 and their product: 3*S*F*e; fp16 adds the scaled
             w2 input copy S*F*e and its float32 output S*D*4 (QuantLinear's overflow guard)
     RoPE tables: complex64 (S, head_dim/2) for the image, caption and joint sequences.
-    Everything scales with the batch.
+    Everything scales with the batch, the inside of a block with the part of the batch it runs at once
+    (`chunks`: ZImageDiT.forward's; a CFG batch of 2B in 2 chunks holds one pass's block temporaries).
     """
     if attention not in ATTENTION_KINDS:
         raise UsageError(f"unknown attention kind {attention!r} (choose {', '.join(ATTENTION_KINDS)})")
@@ -246,7 +248,7 @@ def dit_activation_bytes(
     if dtype == torch.float16:
         ffn += s * f * e + s * d * 4
     freqs = 3 * s * (cfg.head_dim // 2) * 8
-    return batch * (live + max(attn, ffn) + freqs)
+    return batch * (live + freqs) + -(-batch // max(chunks, 1)) * max(attn, ffn)
 
 
 def qwen3_activation_bytes(cfg: Qwen3Config, tokens: int, batch: int, dtype: torch.dtype) -> int:
@@ -288,9 +290,19 @@ def dequant_scratch_bytes(modules: Iterable[nn.Module], dtype: torch.dtype, torc
 # Model-level planning: the block lists and the glue from a model to `plan_blocks`.
 
 
-def dit_blocks(model: nn.Module) -> list[nn.Module]:
-    """ZImageDiT's blocks in execution order: noise_refiner, context_refiner, then layers."""
+def dit_blocks(model: nn.Module, controlnet: nn.Module | None = None) -> list[nn.Module]:
+    """ZImageDiT's blocks in execution order: noise_refiner, context_refiner, then layers; with a
+    ControlNet its blocks interleaved where a controlled forward runs them."""
+    if controlnet is not None:
+        from zimage_lite.models.controlnet import execution_order
+
+        return execution_order(model, controlnet)
     return [*model.noise_refiner, *model.context_refiner, *model.layers]
+
+
+def transformer_root(model: nn.Module, controlnet: nn.Module | None = None) -> nn.Module:
+    """What the transformer phase places: the DiT, and the ControlNet beside it when there is one."""
+    return model if controlnet is None else nn.ModuleList([model, controlnet])
 
 
 def qwen3_blocks(model: nn.Module) -> list[nn.Module]:
@@ -332,23 +344,36 @@ def plan_transformer(
     prefetch_depth: int = 1,
     attention: str = "efficient",
     torch_dequant: bool = False,
+    chunks: int = 1,
+    controlnet: nn.Module | None = None,
 ) -> Plan:
     """Plan ZImageDiT (loaded or meta-built) at width x height for `batch` images in `dtype`
-    (default: the model's). Blocks are `dit_blocks(model)`; all other weights are always resident."""
+    (default: the model's), each block running the batch in `chunks` parts. Blocks are
+    `dit_blocks(model, controlnet)`; all other weights are always resident. A ControlNet adds its
+    control stream and one live hint (whole batch) to the activations."""
     dtype = dtype or model.dtype
-    blocks = dit_blocks(model)
+    blocks = dit_blocks(model, controlnet)
+    root = transformer_root(model, controlnet)
+    activations = dit_activation_bytes(
+        model.config, width, height, batch, dtype, caption_tokens, attention, chunks
+    )
+    if controlnet is not None:
+        from zimage_lite.models.controlnet import live_hint_bytes
+
+        tokens = sum(dit_tokens(model.config, width, height, caption_tokens))
+        e = torch.empty((), dtype=dtype).element_size()
+        activations += live_hint_bytes(controlnet.config, tokens, batch, e)
     return plan_blocks(
         [block_bytes(b) for b in blocks],
         budget_bytes,
-        fixed_bytes=fixed_bytes(model, blocks),
-        activation_bytes=dit_activation_bytes(
-            model.config, width, height, batch, dtype, caption_tokens, attention
-        ),
-        scratch_bytes=dequant_scratch_bytes([model], dtype, torch_dequant),
+        fixed_bytes=fixed_bytes(root, blocks),
+        activation_bytes=activations,
+        scratch_bytes=dequant_scratch_bytes([root], dtype, torch_dequant),
         context_bytes=context_bytes,
         margin_bytes=margin_bytes,
         prefetch_depth=prefetch_depth,
-        what=f"transformer at {width}x{height} batch {batch}",
+        what=f"transformer{'' if controlnet is None else ' + ControlNet'} at {width}x{height} batch {batch}"
+        + (f" in {chunks} parts" if chunks > 1 else ""),
     )
 
 

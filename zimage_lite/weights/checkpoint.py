@@ -176,6 +176,9 @@ def classify_keys(
         )
     stripped, prefix = _strip(keys, COMFY_PREFIX)
     names = set(stripped)
+    if names & {"control_all_x_embedder.2-1.weight", "control_x_embedder.weight"}:  # before the DiT's test
+        style = "diffusers" if any(".attention.to_q." in k for k in names) else "comfyui"
+        return "controlnet", style, prefix
     if {"x_pad_token", "cap_pad_token"} & names or {"cap_embedder.1.weight"} <= names:
         cap = shape((prefix or "") + "cap_embedder.1.weight") if "cap_embedder.1.weight" in names else None
         if cap is not None and len(cap) == 2 and cap[1] == 2304:

@@ -24,6 +24,7 @@ class ModelPaths:
     text_encoder: Path
     tokenizer: Path
     vae: Path
+    root: Path | None = None  # the model folder, when there is one (its scheduler/ and manifest)
 
     def describe(self) -> dict[str, str]:
         return {k: str(getattr(self, k)) for k in COMPONENTS}
@@ -63,7 +64,7 @@ def _from_folder(root: Path) -> ModelPaths:
     # a GGUF text encoder carries its own tokenizer
     if "tokenizer" not in paths and str(paths.get("text_encoder", "")).endswith(".gguf"):
         paths["tokenizer"] = paths["text_encoder"]
-    return ModelPaths(**{k: paths.get(k, root / k) for k in COMPONENTS})
+    return ModelPaths(**{k: paths.get(k, root / k) for k in COMPONENTS}, root=root)
 
 
 def resolve_model(
