@@ -100,14 +100,16 @@ def _meta_shapes(factory: Callable[[], torch.nn.Module]) -> dict[str, tuple[int,
     return {k: tuple(v.shape) for k, v in build_meta(factory).state_dict().items()}
 
 
-def save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_file(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """safetensors' save_file, its I/O failures as OSError (with errno and file name, as a write of ours
     would raise): a full disk then ends with the CLI's disk-full line, not a SafetensorError."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file as save
 
     try:
-        save(tensors, str(path))
+        save(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:
         found = re.search(r"os error (\d+)|code: (\d+)", str(exc))  # "I/O error: ... (os error 28)"
         if found is None:
