@@ -53,6 +53,19 @@ def kernel_device():
     return torch.device("cuda" if mode == "compiled" else "cpu")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_tmp(tmp_path_factory):
+    """The bench's default cache (bench.sources.default_cache_dir) is under $XDG_CACHE_HOME: point it at
+    the session's tmp, so no test (nor a CLI subprocess, which inherits it) writes into ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     import torch

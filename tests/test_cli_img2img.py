@@ -83,7 +83,7 @@ def test_hires_fix_in_one_command(tiny, pipe, files, tmp_path, capsys):
     pipe.load_lora(files / "style.safetensors", 0.5)
     try:
         first = pipe.generate("a lighthouse", steps=4, width=32, height=48)[0]
-        api = pipe.hires_fix(first, "a lighthouse", scale=1.5, strength=0.4, steps=4)
+        api = pipe.hires_fix(first, "a lighthouse", scale=1.5, strength=0.4, steps=4)[0]
     finally:
         pipe.unload_loras()
     assert np.array_equal(pixels(img), pixels(api))
@@ -93,7 +93,7 @@ def test_hires_fix_in_one_command(tiny, pipe, files, tmp_path, capsys):
     "argv,message",
     [
         (["--mask", "m.png"], "need --init-image"),
-        (["--init-image", "missing.png"], "cannot read the init image"),
+        (["--init-image", "missing.png"], "no such init image file"),
         (["--lora", "BAD"], "bad.safetensors"),
         (["--hires", "0.8"], "--hires: must be above 1"),
     ],

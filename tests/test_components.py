@@ -58,5 +58,5 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="model folder not found"):
+    with pytest.raises(CheckpointError, match="no such model folder"):
         resolve_model(tmp_path / "nope")

@@ -88,7 +88,18 @@ def test_convert_carries_the_variant_and_inspect_shows_it(converted, capsys):
 
 def test_png_metadata_has_the_defaults_and_flags_override(converted, tmp_path):
     out = tmp_path / "a.png"
-    args = ["generate", "a cat", "--model", str(converted), "--width", "32", "--height", "32", "-q"]
+    args = [
+        "generate",
+        "a cat",
+        "--model",
+        str(converted),
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "-q",
+        "--force",
+    ]  # one file, rewritten
     assert main([*args, "--steps", "2", "-o", str(out)]) == 0
     text = Image.open(out).text
     d = VARIANTS["base"]

@@ -11,70 +11,88 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 from zimage_lite import cli_args, cli_control
 from zimage_lite.cli_errors import EXIT_USAGE, Terminated, describe, one_line, sigterm_raises
+from zimage_lite.convert.atomic import committed
 from zimage_lite.errors import UsageError
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat` whose reader left
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a token that starts with a minus and a digit is a value (`--vram -1GB`), never an option: so
+        # the value's own check says what is wrong, not "expected one argument"
+        self._negative_number_matcher = re.compile(r"^-\d")
+
     def error(self, message: str):  # one line, not usage + message
         print(f"{self.prog}: error: {one_line(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) and rename the result onto `path` only when it completed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write(path: Path, write, force: bool = True) -> None:
+    """Call write(tmp_path) and rename the result onto `path` only when it completed (the umask's mode)."""
+    from zimage_lite.convert.atomic import atomic_path
+
+    with atomic_path(path, force) as tmp:
+        write(tmp)
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
+    """A batch's files: out.png for one image, else out-0.png, out-1.png, ... (README, "Batches")."""
     if count == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
-def check_output(path: Path, force: bool = True) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{parent}: output folder does not exist")
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder: give a file name")
-    if path.exists() and not force:
-        raise UsageError(f"{path}: already exists (use --force to overwrite)")
+def _check_generate_outputs(args: argparse.Namespace) -> list[Path]:
+    """The image files to write, checked before any work: a known image type, not an input, not named
+    twice, not existing without --force (outputs.check_outputs)."""
+    from zimage_lite.outputs import check_outputs, image_format
 
-
-def _png_info(meta: dict[str, str]):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for k, v in meta.items():
-        info.add_itxt(k, v)  # iTXt: UTF-8, so Chinese prompts survive
-    return info
+    out = Path(args.output)
+    image_format(out)
+    if args.batch_index is not None and args.batch_index >= args.batch:
+        raise UsageError(
+            f"--batch-index {args.batch_index} is not in a batch of {args.batch} (0 to {args.batch - 1})"
+        )
+    outs = output_paths(out, 1 if args.batch_index is not None else args.batch)
+    named = {"-o" if len(outs) == 1 else f"-o (image {i})": p for i, p in enumerate(outs)}
+    if args.stats:
+        named["--stats"] = Path(args.stats)
+    sources = {"--init-image": args.init_image, "--mask": args.mask, "--model": args.model,
+               "--transformer": args.transformer, "--text-encoder": args.text_encoder, "--vae": args.vae,
+               "--tokenizer": args.tokenizer}  # fmt: skip
+    sources.update({f"--lora {spec}": parse_lora(spec)[0] for spec in args.lora or []})
+    inputs = {k: Path(v).expanduser() for k, v in sources.items() if v is not None}
+    check_outputs(named, inputs, args.force)
+    return outs
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
-    """`style.safetensors[:0.8]` -> (path, scale); a suffix that is not a number belongs to the path."""
+    """`style.safetensors[:0.8]` -> (path, scale). A suffix that is not a number belongs to the path
+    (`C:lora`), unless the part before it is a file: then the scale is what is wrong."""
     path, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or Path(spec).expanduser().exists():
+        return spec, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        if Path(path).expanduser().is_file():
+            raise UsageError(f"--lora {spec}: the scale {tail!r} is not a number (FILE:0.8)") from None
+        return spec, 1.0
+    if not math.isfinite(scale):
+        raise UsageError(f"--lora {spec}: the scale must be a finite number (got {tail})")
+    return path, scale
 
 
 def _image_inputs(args: argparse.Namespace) -> dict:
@@ -88,6 +106,11 @@ def _image_inputs(args: argparse.Namespace) -> dict:
         args.width, args.height = args.width or 1024, args.height or 1024
         return {}
     image = open_image(args.init_image, "init image")
+    if min(image.size) < 16 and (args.width is None or args.height is None):
+        raise UsageError(
+            f"{args.init_image}: the init image is {image.width}x{image.height}, below the 16-pixel minimum "
+            "side of an output: give --width and --height"
+        )
     args.width = args.width or max(16, image.width // 16 * 16)
     args.height = args.height or max(16, image.height // 16 * 16)
     inputs = {"image": image, "strength": args.strength}
@@ -98,10 +121,12 @@ def _image_inputs(args: argparse.Namespace) -> dict:
 
 def _pass_meta(args: argparse.Namespace, pipe) -> dict[str, str]:
     """PNG text for the inputs beyond the prompt: init image, mask, strength, LoRAs, the hires pass."""
+    from zimage_lite.pipeline import effective_strength
+
     meta = {}
     if args.init_image is not None:
         meta["init_image"] = str(args.init_image)
-        meta["strength"] = "default" if args.strength is None else str(args.strength)
+        meta["strength"] = f"{effective_strength(args.strength, args.mask):g}"
     if args.mask is not None:
         meta["mask"] = str(args.mask)
     if pipe.loras:
@@ -117,18 +142,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from zimage_lite import preflight
     from zimage_lite.cli_guidance import guidance_kwargs, guidance_meta
     from zimage_lite.init_image import upscaled_size
+    from zimage_lite.outputs import save_image
     from zimage_lite.pipeline import Pipeline, check_size
     from zimage_lite.text import MAX_PROMPT_TOKENS
 
-    out = Path(args.output)
+    outs = _check_generate_outputs(args)
     inputs = _image_inputs(args)
     check_size(args.width, args.height)
     inputs.update(cli_control.control_inputs(args))
-    outs = output_paths(out, args.batch)
-    for p in outs:
-        check_output(p)
-    if args.stats:
-        check_output(Path(args.stats))
     start = time.perf_counter()
     preflight.before_load(
         args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer, args.device, args.dtype
@@ -164,15 +185,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with preflight.device_oom_as_error(pipe, *size):
             images = pipe.generate(
                 args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
-                batch=args.batch, on_step=on_step, **inputs, **guidance_kwargs(args),
+                batch=args.batch, batch_index=args.batch_index, on_step=on_step, **inputs, **guidance_kwargs(args),
             )  # fmt: skip
             first_stats = pipe.last_stats
             if args.hires is not None:
                 hires = []
                 for img in images:
-                    hires.append(pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
-                                                seed=args.seed, steps=args.steps, on_step=on_step,
-                                                **guidance_kwargs(args), **cli_control.hires_inputs(inputs)))  # fmt: skip
+                    hires += pipe.hires_fix(img, args.prompt, scale=args.hires, strength=args.hires_strength,
+                                            seed=args.seed, steps=args.steps, on_step=on_step,
+                                            **guidance_kwargs(args), **cli_control.hires_inputs(inputs))  # fmt: skip
                     hires_stats.append(pipe.last_stats.to_dict())
                 images = hires
     finally:
@@ -189,8 +210,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     meta.update(_pass_meta(args, pipe))
     meta.update(cli_control.control_meta(args))
     for i, (img, path) in enumerate(zip(images, outs)):
-        info = _png_info({**meta, "batch_index": str(i)})
-        atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
+        index = i if args.batch_index is None else args.batch_index
+        image_meta = {**meta, "batch": str(args.batch), "batch_index": str(index)}
+        atomic_write(path, lambda tmp, img=img, m=image_meta, p=path: save_image(img, tmp, m, p), args.force)
         print(f"wrote {path}")
     if args.stats:
         stats = {
@@ -201,7 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         }  # fmt: skip
         if hires_stats:
             stats["hires_passes"] = hires_stats
-        atomic_write(Path(args.stats), lambda tmp: tmp.write_text(json.dumps(stats, indent=2)))
+        atomic_write(Path(args.stats), lambda tmp: tmp.write_text(json.dumps(stats, indent=2)), args.force)
         print(f"wrote {args.stats}")
     return 0
 
@@ -240,6 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_synthetic(args: argparse.Namespace) -> int:
     import torch
 
+    from zimage_lite import preflight
     from zimage_lite.convert.atomic import atomic_path
     from zimage_lite.pipeline import resolve_device
     from zimage_lite.synthetic import write_synthetic_model
@@ -247,7 +270,10 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     out = Path(args.output)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = str(resolve_device(args.device or "cpu"))
-    with atomic_path(out, args.force, folder=True) as tmp:  # an interrupted run leaves nothing
+    preflight.check_synthetic(out, args.size, dtype)
+    with atomic_path(
+        out, args.force, folder=True, marks=("model_index.json",)
+    ) as tmp:  # Ctrl-C: nothing left
         write_synthetic_model(
             tmp,
             size=args.size,
@@ -285,14 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=cli_args.image_size, default=None, help=size_help)
     g.add_argument("--height", type=cli_args.image_size, default=None, help=size_help)
     g.add_argument("--batch", type=cli_args.batch, default=1, help="images per prompt")
+    g.add_argument("--batch-index", type=cli_args.batch_index, default=None, metavar="I",
+                   help="remake only image I of a --batch run (what its file records as batch_index)")  # fmt: skip
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     g.add_argument(
         "--vram",
+        type=cli_args.vram,
         default=None,
         help="VRAM budget (4GB, 6GB, 8GB, auto): weights stream from host memory to fit it",
     )
     g.add_argument(
         "--card",
+        type=cli_args.card,
         default=None,
         help="run as on a card of this size (4GB, 6GB, 8GB): caps the GPU allocator as such a card would "
         "and plans in its budget, so a big GPU shows what a small one will do",
@@ -315,8 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strength of the hires pass (0.3-0.4)")  # fmt: skip
     add_guidance_arguments(g)
     cli_control.add_control_args(g)
-    g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png")
+    g.add_argument("-o", "--output", type=cli_args.output_file, default="out.png",
+                   help="image file: .png, .jpg or .webp (a batch writes NAME-0.png, NAME-1.png, ...)")  # fmt: skip
     g.add_argument("--stats", type=cli_args.output_file, help="write timings and memory as JSON here")
+    g.add_argument("--force", action="store_true", help="replace existing output files")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -401,11 +433,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0), or a bad argument whose one line _Parser.error printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    done = len(committed())
     try:
         with sigterm_raises():
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()  # a closed pipe fails here, not at exit after the return
+            return code
+    except BrokenPipeError:  # `inspect --json | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE
     except (Exception, KeyboardInterrupt, Terminated) as exc:
-        message, code = describe(exc)
+        message, code = describe(exc, committed()[done:])
         if args.verbose:
             traceback.print_exc()
         print(f"zimage-lite: error: {one_line(message)}", file=sys.stderr)

@@ -49,6 +49,7 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
 seed = bounded_int(0, SEED_MAX)
 steps = bounded_int(1, STEPS_MAX)
 batch = bounded_int(1, BATCH_MAX)
+batch_index = bounded_int(0, BATCH_MAX - 1)
 threads = bounded_int(1, THREADS_MAX)
 repeats = bounded_int(1, 1000)
 warmup = bounded_int(0, 1000)
@@ -141,6 +142,25 @@ def convert_output(text: str) -> str:
     path = _path(text)
     _creatable(path)
     return str(path)
+
+
+def vram(text: str) -> str:
+    """A VRAM size (4GB, 6GiB, 512MB, 5.5G) or auto, as runtime.budget.parse_vram reads it; kept as text."""
+    from zimage_lite.errors import UsageError
+    from zimage_lite.runtime.budget import parse_vram
+
+    try:
+        parse_vram(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("invalid VRAM budget ")) from None
+    return text
+
+
+def card(text: str) -> str:
+    """A card size to emulate: as `vram`, but a card has a size (not auto)."""
+    if text.strip().lower() == "auto":
+        raise argparse.ArgumentTypeError("a card has a size, e.g. 4GB, 6GB or 8GB (got 'auto')")
+    return vram(text)
 
 
 def torch_device(text: str) -> str:

@@ -39,8 +39,8 @@ PHASES = {
 }
 
 
-# every character str.splitlines() breaks at -> its escape
-_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+# every character str.splitlines() breaks at, and NUL (a terminal shows nothing) -> its escape
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00"}
 
 
 class Terminated(BaseException):
@@ -96,17 +96,30 @@ def is_host_oom(exc: BaseException) -> bool:
 def _os_error(exc: OSError) -> str:
     where = exc.filename or "the output"
     if exc.errno in _DISK_FULL or _SHORT_WRITE.search(str(exc)):
-        return f"disk full while writing {where}: free some space or write elsewhere (-o); nothing was kept"
+        return f"disk full while writing {where}: free some space or write elsewhere (-o); {NOTHING_KEPT}"
     reason = exc.strerror or str(exc)
     return f"{where}: {reason}"
 
 
-def describe(exc: BaseException) -> tuple[str, int]:
-    """(one line without the program name, exit code) for an exception that ended a command."""
+NOTHING_KEPT = "nothing was kept"
+
+
+def describe(exc: BaseException, kept: list | tuple = ()) -> tuple[str, int]:
+    """(one line without the program name, exit code) for an exception that ended a command. `kept`: the
+    outputs the command had completed before it (a batch's first images, a conversion renamed into
+    place just before Ctrl-C): the line names them instead of saying that nothing was kept."""
+    message, code = _describe(exc)
+    if kept and NOTHING_KEPT in message:
+        names = ", ".join(map(str, kept))
+        message = message.replace(NOTHING_KEPT, f"what was complete before is kept: {names}; nothing else")
+    return message, code
+
+
+def _describe(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted; nothing was kept", EXIT_INTERRUPTED
+        return f"interrupted; {NOTHING_KEPT}", EXIT_INTERRUPTED
     if isinstance(exc, Terminated):
-        return "terminated; nothing was kept", EXIT_TERMINATED
+        return f"terminated; {NOTHING_KEPT}", EXIT_TERMINATED
     if isinstance(exc, ZImageError):
         return str(exc), EXIT_USAGE
     if is_device_oom(exc):

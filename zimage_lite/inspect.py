@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from zimage_lite.errors import CheckpointError
+from zimage_lite.errors import CheckpointError, not_found
 from zimage_lite.quant.formats import QUANTIZER_KEY
 from zimage_lite.variants import VARIANTS, read_variant
 from zimage_lite.weights.checkpoint import (
@@ -127,8 +127,8 @@ def _calibration(metadata: dict[str, Any]) -> dict[str, Any]:
 def inspect_path(path: str | Path) -> dict[str, Any]:
     """Report for a checkpoint file, a component folder, or a whole model folder (one entry per component)."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):
+        raise not_found(path)
     if not is_model_folder(path):
         return _file_report(path)
     fmt = "zimage-lite" if (path / MANIFEST).is_file() else "diffusers"

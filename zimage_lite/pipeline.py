@@ -7,6 +7,7 @@ per-step timings land in `pipe.last_stats` as plain JSON-able values.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested, but this torch has no usable CUDA device")
+        raise UsageError("CUDA was asked for, but this torch has no usable CUDA device: run on the CPU")
     if dev.type not in ("cuda", "cpu"):
         raise UsageError(f"unsupported device {device!r}: use cuda or cpu")
     return dev
@@ -71,6 +72,14 @@ def _budget(vram, card, device: torch.device):
     if n > budget.total_bytes:
         raise UsageError(f"--vram {vram} is larger than the emulated --card {card}")
     return replace(budget, total_bytes=n)
+
+
+SEED_MAX = 2**64 - 1  # torch's range without negative aliases (cli_args.SEED_MAX)
+
+
+def effective_strength(strength: float | None, mask) -> float:
+    """The image-to-image strength a run uses: the given one, else 0.6 (1.0 when inpainting)."""
+    return (0.6 if mask is None else 1.0) if strength is None else strength
 
 
 def check_size(width: int, height: int) -> None:
@@ -227,6 +236,8 @@ class Pipeline:
         format; nothing is dequantized or merged). A file that does not fit raises and changes nothing."""
         from zimage_lite.weights.lora import read_lora
 
+        if not math.isfinite(scale):
+            raise UsageError(f"LoRA {path}: the scale must be a finite number (got {scale})")
         updates = read_lora(path, self.transformer)
         added = self.set_loras([*self.loras, (str(path), updates, float(scale))])
         log.info("LoRA %s (scale %g): %d layers, %.1f MiB in all", path, scale, len(updates), added / 2**20)
@@ -291,12 +302,15 @@ class Pipeline:
         control_end: float = 1.0,
         control_inpaint: Image.Image | None = None,
         control_mask: Image.Image | None = None,
+        batch_index: int | None = None,
     ) -> torch.Tensor:
         """Final float32 latents (B*batch, C, H/8, W/8) before VAE decoding.
 
         `steps`, `guidance`, `cfg_normalization`, `cfg_truncation`: None takes the model variant's
         default (variants.py; Turbo: 8 steps, no guidance). With guidance > 0, classifier-free guidance
         as diffusers' ZImagePipeline (guidance.py) against `negative_prompt` (default "", one per prompt).
+        `batch_index` i remakes image i of a `batch` run alone: the batch's noise is drawn from the one
+        seeded generator (as diffusers does), row i kept, so it is that image, not the one of seed + i.
         With `image` (resized to width x height): image-to-image from the schedule cut by `strength`
         (default 0.6); with `mask` too, inpainting (white = re-generate; strength default 1.0).
         `on_step(i, n)` counts the steps that run (fewer than `steps` when strength < 1).
@@ -310,10 +324,14 @@ class Pipeline:
         check_size(width, height)
         if steps < 1 or batch < 1:
             raise UsageError("steps and batch must be >= 1")
+        if not 0 <= seed <= SEED_MAX:
+            raise UsageError(f"seed must be from 0 to {SEED_MAX} (got {seed})")
+        if batch_index is not None and not 0 <= batch_index < batch:
+            raise UsageError(f"batch_index {batch_index} is not in a batch of {batch}")
         if image is None and (mask is not None or strength is not None):
             raise UsageError("a mask or a strength needs an init image")
         if image is not None:
-            strength = (0.6 if mask is None else 1.0) if strength is None else strength
+            strength = effective_strength(strength, mask)
         start = 0 if image is None else strength_start(steps, strength)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompts(prompts, negative_prompt, cfg)
@@ -322,14 +340,17 @@ class Pipeline:
 
         ids = self._tokens(prompts + negatives)
         encode = image is not None or control_image is not None
-        self._plan(ids, width, height, len(prompts) * batch, encode=encode, cfg=cfg.active)
+        n = len(prompts) * batch
+        # rows of the noise drawn (prompt p, copy i at p*batch + i) and the rows run
+        rows = [p * batch + i for p in range(len(prompts)) for i in range(batch) if batch_index in (None, i)]
+        self._plan(ids, width, height, len(rows), encode=encode, cfg=cfg.active)
         t0 = timer.now()
         features = [c for c in self.text_features(ids) for _ in range(batch)]
         stats.phases["text_encoder"] = timer.now() - t0
-        n = len(prompts) * batch
-        captions, negative = features[:n], features[n:]
+        captions = [features[r] for r in rows]
+        negative = [features[n + r] for r in rows] if len(features) > n else []
 
-        latents, blend = self._start(image, mask, start, steps, seed, n, width, height)
+        latents, blend = self._start(image, mask, start, steps, seed, n, width, height, rows)
         control = control_part(
             self.controlnet, self.encode_pixels, self.vae.config, control_image, width, height,
             scale=control_scale, start=control_start, end=control_end, inpaint=control_inpaint,
@@ -400,17 +421,18 @@ class Pipeline:
 
         return step_done
 
-    def _start(self, image, mask, start, steps, seed, images, width, height):
-        """(start latents on the device, inpainting blend or None) for the schedule entered at `start`."""
+    def _start(self, image, mask, start, steps, seed, images, width, height, rows):
+        """(start latents on the device, inpainting blend or None) for the schedule entered at `start`:
+        the noise of `images` drawn as one tensor, the `rows` of it that run kept."""
         cfg = self.vae.config
         if image is None:
             noise = initial_noise(
                 images, self.transformer.config.in_channels, height, width, seed, cfg.scale_factor
             )
-            return noise.to(self.device), None
+            return noise[rows].to(self.device), None
         moments = self.encode_image(image, width, height)
         init = init_latents(moments, images, seed, cfg.scaling_factor, cfg.shift_factor)
-        clean, noise = init.image.to(self.device), init.noise.to(self.device)
+        clean, noise = init.image[rows].to(self.device), init.noise[rows].to(self.device)
         latents = noised(clean, noise, turbo_sigmas(steps, self.variant.scheduler)[start].to(self.device))
         if mask is None:
             return latents, None
@@ -486,16 +508,16 @@ class Pipeline:
 
     def hires_fix(
         self, image: Image.Image, prompt: str, *, scale: float = 1.5, strength: float = 0.35, **kwargs
-    ) -> Image.Image:
+    ) -> list[Image.Image]:
         """The hires fix: `image` upscaled by `scale` in pixel space (Lanczos; sides rounded to multiples of
         16), then image-to-image at that size with `strength`: more detail, same composition. kwargs
-        (seed, steps, on_step) as `generate_latents`."""
+        (seed, steps, on_step) as `generate_latents`. A list of one image, as `generate` returns."""
         from zimage_lite.init_image import upscaled_size
 
         if scale <= 1.0:
             raise UsageError(f"the hires scale must be above 1 (got {scale})")
         width, height = upscaled_size(*image.size, scale)
-        return self.generate(prompt, width=width, height=height, image=image, strength=strength, **kwargs)[0]
+        return self.generate(prompt, width=width, height=height, image=image, strength=strength, **kwargs)
 
     def generate(self, prompt: str | list[str], **kwargs) -> list[Image.Image]:
         """Images for `prompt` (a string or a list; `batch` images each). kwargs as `generate_latents`."""

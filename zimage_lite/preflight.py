@@ -92,6 +92,17 @@ def check_disk(out: Path, need_bytes: int) -> None:
         )
 
 
+def check_synthetic(out: Path, size: str, dtype: torch.dtype) -> None:
+    """Refuse a synthetic model that will not fit on the disk or in host memory while it is written."""
+    from zimage_lite.synthetic import planned_bytes
+
+    disk, host = planned_bytes(size, dtype)
+    check_disk(out, disk + FILE_SLACK_BYTES * 16)
+    _check_host(
+        host, f"writing the {size} synthetic model", "write a smaller --size, or close other programs"
+    )
+
+
 # -- generation: before loading ------------------------------------------------------------------------
 def held_weight_bytes(paths, dtype: torch.dtype) -> int:
     """Bytes the loaders will hold for the three components: dense tensors in the compute dtype,

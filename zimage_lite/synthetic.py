@@ -12,13 +12,13 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from zimage_lite.config import DiTConfig, Qwen3Config, VAEConfig
 from zimage_lite.published import published_config
@@ -153,28 +153,57 @@ def _meta_shapes(factory: Callable[[], torch.nn.Module]) -> dict[str, tuple[int,
     return {k: tuple(v.shape) for k, v in build_meta(factory).state_dict().items()}
 
 
+def save_file(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors' save_file, its I/O failures as OSError (with errno and file name, as a write of ours
+    would raise): a full disk then ends with the CLI's disk-full line, not a SafetensorError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file as save
+
+    try:
+        save(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)|code: (\d+)", str(exc))  # "I/O error: ... (os error 28)"
+        if found is None:
+            raise
+        code = int(found[1] or found[2])
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
 def _write_sharded(
     folder: Path, tensors: Iterator[tuple[str, torch.Tensor]], stem: str, shard_bytes: int
 ) -> None:
-    """Write safetensors shards of at most ~shard_bytes plus an index json (the diffusers layout)."""
+    """Write safetensors shards of at most ~shard_bytes plus an index json (the diffusers layout). Each
+    shard is written as soon as it is full, so one shard is in memory at a time (the full model's
+    transformer alone is 24 GB in float32); the `-of-N` names are given once N is known."""
     folder.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    written: list[Path] = []
+    weight_map: dict[str, int] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        written.append(folder / f"{stem}-{len(written) + 1:05d}.part")
+        save_file(shard, written[-1])
+        weight_map.update(dict.fromkeys(shard, len(written)))
+        shard.clear()
+
     for name, t in tensors:
-        if shards[-1] and size + t.numel() * t.element_size() > shard_bytes:
-            shards.append({})
+        if shard and size + t.numel() * t.element_size() > shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = t
+        shard[name] = t
         size += t.numel() * t.element_size()
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname))
-        weight_map.update(dict.fromkeys(shard, fname))
+        total += t.numel() * t.element_size()
+    flush()
+    names = [f"{stem}-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    for path, name in zip(written, names):
+        path.rename(folder / name)
     index = {
-        "metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())}
+        "metadata": {"total_size": total},
+        "weight_map": {k: names[i - 1] for k, i in weight_map.items()},
     }
-    index["weight_map"] = weight_map
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
@@ -235,7 +264,7 @@ def write_vae(folder: Path, cfg: VAEConfig, seed: int, dtype: torch.dtype, devic
     shapes = _meta_shapes(lambda: VAE(cfg))
     folder.mkdir(parents=True, exist_ok=True)
     state = dict(_random_state(shapes, seed, dtype, device))
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
     n = len(cfg.block_out_channels)
     values = cfg.to_dict()
     values.update(
@@ -243,6 +272,35 @@ def write_vae(folder: Path, cfg: VAEConfig, seed: int, dtype: torch.dtype, devic
         down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
     )  # fmt: skip
     _write_json(folder / "config.json", values)
+
+
+def _component_shapes(spec: SyntheticSpec) -> dict[str, dict[str, tuple[int, ...]]]:
+    from zimage_lite.models.dit import ZImageDiT
+    from zimage_lite.models.qwen3 import Qwen3Encoder
+    from zimage_lite.models.vae import VAE
+
+    full_text = dataclasses.replace(spec.text, num_hidden_layers=spec.text.num_hidden_layers + 1)
+    text = _meta_shapes(lambda: Qwen3Encoder(full_text))
+    text["norm.weight"] = (spec.text.hidden_size,)
+    return {
+        "transformer": _meta_shapes(lambda: ZImageDiT(spec.dit)),
+        "text_encoder": text,
+        "vae": _meta_shapes(lambda: VAE(spec.vae)),
+    }
+
+
+def planned_bytes(size: str, dtype: torch.dtype, shard_bytes: int = 2 << 30) -> tuple[int, int]:
+    """(bytes the model's files take, host bytes the writing holds at its peak: one shard, plus the
+    largest tensor drawn in float32 and cast) for `write_synthetic_model`, from the shapes alone."""
+    spec = SIZES[size]()
+    disk, largest = 0, 0
+    for component, shapes in _component_shapes(spec).items():
+        item = (torch.bfloat16 if component == "text_encoder" and size == "full" else dtype).itemsize
+        numels = [math.prod(s) for s in shapes.values()]
+        disk += sum(numels) * item
+        largest = max(largest, max(numels))
+    vae = sum(math.prod(s) for s in _component_shapes(spec)["vae"].values()) * dtype.itemsize
+    return disk, max(shard_bytes, vae) + largest * (4 + dtype.itemsize)
 
 
 def write_synthetic_model(

@@ -15,12 +15,29 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from zimage_lite.errors import CheckpointError
+from zimage_lite.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_TOKENS = 512
 PAD_TOKEN = "<|endoftext|>"
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that cannot be UTF-8: a shell passes bytes that are not UTF-8 to Python as lone
+    surrogates (U+DC80..U+DCFF for the bytes 0x80..0xFF), which the tokenizer cannot take. Replacing them
+    would condition on a prompt the user never typed, so it is an error naming the first bad byte."""
+    if not isinstance(text, str):
+        raise UsageError(f"{what} must be text (got {type(text).__name__})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise UsageError(
+            f"{what} is not valid UTF-8 text ({byte} at character {exc.start}): type it again, or set a "
+            "UTF-8 locale (LANG=C.UTF-8)"
+        ) from None
 
 
 class PromptTokenizer:
@@ -41,8 +58,8 @@ class PromptTokenizer:
         )
         for file in candidates:
             if file.is_file():
-                try:
-                    return cls(Tokenizer.from_file(str(file)))
+                try:  # from the text: tokenizers' from_file cannot open a path that is not UTF-8
+                    return cls(Tokenizer.from_str(file.read_text(encoding="utf-8")))
                 except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
                     raise CheckpointError(f"{file}: not a readable tokenizer.json ({exc})") from None
         raise CheckpointError(f"{path}: no tokenizer.json found")
@@ -66,6 +83,8 @@ class PromptTokenizer:
         `truncation=True` does, so a long prompt loses its template tail too)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        for i, prompt in enumerate(prompts):
+            check_text(prompt, f"prompt {i}" if len(prompts) > 1 else "the prompt")
         texts = [self.apply_template(p) for p in prompts]
         encoded = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         ids = []

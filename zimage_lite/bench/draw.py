@@ -143,10 +143,14 @@ def quality_time_plot(rows: list[dict], size: tuple[int, int] = (900, 560)) -> I
         taken.append((x - 5, y - 5, x + 5, y + 5))
     for name, t, p, _ in sorted(pts, key=lambda q: q[1]):
         _place_label(d, x_of(t), y_of(p), name, small, taken)
-    d.ellipse([w - 250, 18, w - 242, 26], fill=ACCENT)
-    d.text((w - 236, 14), "zimage-lite", fill=FG, font=small)
-    d.ellipse([w - 150, 18, w - 142, 26], fill=OTHER)
-    d.text((w - 136, 14), "diffusers", fill=FG, font=small)
+    kinds = {kind for _, _, _, kind in pts}  # a legend entry only for the kinds of rows drawn
+    legend = [
+        (k, ACCENT if k == "zimage-lite" else OTHER) for k in ("zimage-lite", "diffusers") if k in kinds
+    ]
+    for i, (kind, colour) in enumerate(legend):
+        x = w - 250 + 100 * i
+        d.ellipse([x, 18, x + 8, 26], fill=colour)
+        d.text((x + 14, 14), kind, fill=FG, font=small)
     if not pts:
         d.text((left + 20, plot_top + 20), "no completed rows", fill=ACCENT, font=font(14))
     return img

@@ -38,7 +38,7 @@ def _row_line(r: dict) -> str:
         r["compute_dtype"] or "–",
         fmt_bytes((r["files"] or {}).get("total_bytes")),
         fmt_s(t["s_per_step_median"]),
-        fmt_s(t["s_per_image_median"]),
+        _s_per_image(t),
         " / ".join(fmt_s(phases.get(k)) for k in ("text_encoder", "denoise", "vae")),
         fmt_bytes(m["peak_vram_bytes"]),
         fmt_bytes(m["pinned_host_bytes"]),
@@ -50,8 +50,18 @@ def _row_line(r: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _s_per_image(t: dict) -> str:
+    """median (min-max), and a mark when the repeats spread too wide to compare (report.SPREAD_LIMIT)."""
+    text = fmt_s(t["s_per_image_median"])
+    if t.get("s_per_image_max") is not None and t["samples"] > 1:
+        text += f" ({fmt_s(t['s_per_image_min'])}–{fmt_s(t['s_per_image_max'])})"
+    if t.get("comparable") is False:
+        text += f" **not comparable** (spread {t['spread']:.0%})"
+    return text
+
+
 HEADER = (
-    "| row | compute | files | s/step | s/image | text enc / denoise / VAE (s) | peak VRAM | pinned host "
+    "| row | compute | files | s/step | s/image (min–max) | text enc / denoise / VAE (s) | peak VRAM | pinned host "
     "| H2D / image | PSNR (dB) | SSIM | latent rel. err |\n"
     "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
@@ -72,10 +82,19 @@ def _environment(env: dict, s: dict, created: str) -> list[str]:
         ("diffusers", env["diffusers"] or "not installed"),
         ("zimage-lite", env["zimage_lite"] or "?"),
         ("python / platform", f"{env['python']} / {env['platform']}"),
+        (
+            "load average (1/5/15 min)",
+            f"{_load(env.get('load_average_before'))} at the start, "
+            f"{_load(env.get('load_average_after'))} at the end",
+        ),
         ("VRAM cap", s["vram"] or "none"),
         ("cards emulated", ", ".join(s.get("cards") or []) or "none"),
     ]
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in items)]
+
+
+def _load(values: list | None) -> str:
+    return "–" if not values else " / ".join(f"{v:.2f}" for v in values)
 
 
 def _types(counts: dict[str, int]) -> str:
@@ -96,7 +115,10 @@ def render_markdown(report: dict) -> str:
         HEADER,
         *(_row_line(r) for r in ok),
         "",
-        "Times are medians over every timed generation of the row (warm-up excluded); s/step pools the "
+        "Times are medians over every timed generation of the row (warm-up excluded), the fastest and "
+        "slowest in brackets; the rows' repeats are interleaved (each round runs every row once), and a row "
+        "whose repeats of one prompt and seed differ by more than 30% of their median is marked **not "
+        "comparable**: the machine was busy (see the load average below). s/step pools the "
         "denoising steps. PSNR / SSIM compare each 8-bit RGB image with the reference image of the same "
         "prompt and seed (SSIM: Gaussian window, sigma 1.5), averaged over images; latent rel. err is "
         "||x - ref|| / ||ref|| of the final latents. Compute is the dtype the matmuls ran in (on a CPU the "

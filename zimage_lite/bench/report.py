@@ -41,12 +41,29 @@ def _median(values: list) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _timing(samples) -> dict:
+SPREAD_LIMIT = 0.3  # repeats of one (prompt, seed) further apart than 30% of their median: not comparable
+
+
+def spread(repeat_s: dict[str, list[float]]) -> float | None:
+    """The widest (max - min) / median over a row's (prompt, seed) repeats; None with one repeat each."""
+    widths = [(max(v) - min(v)) / statistics.median(v) for v in repeat_s.values() if len(v) > 1]
+    return max(widths) if widths else None
+
+
+def _timing(row) -> dict:
+    samples = row.samples
     phases = sorted({k for s in samples for k in s.phases_s})
+    seconds = [s.seconds for s in samples]
+    width = spread(row.repeat_s)
     return {
         "samples": len(samples),
         "s_per_step_median": _median([t for s in samples for t in s.steps_s]),
-        "s_per_image_median": _median([s.seconds for s in samples]),
+        "s_per_image_median": _median(seconds),
+        "s_per_image_min": min(seconds, default=None),
+        "s_per_image_max": max(seconds, default=None),
+        "spread": width,
+        "comparable": None if width is None else width <= SPREAD_LIMIT,
+        "load_1m_median": _median(row.load_1m),
         "phases_s_median": {k: _median([s.phases_s.get(k) for s in samples]) for k in phases},
     }
 
@@ -86,7 +103,7 @@ def build_row(row) -> dict:
         "quantizer": info.get("quantizer"),
         "imatrix": info.get("imatrix"),
         "vram_cap": info.get("vram_cap"),
-        "timing": _timing(row.samples),
+        "timing": _timing(row),
         "memory": {
             "peak_vram_bytes": max(peaks) if peaks else None,
             "pinned_host_bytes": info.get("pinned_host_bytes"),
@@ -209,13 +226,18 @@ def _atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_report(cfg, reference: Path, rows) -> dict:
-    """Write report.json, report.md, grid.png and plot.png under cfg.out; return the report dict."""
+def write_report(cfg, reference: Path, rows, load=(None, None)) -> dict:
+    """Write report.json, report.md, grid.png and plot.png under cfg.out; return the report dict. `load`:
+    the machine's (1, 5, 15-minute) load averages before and after the run."""
     report = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(cfg.device),
+        "environment": {
+            **environment(cfg.device),
+            "load_average_before": load[0],
+            "load_average_after": load[1],
+        },
         "settings": settings(cfg, reference),
         "rows": [build_row(r) for r in rows],
         "files": {"markdown": "report.md", "grid": "grid.png", "plot": "plot.png"},

@@ -26,3 +26,7 @@ class RowResult:
     quality: list[dict] = field(default_factory=list)
     thumbs: list = field(default_factory=list)  # PIL thumbnails in (prompt, seed) order, for the grid
     info: dict = field(default_factory=dict)  # load_s, compute_dtype, files, vram, convert, deterministic...
+    # per "prompt_id s<seed>": seconds of each round's generation (rounds interleave the rows' repeats)
+    repeat_s: dict[str, list[float]] = field(default_factory=dict)
+    load_1m: list[float] = field(default_factory=list)  # the machine's 1-minute load at each timed sample
+    first: dict = field(default_factory=dict)  # (prompt_id, seed) -> round 0's Generation and quality entry

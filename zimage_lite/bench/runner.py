@@ -1,9 +1,15 @@
 """The harness: every precision (and optional diffusers baselines) on a fixed prompt set x seeds.
 
-For each row: load, warm up (excluded from timings), then `repeats` timed generations of every
-(prompt, seed). The reference row runs first; every other row's images and final latents are compared
-with the reference's of the same prompt and seed. Rows that fail are recorded (status "failed", with the
-reason) and the run goes on; a failing reference ends the run.
+The rows' repeats are interleaved: `repeats` rounds, each of which runs every row once (load, warm up
+excluded from timings, one timed generation of every (prompt, seed)), so a burst of load on a shared
+machine hits every row alike rather than the row that happened to run then; the report gives each
+row's spread and the machine's load, and marks a row whose repeats spread too wide to compare. The
+reference row runs first in each round; every other row's images and final latents (round 0's) are
+compared with the reference's of the same prompt and seed. Rows that fail are recorded (status
+"failed", with the reason) and the run goes on; a failing reference ends the run.
+
+The report folder is written under a temporary name and renamed when complete (convert/atomic.py): an
+interrupted or failed bench leaves nothing, and an existing report is replaced only with --force.
 
 Entry points: `add_bench_arguments(parser)` + `run_bench_from_args(args)` for the CLI, `run_bench(cfg)`
 for Python.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +63,7 @@ class BenchConfig:
     baselines: list[str] = field(default_factory=list)
     save_images: bool = True
     progress: bool = True
+    force: bool = False  # replace an existing report folder
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +90,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=cli_args.repeats, default=1, help="timed generations per prompt and seed"
     )
     parser.add_argument("--warmup", type=cli_args.warmup, default=1, help="untimed generations per row first")
-    parser.add_argument("--vram", help="VRAM cap passed to the runtime, e.g. 6GB")
+    parser.add_argument("--vram", type=cli_args.vram, help="VRAM cap passed to the runtime, e.g. 6GB")
     parser.add_argument(
         "--card",
         help="comma list of card sizes, e.g. 4GB,6GB,8GB: every precision also runs as on such a card "
@@ -121,8 +129,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="a ControlNet file, or 'synthetic' with --synthetic: every precision also runs under a fixed "
         "control map with the ControlNet at that precision; rows named q8_0+control",
     )
-    parser.add_argument("--baselines", default="", help="'diffusers': add diffusers rows when installed")
+    parser.add_argument(
+        "--baselines", default="", help="'diffusers': add diffusers rows (needs diffusers installed)"
+    )
     parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
+    parser.add_argument("--force", action="store_true", help="replace an existing report folder")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -215,7 +226,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength, cfg=args.cfg,
         controlnet=_controlnet(args.controlnet, args.synthetic), also_dtypes=args.also_dtype,
         device=args.device, dtype=args.dtype, cache=Path(args.cache) if args.cache else sources.default_cache_dir(),
-        baselines=baselines, save_images=not args.no_images, progress=not args.quiet,
+        baselines=baselines, save_images=not args.no_images, progress=not args.quiet, force=args.force,
     )  # fmt: skip
 
 
@@ -231,32 +242,80 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    """Run every row, write report.json / report.md / grid.png / plot.png under cfg.out; return the report."""
+    """Run every row, write report.json / report.md / grid.png / plot.png under cfg.out; return the report.
+    The folder appears only when complete (see the module docstring)."""
+    from dataclasses import replace
+
     from zimage_lite.bench import report
+    from zimage_lite.convert.atomic import atomic_path
     from zimage_lite.pipeline import check_size
 
     check_size(cfg.width, cfg.height)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    reference = cfg.model or sources.synthetic_model(cfg.synthetic or "tiny", cfg.cache)
-    rows = _planned_rows(cfg)
-    refs: dict[tuple[str, int], Generation] = {}
-    with _progress_bar(cfg, rows) as bar:
-        for row in rows:
-            if row.status == "skipped":
-                continue
-            bar.set_description(row.name)
-            try:
-                _run_row(cfg, reference, row, refs, bar)
-            except (ZImageError, RuntimeError, OSError, ValueError, ImportError) as exc:
-                if row.name == _reference_name(row):  # the rows after it have nothing to compare with
-                    raise
-                row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
-                log.warning("row %s failed: %s", row.name, row.reason)
-            finally:
-                if row.engine is not None:
-                    row.engine.close()
-                    row.engine = None
-    return report.write_report(cfg, reference, rows)
+    _check_folders(cfg)
+    with atomic_path(cfg.out, cfg.force, folder=True) as tmp:
+        run = replace(cfg, out=tmp)
+        reference = cfg.model or sources.synthetic_model(cfg.synthetic or "tiny", cfg.cache)
+        rows = _planned_rows(cfg)
+        load_before = _load_average()
+        refs: dict[tuple[str, int, float | None], Generation] = {}  # the reference rows' round-0 images
+        with _progress_bar(cfg, rows) as bar:
+            for round_ in range(cfg.repeats):
+                for row in rows:
+                    if row.status == "ok":
+                        _run_guarded(run, reference, row, refs, bar, round_)
+        return report.write_report(run, reference, rows, load=(load_before, _load_average()))
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _check_folders(cfg: BenchConfig) -> None:
+    """Before anything is made: the cache can be created (a read-only home says so and names --cache),
+    the report folder is not the model or the cache, and an existing report folder holds only a report
+    (--force replaces a report, never a folder of other files)."""
+    from zimage_lite.outputs import check_outputs
+
+    try:
+        cfg.cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the cache folder {cfg.cache} ({exc.strerror or exc}): give a writable one with --cache"
+        ) from None
+    if not os.access(cfg.cache, os.W_OK | os.X_OK):
+        raise UsageError(f"the cache folder {cfg.cache} is not writable: give a writable one with --cache")
+    inputs = {"--model": cfg.model} if cfg.model is not None else {}
+    check_outputs({"--out": cfg.out, "--cache": cfg.cache}, inputs, force=True)
+    if cfg.out.is_dir():
+        others = sorted(p.name for p in cfg.out.iterdir() if p.name not in REPORT_FILES)
+        if others:
+            raise UsageError(
+                f"{cfg.out} holds files that are not a bench report ({', '.join(others[:3])}): give --out a new folder"
+            )
+        if any(cfg.out.iterdir()) and not cfg.force:
+            raise UsageError(f"{cfg.out} already holds a report; pass --force to overwrite it")
+
+
+REPORT_FILES = ("report.json", "report.md", "grid.png", "plot.png", "images")
+
+
+def _run_guarded(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar, round_: int) -> None:
+    """One round of one row; a failure marks the row failed (and ends the run for the reference)."""
+    bar.set_description(row.name)
+    try:
+        _run_row(cfg, reference, row, refs, bar, round_)
+    except (ZImageError, RuntimeError, OSError, ValueError, ImportError) as exc:
+        if row.name == _reference_name(row):  # the rows after it have nothing to compare with
+            raise
+        row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.warning("row %s failed: %s", row.name, row.reason)
+    finally:
+        if row.engine is not None:
+            row.engine.close()
+            row.engine = None
 
 
 def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
@@ -285,7 +344,7 @@ def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
 def _progress_bar(cfg: BenchConfig, rows: list[RowResult]):
     from tqdm import tqdm
 
-    per_row = cfg.warmup + len(cfg.prompts) * len(cfg.seeds) * cfg.repeats
+    per_row = (cfg.warmup + len(cfg.prompts) * len(cfg.seeds)) * cfg.repeats
     total = per_row * sum(r.status != "skipped" for r in rows)
     return tqdm(total=total, unit="image", file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
 
@@ -320,12 +379,15 @@ def _control_source(cfg: BenchConfig, row: RowResult):
     return path, control_map(cfg.width, cfg.height)
 
 
-def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar) -> None:
+def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar, round_: int) -> None:
+    """Round `round_` of a row: load, warm up, one timed generation per (prompt, seed). Round 0 also
+    records the images and quality; later rounds add their times and the repeat latent error."""
     engine = row.engine = _open_engine(cfg, reference, row)
+    row.info.setdefault("load_s", engine.load_seconds)
     row.info.update(
-        load_s=engine.load_seconds, compute_dtype=engine.compute_dtype, device=engine.device,
-        files=engine.files, vram_cap=engine.vram, transformer_types=engine.transformer_types,
-        quantizer=engine.quantizer, imatrix=getattr(engine, "imatrix", None),
+        compute_dtype=engine.compute_dtype, device=engine.device, files=engine.files, vram_cap=engine.vram,
+        transformer_types=engine.transformer_types, quantizer=engine.quantizer,
+        imatrix=getattr(engine, "imatrix", None),
     )  # fmt: skip
     size = dict(steps=cfg.steps, width=cfg.width, height=cfg.height)
     first = cfg.prompts[0].text, cfg.seeds[0]
@@ -333,34 +395,37 @@ def _run_row(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, bar)
     for _ in range(cfg.warmup):
         warm = engine.generate(*first, **size)
         bar.update(1)
-    measured = []
     for prompt in cfg.prompts:
         for seed in cfg.seeds:
-            gens = []
-            for _ in range(cfg.repeats):
-                gens.append(engine.generate(prompt.text, seed, **size))
-                row.samples.append(gens[-1].sample)
-                bar.update(1)
-            _record_image(cfg, row, prompt, seed, gens, refs)
-            measured.append(gens[0])
-    # the warm-up used the first prompt and seed: bit-identical latents = a deterministic engine
-    row.info["deterministic"] = None if warm is None else bool((warm.latents == measured[0].latents).all())
-    row.info["pinned_host_bytes"] = engine.pinned_host_bytes()
+            gen = engine.generate(prompt.text, seed, **size)
+            row.samples.append(gen.sample)
+            row.load_1m.append((_load_average() or [None])[0])
+            row.repeat_s.setdefault(f"{prompt.id} s{seed}", []).append(gen.sample.seconds)
+            bar.update(1)
+            _record_image(cfg, row, prompt, seed, gen, refs)
+    if round_ == 0:  # the warm-up used the first prompt and seed: bit-identical latents = deterministic
+        measured = row.first[(cfg.prompts[0].id, cfg.seeds[0])][0]
+        row.info["deterministic"] = None if warm is None else bool((warm.latents == measured.latents).all())
+        row.info["pinned_host_bytes"] = engine.pinned_host_bytes()
 
 
-def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gens: list[Generation], refs) -> None:
-    gen = gens[0]
+def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gen: Generation, refs) -> None:
+    key = (prompt.id, seed)
+    if key in row.first:  # a later round: only how far this repeat's latents moved
+        first, entry = row.first[key]
+        err = latent_relative_error(gen.latents, first.latents)
+        entry["repeat_latent_rel_error"] = max(entry["repeat_latent_rel_error"], err)
+        return
     if row.name == _reference_name(row):
         refs[(prompt.id, seed, row.hires, row.guidance, row.control)] = gen
     ref = refs[(prompt.id, seed, row.hires, row.guidance, row.control)]
-    repeat_err = max(latent_relative_error(g.latents, gen.latents) for g in gens)
     entry = {
         "prompt_id": prompt.id,
         "seed": seed,
         "psnr_db": psnr(gen.image, ref.image),
         "ssim": ssim(gen.image, ref.image),
         "latent_rel_error": latent_relative_error(gen.latents, ref.latents),
-        "repeat_latent_rel_error": repeat_err,
+        "repeat_latent_rel_error": 0.0,
         "image": None,
     }
     if cfg.save_images:
@@ -368,6 +433,7 @@ def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gens: lis
         (cfg.out / rel).parent.mkdir(parents=True, exist_ok=True)
         gen.image.save(cfg.out / rel)
         entry["image"] = rel.as_posix()
+    row.first[key] = (gen, entry)
     row.quality.append(entry)
     row.thumbs.append(thumbnail(gen.image))
 

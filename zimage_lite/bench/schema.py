@@ -16,6 +16,7 @@ PSNR = (int, float, str, NONE)  # "inf" for identical images
 ENVIRONMENT = {
     "python": str, "platform": str, "cpu": str, "cpu_count": OPT_INT, "torch_threads": int, "torch": str,
     "torch_cuda": OPT_STR, "triton": OPT_STR, "diffusers": OPT_STR, "zimage_lite": OPT_STR, "gpu": (dict, NONE),
+    "load_average_before": (list, NONE), "load_average_after": (list, NONE),
 }  # fmt: skip
 GPU = {"name": str, "capability": str, "memory_bytes": int, "driver": OPT_STR}
 SETTINGS = {
@@ -43,6 +44,11 @@ TIMING = {
     "samples": int,
     "s_per_step_median": OPT_NUM,
     "s_per_image_median": OPT_NUM,
+    "s_per_image_min": OPT_NUM,
+    "s_per_image_max": OPT_NUM,
+    "spread": OPT_NUM,
+    "comparable": (bool, NONE),
+    "load_1m_median": OPT_NUM,
     "phases_s_median": dict,
 }
 MEMORY = {"peak_vram_bytes": OPT_INT, "pinned_host_bytes": OPT_INT, "h2d_bytes_per_image": OPT_NUM}

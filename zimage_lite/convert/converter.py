@@ -144,6 +144,20 @@ def _sibling_tokenizer(src: Path) -> Path | None:
     return None
 
 
+def _given_tokenizer(tokenizer: Path, component: str) -> Path:
+    """--tokenizer's folder, checked: a folder with tokenizer.json (or that file), for a text encoder."""
+    tokenizer = Path(tokenizer).expanduser()
+    if component != "text_encoder":
+        raise UsageError(f"--tokenizer is for a text encoder; this input is a {component.replace('_', ' ')}")
+    if tokenizer.is_file() and tokenizer.name == "tokenizer.json":
+        return tokenizer.parent
+    if not tokenizer.exists():
+        raise CheckpointError(f"{tokenizer}: no such tokenizer folder (--tokenizer)")
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise CheckpointError(f"{tokenizer}: no tokenizer.json in this folder (--tokenizer)")
+    return tokenizer
+
+
 def _convert_one(
     src: Path,
     out: Path,
@@ -158,6 +172,8 @@ def _convert_one(
 ) -> ConvertResult:
     source = open_checkpoint(src)
     detected = describe(source, src)
+    if tokenizer is not None:
+        tokenizer = _given_tokenizer(tokenizer, detected.component)
     plan = _plan_for(
         detected.component, source, src, _base(quant, options), tokenizer or _sibling_tokenizer(src)
     )
@@ -211,7 +227,7 @@ def _convert_model(
     for plan in plans.values():
         quantizer_metadata(plan, device, quantizer)  # a forced quantizer that cannot run
     check_disk(out, convert_output_bytes(plans.values(), [paths.tokenizer, src / "scheduler"]))
-    with atomic_path(out, force, folder=True) as tmp:
+    with atomic_path(out, force, folder=True, marks=(MANIFEST,)) as tmp:
         manifest: dict[str, str] = {}
         for component, plan in plans.items():
             if component == "vae":
@@ -284,7 +300,11 @@ def convert(
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UsageError(f"{out}: the output must not be the input or inside it")
     if is_model_folder(src):
-        refuse_existing(out, force)
+        if tokenizer is not None:
+            raise UsageError(
+                "--tokenizer is for a lone text encoder: a model folder's own tokenizer/ is used"
+            )
+        refuse_existing(out, force, (MANIFEST,))
         result = _convert_model(src, out, quant, force, progress, threads, device, quantizer, options)
     else:
         result = _convert_one(

@@ -27,6 +27,7 @@ from zimage_lite.errors import UsageError
 from zimage_lite.runtime.budget import VramBudget
 from zimage_lite.runtime.device import DeviceLedger, device_layer_for
 from zimage_lite.runtime.planner import (
+    UNLIMITED,
     Plan,
     dit_blocks,
     fixed_bytes,
@@ -43,7 +44,6 @@ from zimage_lite.runtime.vae_tiling import choose_vae_tile, decode_bytes, encode
 
 log = logging.getLogger(__name__)
 
-UNLIMITED = 1 << 62  # a budget that always plans: used to read each phase's minimum, and with no budget
 COUNTERS = ("h2d_bytes", "h2d_copies", "copy_s", "stall_s", "resident_load_bytes", "prefetch_misses")
 
 

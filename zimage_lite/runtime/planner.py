@@ -72,6 +72,9 @@ def tensors_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.nbytes for t in tensors)
 
 
+UNLIMITED = 1 << 62  # a budget that always plans: used to read each phase's minimum, and with no budget
+
+
 @dataclass(frozen=True)
 class Plan:
     """A placement of blocks (indices into the block list, in execution order) inside a budget."""
@@ -95,12 +98,12 @@ class Plan:
         return (
             f"{self.what}: {len(self.resident)} blocks resident, {len(self.streamed)} streamed through "
             f"{self.ring_slots} slots of {format_bytes(self.slot_bytes)}; {format_bytes(self.total_bytes)} "
-            f"of {format_bytes(self.budget_bytes)} ({parts})"
+            f"of {'no limit' if self.budget_bytes >= UNLIMITED else format_bytes(self.budget_bytes)} ({parts})"
         )
 
     def to_dict(self) -> dict:
         return {
-            "budget_bytes": self.budget_bytes,
+            "budget_bytes": None if self.budget_bytes >= UNLIMITED else self.budget_bytes,  # None: no limit
             "minimum_bytes": self.minimum_bytes,
             "total_bytes": self.total_bytes,
             "resident_blocks": list(self.resident),

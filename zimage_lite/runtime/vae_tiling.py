@@ -115,9 +115,16 @@ def choose_vae_tile(
         if fixed + decode_bytes(cfg, h, w, batch, dtype, tile, attention) <= budget_bytes:
             return tile
     need = fixed + decode_bytes(cfg, h, w, batch, dtype, smallest, attention)
+    whole = fixed + mid_block_bytes(cfg, h, w, batch, dtype, attention)
+    why = (
+        f"its mid-block attention runs over all {h * w} latent positions at once, which tiles do not shrink: "
+        "use a smaller --width/--height"
+        if whole >= need
+        else f"even in tiles of {smallest * f} pixels"
+    )
     raise UsageError(
         f"VRAM budget {format_bytes(budget_bytes, 2)} is below the minimum {format_bytes(need, 2)} for the "
-        f"VAE decode at {width}x{height} batch {batch} (tiles of {smallest * f} pixels)"
+        f"VAE decode at {width}x{height} batch {batch}: {why}"
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from zimage_lite.errors import CheckpointError
+from zimage_lite.errors import CheckpointError, not_found
 from zimage_lite.weights.components import MANIFEST
 from zimage_lite.weights.gguf import GGUFCheckpoint, is_gguf_file
 from zimage_lite.weights.safetensors import SafetensorsCheckpoint
@@ -123,7 +123,7 @@ def open_checkpoint(path: str | Path, check_types: bool = True) -> Checkpoint:
             return GGUFCheckpoint(ggufs[0], check_types=check_types)
         return SafetensorsCheckpoint.open(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise not_found(path)
     if is_gguf_file(path):
         return GGUFCheckpoint(path, check_types=check_types)
     try:

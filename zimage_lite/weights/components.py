@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from zimage_lite.errors import CheckpointError
+from zimage_lite.errors import CheckpointError, not_found
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,13 @@ def resolve_model(
     else:
         model = str(model)
         root = _download(model) if _looks_like_repo_id(model) else Path(model).expanduser()
+        if root.is_file():
+            raise CheckpointError(
+                f"{root} is a file, not a model folder: give single files with --transformer, --text-encoder "
+                "and --vae"
+            )
         if not root.is_dir():
-            raise CheckpointError(f"{root}: model folder not found")
+            raise not_found(root, "model folder")
         paths = _from_folder(root)
         paths = replace(paths, **{k: Path(v) for k, v in overrides.items() if v is not None})
         if text_encoder is not None and tokenizer is None and str(text_encoder).endswith(".gguf"):

@@ -57,6 +57,23 @@ def _field_value(field: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
+class _Truncated(Exception):
+    def __init__(self, end: int):
+        super().__init__(end)
+        self.end = end
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """gguf-py's reader slices its mapping without a bounds check, so a truncated file fails later with a
+    reshape or index error; reading past the end here says so."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        end = int(offset) + int(np.empty([], dtype=dtype).itemsize) * int(count)
+        if end > len(self.data):
+            raise _Truncated(end)
+        return super()._get(offset, dtype, count, override_order)
+
+
 class GGUFCheckpoint:
     """Tensors of one GGUF file, read on demand from the mapping.
 
@@ -73,7 +90,12 @@ class GGUFCheckpoint:
         if not is_gguf_file(self.path):
             raise CheckpointError(f"{self.path}: not a GGUF file (no GGUF magic bytes)")
         try:
-            self._reader = gguf.GGUFReader(self.path, "r")
+            self._reader = _CheckedReader(self.path, "r")
+        except _Truncated as exc:
+            size = self.path.stat().st_size
+            raise CheckpointError(
+                f"{self.path}: truncated GGUF file (reading it needs byte {exc.end}, the file has {size})"
+            ) from None
         except Exception as exc:  # gguf-py raises ValueError, IndexError, struct/numpy errors on bad files
             raise CheckpointError(
                 f"{self.path}: unreadable GGUF file ({type(exc).__name__}: {exc})"

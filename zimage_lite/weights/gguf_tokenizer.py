@@ -49,7 +49,7 @@ def load_tokenizer_files(folder: Path) -> tuple[Tokenizer, dict[str, Any]]:
     """tokenizer.json and (optional) tokenizer_config.json of a tokenizer folder."""
     file = folder / "tokenizer.json"
     try:
-        tok = Tokenizer.from_file(str(file))
+        tok = Tokenizer.from_str(file.read_text(encoding="utf-8"))  # from_file needs a UTF-8 path
     except Exception as exc:  # tokenizers raises a bare Exception
         raise CheckpointError(f"{file}: not a readable tokenizer.json ({exc})") from None
     cfg_file = folder / "tokenizer_config.json"

@@ -18,6 +18,7 @@ Everything is validated before anything is returned, so a bad file changes nothi
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zimage_lite.errors import CheckpointError
+from zimage_lite.errors import CheckpointError, not_found
 from zimage_lite.weights.names_dit import to_diffusers_name
 from zimage_lite.weights.safetensors import SafetensorsCheckpoint
 
@@ -149,6 +150,10 @@ def _pair(file: Path, source, module: str, keys: dict[str, str], shape: tuple[in
     if down.ndim != 2 or up.ndim != 2:
         got = tuple(down.shape)
         raise CheckpointError(f"{file}: tensor {keys['down']} is not a linear LoRA (shape {got})")
+    if down.shape[0] == 0:  # PEFT refuses r=0 too (LoraConfig: "r should be a positive integer")
+        raise CheckpointError(
+            f"{file}: tensor {keys['down']} has rank 0 (shape {tuple(down.shape)}): an empty LoRA"
+        )
     if up.shape[1] != down.shape[0]:
         raise CheckpointError(
             f"{file}: rank mismatch at {keys['up']}: up is {tuple(up.shape)}, down is {tuple(down.shape)}"
@@ -159,7 +164,16 @@ def _pair(file: Path, source, module: str, keys: dict[str, str], shape: tuple[in
             f"is {shape[0]}x{shape[1]} (a LoRA for another model size?)"
         )
     alpha = source.get(keys["alpha"]) if "alpha" in keys else None
+    for key, t in ((keys["down"], down), (keys["up"], up), (keys.get("alpha"), alpha)):
+        if t is not None and not torch.isfinite(t).all():
+            raise CheckpointError(f"{file}: tensor {key} holds NaN or infinity")
+    if alpha is not None and alpha.numel() != 1:
+        raise CheckpointError(
+            f"{file}: tensor {keys['alpha']} should be one number (shape {tuple(alpha.shape)})"
+        )
     scale = _alpha_for(module, down.shape[0], alpha, meta) / down.shape[0]
+    if not math.isfinite(scale):  # a NaN alpha in the PEFT metadata
+        raise CheckpointError(f"{file}: the alpha of layer {module!r} is not a finite number")
     return LowRank(down, up * scale)
 
 
@@ -181,7 +195,7 @@ def read_lora(path: str | Path, model: nn.Module) -> dict[str, LowRank]:
     CheckpointError naming the first offending tensor; returns only when every tensor was understood."""
     file = Path(path)
     if not file.is_file():
-        raise CheckpointError(f"{file}: no such LoRA file")
+        raise not_found(file, "LoRA file")
     source = SafetensorsCheckpoint.open(file)
     shapes = linear_shapes(model)
     targets = lora_targets(shapes)

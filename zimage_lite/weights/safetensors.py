@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from zimage_lite.errors import CheckpointError
+from zimage_lite.errors import CheckpointError, not_found
 from zimage_lite.weights.fp8 import FP8_QTYPES, FP8Layer
 from zimage_lite.weights.mapping import advise, readonly_tensor
 
@@ -84,7 +84,7 @@ def shard_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise not_found(path)
     index = sorted(path.glob("*.safetensors.index.json"))
     if index:
         try:
