@@ -282,6 +282,7 @@ def _error(r: httpx.Response) -> dict:
 
 
 BIG_TEXT = "x" * (1 << 20)
+CONTROL_URL = "data:image/png;base64," + base64.b64encode(_png(Image.new("RGB", (32, 32)))).decode()
 
 
 def _bomb(side: int) -> bytes:
@@ -313,6 +314,8 @@ def _bomb(side: int) -> bytes:
         ({"prompt": "a", "guidance": 99.0}, 400, "guidance"),
         ({"prompt": "a", "guidance": -1.0}, 400, "guidance"),
         ({"prompt": "a", "unknown_field": 1}, 400, "unknown_field"),
+        ({"prompt": "a", "control_image": CONTROL_URL}, 400, "control_image"),  # no --controlnet here
+        ({"prompt": "a", "control_scale": 0.5}, 400, "control_scale"),
         ({"prompt": "a", "response_format": "pdf"}, 400, "response_format"),
         ({}, 400, "prompt"),
     ],

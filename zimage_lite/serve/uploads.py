@@ -56,6 +56,14 @@ def openai_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
     return alpha.point(lambda a: 255 if a < 128 else 0)
 
 
+def request_images(image, mask, control, decode, max_pixels: int) -> dict:
+    """init_images plus {"control_image"} from the request's base64 `control` (None: none)."""
+    out = init_images(image, mask, decode, max_pixels)
+    if control is not None:
+        out["control_image"] = decode_base64_image(control, "control_image", max_pixels)
+    return out
+
+
 def init_images(image, mask, decode, max_pixels: int) -> dict:
     """{"image", "mask"} for a request from its uploaded forms (bytes, or base64 text) through `decode`:
     the mask in OpenAI's convention turned into ours. Run off the event loop (decoding takes a while)."""
