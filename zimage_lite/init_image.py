@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zimage_lite.errors import UsageError
+from zimage_lite.upright import upright
 
 
 def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -27,11 +28,12 @@ def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """A PIL image fully read from `path`; UsageError with one line when it cannot be."""
+    """A PIL image fully read from `path`, upright as its EXIF says; UsageError with one line when it
+    cannot be."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return upright(im)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: cannot read the {what} ({exc})") from None
 
