@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.controlnet_fixtures import build, write_diffusers
 from tests.serve_live import live_server
 from zimage_lite.synthetic import write_synthetic_model
 
@@ -78,6 +77,8 @@ def base_server(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def controlnet(tmp_path_factory):
     """A tiny Fun-Controlnet-Union (diffusers' ZImageControlNetModel, random weights) for the tiny model."""
+    from tests.controlnet_fixtures import build, write_diffusers  # diffusers: imported only when needed
+
     return write_diffusers(
         tmp_path_factory.mktemp("page-cn") / "cn", build(None, 16, [0, 1], None, n_refiner=1)
     )
