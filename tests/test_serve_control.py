@@ -92,6 +92,35 @@ def test_generations_with_control_image_and_default_scale_equal_the_pipeline(ser
     assert np.array_equal(got, np.asarray(want))
 
 
+def test_edit_with_a_control_image_form_field_equals_the_pipeline(server, pipe):
+    """/v1/images/edits (multipart): an init image file and control_image as base64 text in a form field."""
+    init, control = picture(32, 32, 5), picture(32, 32, 6)
+    png = io.BytesIO()
+    init.save(png, format="PNG")
+    fields = {"prompt": "a quay", "seed": "4", "strength": "0.8", "control_image": data_url(control),
+              "control_scale": "1.2"}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/images/edits", data=fields, files={"image": ("i.png", png.getvalue())},
+                   timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    got = pixels(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    want = pipe.generate("a quay", seed=4, steps=2, width=32, height=32, image=init, strength=0.8,
+                         control_image=control, control_scale=1.2)[0]  # fmt: skip
+    assert np.array_equal(got, np.asarray(want))
+
+
+def test_hires_pass_keeps_the_control_as_generate_does(server, pipe):
+    """The hires pass gets the same control (resized to its size), as `generate --control --hires`."""
+    control = picture(32, 32, 7)
+    body = {"prompt": "a dock", "seed": 2, "control_image": data_url(control), "hires": {"scale": 1.5}}
+    r = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    got = pixels(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    kw = {"seed": 2, "steps": 2, "control_image": control}
+    first = pipe.generate("a dock", width=32, height=32, **kw)[0]
+    want = pipe.hires_fix(first, "a dock", scale=1.5, strength=0.35, **kw)
+    assert got.shape == (48, 48, 3) and np.array_equal(got, np.asarray(want))
+
+
 CONTROL = data_url(Image.new("RGB", (16, 16)))
 
 
