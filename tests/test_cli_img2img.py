@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
 from zimage_lite.cli import main, parse_lora
@@ -66,6 +66,33 @@ def test_init_image_and_mask_as_the_api(tiny, pipe, files, tmp_path, capsys):
     assert img.text["mask"].endswith("mask.png")
     api = pipe.generate("a lighthouse", steps=4, width=64, height=48, image=Image.open(files / "in.png"),
                         mask=Image.open(files / "mask.png"), strength=0.8)[0]  # fmt: skip
+    assert np.array_equal(pixels(img), pixels(api))
+
+
+def exif_turned_jpeg(path, pixels: np.ndarray) -> Image.Image:
+    """`pixels` stored as they are, tagged EXIF Orientation=6 (shown turned 90 degrees clockwise, as a
+    phone held upright writes it); returns the image as a viewer shows it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    upright = ImageOps.exif_transpose(Image.open(path))
+    assert upright.size == (pixels.shape[0], pixels.shape[1])  # (W, H) of the turned picture
+    return upright
+
+
+def test_exif_orientation_of_init_image_and_mask_is_applied(tiny, pipe, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    image = exif_turned_jpeg(tmp_path / "photo.jpg", rng.integers(0, 255, (32, 64, 3), dtype=np.uint8))
+    stored_mask = np.zeros((32, 64), np.uint8)
+    stored_mask[:, :32] = 255  # the stored left half: the top half once turned
+    mask = exif_turned_jpeg(tmp_path / "mask.jpg", stored_mask)
+    out = tmp_path / "e.png"
+    code, _, err = run(capsys, tiny, "--init-image", str(tmp_path / "photo.jpg"), "--mask",
+                       str(tmp_path / "mask.jpg"), "--strength", "0.9", "-o", str(out))  # fmt: skip
+    assert code == 0, err
+    img = Image.open(out)
+    assert img.size == (32, 64)  # as shown, not as stored (64x32)
+    api = pipe.generate("a lighthouse", steps=4, width=32, height=64, image=image, mask=mask, strength=0.9)[0]
     assert np.array_equal(pixels(img), pixels(api))
 
 

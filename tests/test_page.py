@@ -75,6 +75,24 @@ def base_server(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def controlnet(tmp_path_factory):
+    """A tiny Fun-Controlnet-Union (diffusers' ZImageControlNetModel, random weights) for the tiny model."""
+    from tests.controlnet_fixtures import build, write_diffusers  # diffusers: imported only when needed
+
+    return write_diffusers(
+        tmp_path_factory.mktemp("page-cn") / "cn", build(None, 16, [0, 1], None, n_refiner=1)
+    )
+
+
+@pytest.fixture(scope="module")
+def control_server(model, controlnet, tmp_path_factory):
+    """A third server: the same tiny weights with the ControlNet loaded."""
+    root = tmp_path_factory.mktemp("page-control-server")
+    with live_server(model, root, "--controlnet", str(controlnet), "--output-dir", str(root / "out")) as live:
+        yield live.url
+
+
+@pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -521,10 +539,49 @@ def test_base_model_shows_negative_prompt_and_guidance_and_they_reach_the_png(
         v.close()
 
 
-def test_controlnet_fields_follow_info_and_the_servers_refusal_lands_next_to_them(visit, tmp_path):
-    """The page shows a ControlNet image and scale only when /v1/info reports a ControlNet. No server has
-    one yet (issue 21), so the real /v1/info answer is altered in flight to say so; the request then goes to
-    the real server, whose refusal of the field must land next to that control."""
+def test_control_image_and_scale_make_the_image_the_pipeline_makes(browser, control_server, model, controlnet,
+                                                                   tmp_path):  # fmt: skip
+    """On a server started with --controlnet, the page shows the control image and scale; what it sends
+    generates, and the downloaded PNG is the one Pipeline.generate makes with that control image, scale and
+    seed."""
+    from zimage_lite.pipeline import Pipeline
+
+    v = Visit(browser, control_server, tmp_path)
+    try:
+        p = v.page
+        p.get_by_label("Control image").wait_for()
+        v.fill(prompt="a harbour", **SMALL)
+        p.get_by_label("Fixed").check()
+        p.get_by_label("Seed value").fill("77")
+        edges = init_png(tmp_path / "edges.png")
+        p.get_by_label("Control image").set_input_files(edges)
+        p.locator("#control-scale").fill("0.5")
+        with p.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
+            p.get_by_role("button", name="Generate").click()
+        body = req.value.post_data_json
+        assert body["control_scale"] == 0.5 and data_url_bytes(body["control_image"]) == edges.read_bytes()
+        p.locator("#gallery li").first.wait_for(timeout=60_000)
+        with p.expect_download() as dl:
+            p.get_by_role("link", name="Download PNG").first.click()
+        data = Path(dl.value.path()).read_bytes()
+        text = png_text(data)
+        assert (text["control"], text["control_scale"], text["seed"]) == ("uploaded", "0.5", "77"), text
+        assert not p.locator("#control-field .error").is_visible()
+        pipe = Pipeline.load(model, device="cpu", controlnet=controlnet)
+        want = pipe.generate("a harbour", seed=77, steps=4, width=64, height=64,
+                             control_image=Image.open(edges), control_scale=0.5)[0]  # fmt: skip
+        got = Image.open(io.BytesIO(data)).convert("RGB")
+        assert got.tobytes() == want.tobytes()
+        v.shot("control")
+        assert not v.errors
+    finally:
+        v.close()
+
+
+def test_without_a_controlnet_the_servers_refusal_lands_next_to_the_control(visit, tmp_path):
+    """The page shows a ControlNet image and scale only when /v1/info reports a ControlNet. Here the server
+    has none, so the real /v1/info answer is altered in flight to claim one; the request then goes to the
+    real server, whose refusal (a 400 naming control_image) must land next to that control."""
     p = visit.page
     assert p.get_by_label("Control image").is_hidden()
 
@@ -542,5 +599,5 @@ def test_controlnet_fields_follow_info_and_the_servers_refusal_lands_next_to_the
     assert body["control_scale"] == 0.75 and data_url_bytes(body["control_image"]).startswith(b"\x89PNG")
     error = p.locator("#control-field .error")
     error.wait_for()
-    assert "control_image" in error.text_content()
+    assert "control_image" in error.text_content() and "no ControlNet" in error.text_content()
     assert p.locator("#control-image").get_attribute("aria-invalid") == "true"

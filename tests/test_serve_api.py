@@ -175,6 +175,30 @@ def test_job_with_base64_image_and_mask_equals_the_pipeline_inpaint(server, pipe
     assert np.abs(got - want).max() <= 1
 
 
+def test_uploaded_jpeg_with_exif_orientation_is_used_as_shown(server, pipe):
+    """A phone's JPEG: pixels stored 64x32, EXIF Orientation=6 (shown turned, 32x64). The job's size
+    (auto: the image's) and pixels are those of the picture as shown, as diffusers' load_image reads it."""
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(buf, "JPEG", exif=exif.tobytes())
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())))
+    body = {"prompt": "a mast", "image": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(),
+            "strength": 0.7, "seed": 3, "steps": 2}  # fmt: skip
+    job = httpx.post(f"{server.url}/v1/jobs", json=body).json()
+    deadline = time.monotonic() + 60
+    while (view := httpx.get(f"{server.url}/v1/jobs/{job['id']}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert view["state"] == "succeeded" and view["size"] == "32x64", view
+    got = pixels(httpx.get(view["results"][0]["url"]).content)
+    want = ours(pipe, "a mast", seed=3, steps=2, width=32, height=64, image=shown, strength=0.7)
+    assert np.abs(got - want).max() <= 1
+
+
 def test_lora_by_name_equals_the_pipeline_with_that_lora(client, tiny, lora_dir):
     r = client.images.generate(prompt="a tree", size="32x32",
                                extra_body={"seed": 2, "steps": 2, "loras": [{"name": "style", "scale": 0.7}]})  # fmt: skip
@@ -282,6 +306,7 @@ def _error(r: httpx.Response) -> dict:
 
 
 BIG_TEXT = "x" * (1 << 20)
+CONTROL_URL = "data:image/png;base64," + base64.b64encode(_png(Image.new("RGB", (32, 32)))).decode()
 
 
 def _bomb(side: int) -> bytes:
@@ -313,6 +338,8 @@ def _bomb(side: int) -> bytes:
         ({"prompt": "a", "guidance": 99.0}, 400, "guidance"),
         ({"prompt": "a", "guidance": -1.0}, 400, "guidance"),
         ({"prompt": "a", "unknown_field": 1}, 400, "unknown_field"),
+        ({"prompt": "a", "control_image": CONTROL_URL}, 400, "control_image"),  # no --controlnet here
+        ({"prompt": "a", "control_scale": 0.5}, 400, "control_scale"),
         ({"prompt": "a", "response_format": "pdf"}, 400, "response_format"),
         ({}, 400, "prompt"),
     ],

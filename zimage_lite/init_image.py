@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zimage_lite.errors import UsageError, not_found
+from zimage_lite.upright import upright
 
 
 def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -27,14 +28,15 @@ def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """A PIL image fully read from `path`; UsageError with one line when it cannot be (a FIFO or device
-    is refused before it is opened: reading one would wait forever or never end)."""
+    """A PIL image fully read from `path`, upright as its EXIF says; UsageError with one line when it
+    cannot be (a FIFO or device is refused before it is opened: reading one would wait forever or never
+    end)."""
     if not Path(path).is_file():
         raise not_found(path, f"{what} file")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return upright(im)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UsageError(f"{path}: cannot read the {what} ({exc})") from None
 

@@ -32,6 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--fp8-matmul", choices=["dequant", "native"], default="dequant")
     s.add_argument("--variant", choices=["turbo", "base"], default=None,
                    help="the model's sampling defaults (default: from its files)")  # fmt: skip
+    s.add_argument("--controlnet", default=None,
+                   help="Fun-Controlnet-Union file or folder: requests may send control_image")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --api-key")
     s.add_argument("--port", type=cli_args.bounded_int(0, 65535), default=8000)
     s.add_argument("--api-key", default=None, help=f"Bearer token clients must send (or ${API_KEY_ENV})")
@@ -65,7 +67,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     model = ModelOptions(
         args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer, args.device, args.dtype,
-        args.vram, args.card, args.fp8_matmul, args.variant,
+        args.vram, args.card, args.fp8_matmul, args.variant, args.controlnet,
     )  # fmt: skip
     limits = Limits(max_n=args.max_n, max_steps=args.max_steps, max_pixels=args.max_pixels)
     config = ServeConfig(

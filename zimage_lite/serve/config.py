@@ -36,6 +36,7 @@ class ModelOptions:
     card: str | None = None
     fp8_matmul: str = "dequant"
     variant: str | None = None  # turbo | base; None: from the model's files
+    controlnet: str | None = None  # a Fun-Controlnet-Union file or folder (generate --controlnet)
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,13 @@ class Engine:
         images = self.pipe.generate(
             p.prompt, seed=p.seed, steps=p.steps, width=p.width, height=p.height, batch=p.n,
             on_step=lambda i, n: on_step(1, i, n), image=p.image, mask=p.mask, strength=p.strength,
-            **p.guidance_kwargs(),
+            **p.guidance_kwargs(), **p.control_kwargs(),
         )  # fmt: skip
         if p.hires is not None:
             images = [
                 self.pipe.hires_fix(img, p.prompt, scale=p.hires.scale, strength=p.hires.strength,
                                     seed=p.seed, steps=p.steps, on_step=lambda i, n: on_step(2, i, n),
-                                    **p.guidance_kwargs())
+                                    **p.guidance_kwargs(), **p.control_kwargs())
                 for img in images
             ]  # fmt: skip
         log.debug("generated %d image(s) in %.3f s", len(images), time.perf_counter() - start)
@@ -115,6 +115,13 @@ def metadata(p: JobParams, model_id: str, dtype: str) -> dict[str, str]:
         meta["guidance"] = f"{p.guidance:g}"
     if p.negative_prompt:
         meta["negative_prompt"] = p.negative_prompt
+    if p.control is not None:  # as generate's control_meta, the image having no file name
+        c = p.control
+        meta |= {
+            "control": "uploaded",
+            "control_scale": f"{c.scale:g}",
+            "control_range": f"{c.start:g}-{c.end:g}",
+        }
     if p.hires is not None:
         meta["hires"] = f"{p.hires.scale:g}x, strength {p.hires.strength:g}, same seed and steps"
     return meta

@@ -19,6 +19,23 @@ class Hires:
     strength: float = 0.35
 
 
+DEFAULT_CONTROL_SCALE = 0.75  # Pipeline.generate's and generate --control-scale's
+
+
+@dataclass(frozen=True)
+class Control:
+    """A ControlNet input: Pipeline.generate's control_* keywords."""
+
+    image: Image.Image = field(compare=False, repr=False)
+    scale: float = DEFAULT_CONTROL_SCALE
+    start: float = 0.0  # fractions of the schedule where the hints join and leave
+    end: float = 1.0
+
+    def kwargs(self) -> dict:
+        return {"control_image": self.image, "control_scale": self.scale, "control_start": self.start,
+                "control_end": self.end}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class JobParams:
     prompt: str
@@ -34,10 +51,15 @@ class JobParams:
     negative_prompt: str | None = None
     image: Image.Image | None = field(default=None, compare=False, repr=False)
     mask: Image.Image | None = field(default=None, compare=False, repr=False)  # white = re-generate
+    control: Control | None = None
 
     def guidance_kwargs(self) -> dict:
         """Pipeline.generate's guidance keywords (absent ones take the model variant's defaults)."""
         return {"guidance": self.guidance, "negative_prompt": self.negative_prompt}
+
+    def control_kwargs(self) -> dict:
+        """Pipeline.generate's control keywords (both passes: the hires pass resizes the control image)."""
+        return {} if self.control is None else self.control.kwargs()
 
     def passes(self) -> int:
         return 1 if self.hires is None else 2

@@ -13,7 +13,7 @@ from zimage_lite.serve.errors import ApiError, not_found
 from zimage_lite.serve.files import MEDIA
 from zimage_lite.serve.jobs import Job
 from zimage_lite.serve.schemas import JobRequest, quality_steps
-from zimage_lite.serve.uploads import decode_base64_image, init_images
+from zimage_lite.serve.uploads import decode_base64_image, request_images
 
 router = APIRouter()
 
@@ -120,8 +120,8 @@ async def info(request: Request) -> dict:
 async def create_job(body: JobRequest, request: Request) -> JSONResponse:
     server = ready_server(request)
     c = server.config
-    decode = decode_base64_image
-    images = await asyncio.to_thread(init_images, body.image, body.mask, decode, c.limits.max_upload_pixels)
+    images = await asyncio.to_thread(request_images, body.image, body.mask, body.control_image,
+                                     decode_base64_image, c.limits.max_upload_pixels)  # fmt: skip
     params, spec = server.params(body, images)
     job = Job(params, spec, c.request_timeout_s, keep_files=True)
     server.submit(job)

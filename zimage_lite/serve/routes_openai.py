@@ -16,7 +16,7 @@ from zimage_lite.serve.errors import ApiError, bad_request
 from zimage_lite.serve.jobs import Job
 from zimage_lite.serve.routes_jobs import file_url, ready_server
 from zimage_lite.serve.schemas import ImageRequest
-from zimage_lite.serve.uploads import decode_image, init_images
+from zimage_lite.serve.uploads import decode_base64_image, decode_image, request_images
 
 router = APIRouter()
 DISCONNECT_POLL_S = 0.25
@@ -67,7 +67,10 @@ def answer(request: Request, req: ImageRequest, job: Job) -> JSONResponse:
 @router.post("/v1/images/generations")
 async def generations(body: ImageRequest, request: Request) -> JSONResponse:
     server = ready_server(request)
-    params, spec = server.params(body)
+    max_pixels = server.config.limits.max_upload_pixels
+    images = await asyncio.to_thread(request_images, None, None, body.control_image, decode_base64_image,
+                                     max_pixels)  # fmt: skip
+    params, spec = server.params(body, images)
     job = Job(params, spec, server.config.request_timeout_s)
     await run_and_wait(request, server, job)
     return answer(request, body, job)
@@ -126,9 +129,8 @@ async def edits(request: Request) -> JSONResponse:
         raise bad_request("image is required (a file part named image or image[])", "image", "missing")
     body = _edit_request(fields)
     mask = (files.get("mask") or [None])[0]
-    images = await asyncio.to_thread(
-        init_images, files["image"][0], mask, decode_image, limits.max_upload_pixels
-    )
+    images = await asyncio.to_thread(request_images, files["image"][0], mask, body.control_image, decode_image,
+                                     limits.max_upload_pixels)  # fmt: skip
     params, spec = server.params(body, images)
     job = Job(params, spec, server.config.request_timeout_s)
     await run_and_wait(request, server, job)

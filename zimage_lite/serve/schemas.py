@@ -1,7 +1,8 @@
 """Request bodies (pydantic) and their translation into JobParams under the server's limits.
 
 Field names and values follow OpenAI's images API; `seed`, `steps`, `negative_prompt`, `guidance`,
-`loras`, `hires`, `strength` and (jobs API) base64 `image` / `mask` are ours. `quality` picks the steps
+`loras`, `hires`, `strength`, the ControlNet's `control_image` (base64) / `control_scale` /
+`control_start` / `control_end` and (jobs API) base64 `image` / `mask` are ours. `quality` picks the steps
 when `steps` is not given: low = half the default steps (--steps, else the model variant's), medium/
 standard/auto = the default, high/hd = one and a half times it. `guidance` and `negative_prompt` go to
 Pipeline.generate as they are (absent: the variant's defaults, Turbo 0 = no negative pass, base 4).
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from zimage_lite.serve.config import ServeConfig
 from zimage_lite.serve.errors import bad_request, not_found
-from zimage_lite.serve.params import Hires, JobParams, LoraChoice, OutputSpec
+from zimage_lite.serve.params import DEFAULT_CONTROL_SCALE, Control, Hires, JobParams, LoraChoice, OutputSpec
 
 SEED_MAX = 2**64 - 1
 SIZE_MAX = 8192  # the RoPE tables' reach (cli_args.SIZE_MAX)
@@ -62,6 +63,13 @@ class ImageRequest(BaseModel):
     loras: list[LoraRef] = Field(default_factory=list)
     hires: HiresRef | None = None
     strength: float | None = Field(default=None, gt=0.0, le=1.0)
+    control_image: str | None = None  # base64 (a data: URL is fine); needs a server with --controlnet
+    control_scale: float | None = Field(default=None, ge=0.0, le=4.0)  # generate --control-scale's range
+    control_start: float | None = Field(default=None, ge=0.0, le=1.0)
+    control_end: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+CONTROL_FIELDS = ("control_image", "control_scale", "control_start", "control_end")
 
 
 class JobRequest(ImageRequest):
@@ -95,6 +103,7 @@ class Offer:
     model_id: str
     lora_names: frozenset[str]
     default_steps: int  # --steps, else the model variant's
+    controlnet: bool = False  # started with --controlnet
 
 
 def quality_steps(default_steps: int) -> dict[str, int]:
@@ -121,6 +130,24 @@ def _check_guidance(req: ImageRequest, config: ServeConfig) -> None:
                           "negative_prompt")  # fmt: skip
     if req.guidance is not None and not 0.0 <= req.guidance <= GUIDANCE_MAX:
         raise bad_request(f"guidance must be from 0 to {GUIDANCE_MAX:g} (got {req.guidance})", "guidance")
+
+
+def _control(req: ImageRequest, offer: Offer, images: dict) -> Control | None:
+    """The ControlNet inputs, or a 400 naming the first control field this server cannot honour."""
+    given = [name for name in CONTROL_FIELDS if getattr(req, name) is not None]
+    if not given:
+        return None
+    if not offer.controlnet:
+        raise bad_request(f"{given[0]}: this server has no ControlNet (start it with --controlnet PATH)",
+                          given[0], "no_controlnet")  # fmt: skip
+    if images.get("control_image") is None:
+        raise bad_request(f"{given[0]} needs a control_image", "control_image")
+    start = 0.0 if req.control_start is None else req.control_start
+    end = 1.0 if req.control_end is None else req.control_end
+    if start >= end:
+        raise bad_request(f"control_start {start:g} must be below control_end {end:g}", "control_start")
+    scale = DEFAULT_CONTROL_SCALE if req.control_scale is None else req.control_scale
+    return Control(images["control_image"], scale, start, end)
 
 
 def _loras(refs: list[LoraRef], names: set[str], config: ServeConfig) -> tuple[LoraChoice, ...]:
@@ -163,7 +190,7 @@ def to_params(
         loras=_loras(req.loras, offer.lora_names, config),
         hires=None if req.hires is None else Hires(req.hires.scale, req.hires.strength),
         strength=req.strength, image=images.get("image"), mask=images.get("mask"), guidance=req.guidance,
-        negative_prompt=req.negative_prompt,
+        negative_prompt=req.negative_prompt, control=_control(req, offer, images),
     )  # fmt: skip
     if params.hires is not None:
         from zimage_lite.init_image import upscaled_size

@@ -67,8 +67,9 @@ class Server:
         from zimage_lite.serve.schemas import Offer
 
         e = self.engine
-        steps = self.config.default_steps or e.info()["model_defaults"]["steps"]
-        return Offer(e.model_id, frozenset(e.loras.names()), steps)
+        info = e.info()
+        steps = self.config.default_steps or info["model_defaults"]["steps"]
+        return Offer(e.model_id, frozenset(e.loras.names()), steps, info["controlnet"])
 
     def params(self, req, images: dict | None = None):
         """(JobParams, OutputSpec) for a request, or ApiError."""

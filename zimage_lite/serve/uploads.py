@@ -11,10 +11,11 @@ import warnings
 from PIL import Image
 
 from zimage_lite.serve.errors import bad_request
+from zimage_lite.upright import upright
 
 
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """A fully decoded PIL image from uploaded bytes, or a 400 naming `param`."""
+    """A fully decoded PIL image from uploaded bytes, upright as its EXIF says, or a 400 naming `param`."""
     too_large = (Image.DecompressionBombWarning, Image.DecompressionBombError)  # PIL's own, larger bound
     try:
         with warnings.catch_warnings():
@@ -23,7 +24,7 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
                 if im.width * im.height > max_pixels:  # from the header: nothing is decoded yet
                     raise Image.DecompressionBombError(f"{im.width}x{im.height}")
                 im.load()
-                return im.copy()
+                return upright(im)
     except too_large as exc:
         raise bad_request(f"{param} is too large ({exc}); this server takes {max_pixels} pixels at most",
                           param, "image_too_large") from None  # fmt: skip
@@ -54,6 +55,14 @@ def openai_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
                           "invalid_mask")  # fmt: skip
     alpha = mask.convert("RGBA").getchannel("A")
     return alpha.point(lambda a: 255 if a < 128 else 0)
+
+
+def request_images(image, mask, control, decode, max_pixels: int) -> dict:
+    """init_images plus {"control_image"} from the request's base64 `control` (None: none)."""
+    out = init_images(image, mask, decode, max_pixels)
+    if control is not None:
+        out["control_image"] = decode_base64_image(control, "control_image", max_pixels)
+    return out
 
 
 def init_images(image, mask, decode, max_pixels: int) -> dict:
