@@ -117,7 +117,7 @@ def test_hires_pass_keeps_the_control_as_generate_does(server, pipe):
     got = pixels(base64.b64decode(r.json()["data"][0]["b64_json"]))
     kw = {"seed": 2, "steps": 2, "control_image": control}
     first = pipe.generate("a dock", width=32, height=32, **kw)[0]
-    want = pipe.hires_fix(first, "a dock", scale=1.5, strength=0.35, **kw)
+    want = pipe.hires_fix(first, "a dock", scale=1.5, strength=0.35, **kw)[0]
     assert got.shape == (48, 48, 3) and np.array_equal(got, np.asarray(want))
 
 

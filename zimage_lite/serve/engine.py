@@ -65,9 +65,9 @@ class Engine:
             images = [
                 self.pipe.hires_fix(img, p.prompt, scale=p.hires.scale, strength=p.hires.strength,
                                     seed=p.seed, steps=p.steps, on_step=lambda i, n: on_step(2, i, n),
-                                    **p.guidance_kwargs(), **p.control_kwargs())
+                                    **p.guidance_kwargs(), **p.control_kwargs())[0]
                 for img in images
-            ]  # fmt: skip
+            ]  # fmt: skip (hires_fix returns a list, as generate does: one image here)
         log.debug("generated %d image(s) in %.3f s", len(images), time.perf_counter() - start)
         return images
 
