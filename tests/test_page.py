@@ -155,13 +155,23 @@ def visit(browser, server, tmp_path, request):
 
 
 def watch_progress(page) -> None:
-    """Records every value the progress bar takes (the SSE step events set it) in window.__progress."""
+    """Records every value the progress bar takes (the SSE step events set it) in window.__progress.
+
+    A MutationObserver's callback runs once for all the changes made in one task (several step events
+    read in one chunk), so each record's old value is kept too: reading only the bar's value then would
+    see the last of them."""
     page.evaluate(
         """() => {
         window.__progress = [];
         const bar = document.getElementById('progress');
-        new MutationObserver(() => window.__progress.push([bar.value, bar.max]))
-            .observe(bar, {attributes: true, attributeFilter: ['value', 'max']});
+        new MutationObserver(records => {
+            for (const r of records) {
+                if (r.attributeName === 'value' && r.oldValue !== null) {
+                    window.__progress.push([Number(r.oldValue), bar.max]);
+                }
+            }
+            window.__progress.push([bar.value, bar.max]);
+        }).observe(bar, {attributes: true, attributeOldValue: true, attributeFilter: ['value', 'max']});
     }"""
     )
 
