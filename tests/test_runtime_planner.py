@@ -291,7 +291,7 @@ def test_plan_as_stats_json():
         "budget_bytes": 450, "minimum_bytes": 250, "total_bytes": 450, "resident_blocks": [0, 4],
         "streamed_blocks": [1, 2, 3, 5, 6, 7], "ring_slots": 2, "slot_bytes": 100,
         "accounted_bytes": {"context": 0, "allocator_margin": 0, "fixed_weights": 50, "activations": 0,
-                            "dequant_scratch": 0, "resident_blocks": 200, "ring": 200},
+                            "dequant_scratch": 0, "fp32_fallback": 0, "resident_blocks": 200, "ring": 200},
     }  # fmt: skip
     assert plan.summary() == (
         "thing: 2 blocks resident, 6 streamed through 2 slots of 100 B; 450 B of 450 B "
