@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zimage_lite.bench import sources
+from zimage_lite.bench import calibrated, sources
 from zimage_lite.bench.engines import Generation, OursEngine
 from zimage_lite.bench.metrics import latent_relative_error, psnr, ssim
 from zimage_lite.bench.prompts import BenchPrompt, bench_prompts
@@ -52,6 +52,8 @@ class BenchConfig:
     device: str | None = None
     dtype: str | None = None
     also_dtypes: list[str] = field(default_factory=list)  # --also-dtype: rows per precision in these dtypes
+    imatrix: dict | None = None  # --imatrix: calibrated.imatrix_setting (file, sha256...); +imatrix rows
+    target_sizes: list[str] = field(default_factory=list)  # --target-size: a target:<size> row each
     cache: Path = field(default_factory=sources.default_cache_dir)
     baselines: list[str] = field(default_factory=list)
     save_images: bool = True
@@ -121,6 +123,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="a ControlNet file, or 'synthetic' with --synthetic: every precision also runs under a fixed "
         "control map with the ControlNet at that precision; rows named q8_0+control",
     )
+    parser.add_argument(
+        "--imatrix", metavar="FILE",
+        help="an importance matrix (zimage-lite imatrix; also with --synthetic: gather it on that model's "
+        "cache folder): every GGUF precision also runs converted with it, rows named q4_k+imatrix",
+    )  # fmt: skip
+    parser.add_argument(
+        "--target-size", action="append", metavar="SIZE",
+        help="repeatable or comma list, e.g. 15MB: a row target:15MB converted with convert --target-size "
+        "(with --imatrix when given), its GGUF bytes reported, to set against the preset of that size",
+    )  # fmt: skip
     parser.add_argument("--baselines", default="", help="'diffusers': add diffusers rows when installed")
     parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -207,9 +219,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     model = Path(args.model) if args.model else None
     if model is not None and not model.is_dir():
         raise UsageError(f"{model}: not a model folder")
+    precisions = sources.parse_precisions(args.precisions)
+    imatrix, sizes = calibrated.imatrix_setting(args.imatrix), calibrated.target_sizes(args.target_size)
+    calibrated.check(precisions, sizes, imatrix)
     return BenchConfig(
         out=Path(args.out), model=model, synthetic=args.synthetic,
-        precisions=sources.parse_precisions(args.precisions), prompts=bench_prompts(args.prompts),
+        precisions=precisions, imatrix=imatrix, target_sizes=sizes, prompts=bench_prompts(args.prompts),
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
         cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength, cfg=args.cfg,
@@ -260,7 +275,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
-    rows = [RowResult(p, "zimage-lite", p) for p in cfg.precisions]
+    rows = calibrated.plain_and_imatrix_rows(cfg.precisions, cfg.imatrix)
+    rows += calibrated.target_rows(cfg.target_sizes, cfg.imatrix)
     rows += [RowResult(f"{p}@{card}", "zimage-lite", p, card) for card in cfg.cards for p in cfg.precisions]
     rows += [
         RowResult(dtype_name(p, d), "zimage-lite", p, dtype=d)
@@ -295,9 +311,11 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
         from zimage_lite.bench.baselines import open_baseline
 
         return open_baseline(cfg, reference, row)
-    folder, convert_info = sources.precision_source(reference, row.precision, cfg.cache, cfg.progress)
+    recipe = calibrated.recipe_options(cfg.imatrix, row)
+    folder, convert_info = sources.precision_source(reference, row.precision, cfg.cache, cfg.progress, recipe)
     row.info["source"] = str(folder)
     row.info["convert"] = convert_info
+    row.info["recipe"] = calibrated.recipe_record(folder, cfg.imatrix, row)
     _, options = sources.base_precision(row.precision)
     hires = None if row.hires is None else (row.hires, cfg.hires_strength)
     if row.control:
