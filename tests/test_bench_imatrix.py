@@ -29,7 +29,7 @@ def _bench(model: Path, root: Path, *extra: str) -> dict:
     args = parser.parse_args(
         ["--model", str(model), "--precisions", "bf16,q4_k", "--prompts", "1", "--steps", "1",
          "--width", "32", "--height", "32", "--warmup", "0", "--device", "cpu", "--out", str(root / "out"),
-         "--cache", str(root / "cache"), "--no-images", "-q", *extra]
+         "--cache", str(root / "cache"), "-q", *extra]
     )  # fmt: skip
     return runner.run_bench(runner.config_from_args(args))
 
@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
         Pipeline.load(model, device="cpu"), ["a fox", "一只猫"], steps=1, width=32, height=32, dataset="t"
     )
     im_path = write_imatrix(im, root / "im.gguf")
-    first = _bench(model, root, "--imatrix", str(im_path))
+    first = _bench(model, root, "--imatrix", str(im_path), "--no-images")
     plain = next(r for r in first["rows"] if r["name"] == "q4_k")
     target = sum(p.stat().st_size for p in _ggufs(plain))
     second = _bench(model, root, "--imatrix", str(im_path), "--target-size", f"{target}B")
@@ -113,6 +113,10 @@ def test_target_size_row_fits_the_size_and_reports_its_bytes(runs):
     assert rec["imatrix_sha256"] is not None and sum(rec["types"].values()) > 0
     assert 0 < row["quality"]["latent_rel_error_mean"] < 1
     assert f"| {name} | yes | {target}B ({target} B) | {files} |" in render_markdown(second)
+    image = row["quality"]["per_image"][0]["image"]
+    assert (
+        ":" not in image and (Path(second["settings"]["reference_folder"]).parent / "out" / image).is_file()
+    )
 
 
 @pytest.mark.parametrize(

@@ -382,7 +382,8 @@ def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gens: lis
         "image": None,
     }
     if cfg.save_images:
-        rel = Path("images") / row.name / f"{prompt.id}-s{seed}.png"
+        # a row's folder: ":" (target:15MB) is no file name on Windows
+        rel = Path("images") / row.name.replace(":", "-") / f"{prompt.id}-s{seed}.png"
         (cfg.out / rel).parent.mkdir(parents=True, exist_ok=True)
         gen.image.save(cfg.out / rel)
         entry["image"] = rel.as_posix()
