@@ -1,7 +1,7 @@
 """The bench's calibrated rows (--imatrix, --target-size) on the small synthetic model with outlier channels.
 
 Two bench runs share one cache: the first has the plain and the +imatrix q4_k rows, the second adds a
-target-size row at the plain q4_k files' size. The GGUFs are read back with gguf-py (not our reader) for the
+target-size row at the plain q4_k files' size and a +rules row (refiners in BF16, with the imatrix). The GGUFs are read back with gguf-py (not our reader) for the
 imatrix record llama-quantize writes.
 """
 
@@ -54,7 +54,16 @@ def runs(tmp_path_factory):
     first = _bench(model, root, "--imatrix", str(im_path), "--no-images")
     plain = next(r for r in first["rows"] if r["name"] == "q4_k")
     target = sum(p.stat().st_size for p in _ggufs(plain))
-    second = _bench(model, root, "--imatrix", str(im_path), "--target-size", f"{target}B")
+    second = _bench(
+        model,
+        root,
+        "--imatrix",
+        str(im_path),
+        "--target-size",
+        f"{target}B",
+        "--tensor-type-rules",
+        "refiner=bf16",
+    )
     return im_path, first, second, target
 
 
@@ -88,7 +97,7 @@ def test_imatrix_rows_are_converted_with_the_imatrix(runs):
     assert rec["imatrix_sha256"] == first["settings"]["imatrix"]["sha256"] and rec["imatrix_tensors"] > 0
     assert rows["q4_k+imatrix"]["imatrix"].startswith("im.gguf (2 chunks, t)")
     md = render_markdown(first)
-    assert "Importance matrix: `im.gguf`" in md and "| q4_k+imatrix | yes | – |" in md
+    assert "Importance matrix: `im.gguf`" in md and "| q4_k+imatrix | yes | – | – |" in md
 
 
 def test_a_second_run_reuses_the_converted_files(runs):
@@ -104,7 +113,9 @@ def test_target_size_row_fits_the_size_and_reports_its_bytes(runs):
     _, _, second, target = runs
     rows = {r["name"]: r for r in second["rows"]}
     name = f"target:{target}B"
-    assert list(rows) == ["bf16", "q4_k", "q4_k+imatrix", name] and validate_report(second) == []
+    assert (
+        list(rows) == ["bf16", "q4_k", "q4_k+imatrix", "q4_k+rules", name] and validate_report(second) == []
+    )
     row = rows[name]
     assert row["status"] == "ok" and row["convert"]["cached"] is False
     rec = row["recipe"]
@@ -112,11 +123,40 @@ def test_target_size_row_fits_the_size_and_reports_its_bytes(runs):
     assert rec["gguf_bytes"] == files <= target == rec["target_bytes"]
     assert rec["imatrix_sha256"] is not None and sum(rec["types"].values()) > 0
     assert 0 < row["quality"]["latent_rel_error_mean"] < 1
-    assert f"| {name} | yes | {target}B ({target} B) | {files} |" in render_markdown(second)
+    assert f"| {name} | yes | – | {target}B ({target} B) | {files} |" in render_markdown(second)
     image = row["quality"]["per_image"][0]["image"]
     assert (
         ":" not in image and (Path(second["settings"]["reference_folder"]).parent / "out" / image).is_file()
     )
+
+
+def _refiner_types(row: dict) -> set[str]:
+    reader = gguf.GGUFReader(str(Path(row["source"]) / "transformer.gguf"))
+    return {t.tensor_type.name for t in reader.tensors if "refiner" in t.name and len(t.shape) == 2}
+
+
+def test_rules_row_keeps_the_refiners_in_bf16_with_the_imatrix(runs):
+    _, _, second, _ = runs
+    rows = {r["name"]: r for r in second["rows"]}
+    row = rows["q4_k+rules"]
+    assert row["status"] == "ok" and row["convert"]["cached"] is False
+    assert _refiner_types(row) == {"BF16"} and _refiner_types(rows["q4_k"]) - {"BF16", "F32"}
+    rec = row["recipe"]
+    assert rec["rules"] == "refiner=bf16" == second["settings"]["tensor_type_rules"]
+    assert (
+        rec["imatrix_sha256"] is not None and rec["gguf_bytes"] > rows["q4_k+imatrix"]["recipe"]["gguf_bytes"]
+    )
+    assert 0 < row["quality"]["latent_rel_error_mean"] < 1
+    assert "| q4_k+rules | yes | `refiner=bf16` | – |" in render_markdown(second)
+
+
+def test_bad_rules_is_one_error_line(tmp_path, capsys):
+    argv = ["bench", "--synthetic", "tiny", "--precisions", "bf16,q8_0", "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache"), "-q", "--tensor-type-rules", "refiner=q9"]  # fmt: skip
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zimage-lite: error:") and "refiner=q9" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

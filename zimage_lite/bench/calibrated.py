@@ -4,6 +4,8 @@
   `convert --imatrix FILE` (cache key: the file's content hash), compared with the reference like every row.
 - `--target-size SIZE`: a `target:<SIZE>` row converted with `convert --target-size SIZE` (and the imatrix
   when given); its GGUF bytes are reported next to the target so it can be set against the preset of that size.
+- `--tensor-type-rules RULES`: a `<precision>+rules` row after each GGUF precision's rows, converted with
+  `convert --tensor-type-rules RULES` (and the imatrix when given), e.g. the refiners kept in BF16.
 
 The imatrix is a file: gathering one (`zimage-lite imatrix`) runs generations, which the bench does not
 hide inside a row's conversion.
@@ -60,14 +62,31 @@ def takes_imatrix(precision: str) -> bool:
     return precision not in NO_IMATRIX and precision not in sources.VARIANTS
 
 
-def plain_and_imatrix_rows(precisions: list[str], imatrix: dict | None) -> list[RowResult]:
-    """Each precision's row, followed by its +imatrix row where the imatrix changes the bytes."""
+def plain_and_imatrix_rows(precisions: list[str], imatrix: dict | None, rules: str | None) -> list[RowResult]:
+    """Each precision's row, followed by its +imatrix row where the imatrix changes the bytes and its
+    +rules row (with the imatrix when given) where it is a GGUF."""
     rows = []
     for p in precisions:
         rows.append(RowResult(p, "zimage-lite", p))
         if imatrix is not None and takes_imatrix(p):
             rows.append(RowResult(f"{p}+imatrix", "zimage-lite", p, imatrix=True))
+        if rules is not None and takes_rules(p):
+            rows.append(RowResult(f"{p}+rules", "zimage-lite", p, imatrix=imatrix is not None, rules=True))
     return rows
+
+
+def takes_rules(precision: str) -> bool:
+    return precision not in (sources.REFERENCE, "fp8") and precision not in sources.VARIANTS
+
+
+def tensor_type_rules(text: str | None) -> str | None:
+    """--tensor-type-rules, checked as convert checks it."""
+    if text is None:
+        return None
+    from zimage_lite.convert.recipe import parse_rules
+
+    parse_rules(text)
+    return text
 
 
 def target_rows(sizes: list[str], imatrix: dict | None) -> list[RowResult]:
@@ -77,7 +96,9 @@ def target_rows(sizes: list[str], imatrix: dict | None) -> list[RowResult]:
     ]
 
 
-def check(precisions: list[str], sizes: list[str], imatrix: dict | None) -> None:
+def check(precisions: list[str], sizes: list[str], imatrix: dict | None, rules: str | None) -> None:
+    if rules is not None and not any(takes_rules(p) for p in precisions):
+        raise UsageError("--tensor-type-rules needs a GGUF precision (q8_0, q4_k_m, ...) in --precisions")
     if imatrix is not None and not sizes and not any(takes_imatrix(p) for p in precisions):
         raise UsageError(
             f"--imatrix needs a K-quant or Q4_0 precision in --precisions or a --target-size "
@@ -85,20 +106,22 @@ def check(precisions: list[str], sizes: list[str], imatrix: dict | None) -> None
         )
 
 
-def recipe_options(imatrix: dict | None, row: RowResult):
+def recipe_options(imatrix: dict | None, row: RowResult, rules: str | None = None):
     """The convert.recipe.RecipeOptions a row converts with; None for a plain row."""
-    if not row.imatrix and row.target_size is None:
+    if not row.imatrix and row.target_size is None and not row.rules:
         return None
     from zimage_lite.cli_imatrix import parse_target_size
     from zimage_lite.convert.recipe import RecipeOptions
 
     target = None if row.target_size is None else parse_target_size(row.target_size)
-    return RecipeOptions(Path(imatrix["file"]) if row.imatrix else None, None, target)
+    return RecipeOptions(Path(imatrix["file"]) if row.imatrix else None, rules if row.rules else None, target)
 
 
-def recipe_record(folder: Path, imatrix: dict | None, row: RowResult) -> dict | None:
+def recipe_record(
+    folder: Path, imatrix: dict | None, row: RowResult, rules: str | None = None
+) -> dict | None:
     """What the report shows of how a calibrated row's files were made (None for a plain row)."""
-    options = recipe_options(imatrix, row)
+    options = recipe_options(imatrix, row, rules)
     if options is None:
         return None
     from zimage_lite.weights.components import MANIFEST
@@ -112,6 +135,7 @@ def recipe_record(folder: Path, imatrix: dict | None, row: RowResult) -> dict | 
     return {
         "imatrix_sha256": imatrix["sha256"] if row.imatrix else None,
         "imatrix_tensors": (manifest.get("imatrix") or {}).get("tensors"),
+        "rules": options.rules,
         "target_size": row.target_size,
         "target_bytes": options.target_size,
         "planned_bytes": recipe.get("planned_bytes"),
@@ -134,14 +158,15 @@ def markdown_lines(rows: list[dict], imatrix: dict | None) -> list[str]:
             "",
         ]
     lines += [
-        "| row | imatrix | target | GGUF bytes | imatrix tensors | types chosen |",
-        "|---|---|---:|---:|---:|---|",
+        "| row | imatrix | rules | target | GGUF bytes | imatrix tensors | types chosen |",
+        "|---|---|---|---:|---:|---:|---|",
     ]
     for r in calibrated:
         rec = r["recipe"]
         types = ", ".join(f"{k} x{v}" for k, v in (rec["types"] or {}).items()) or "the preset's"
         target = f"{rec['target_size']} ({rec['target_bytes']} B)" if rec["target_size"] else "–"
-        cells = [r["name"], "yes" if rec["imatrix_sha256"] else "no", target, str(rec["gguf_bytes"]),
+        rules = f"`{rec['rules']}`" if rec.get("rules") else "–"
+        cells = [r["name"], "yes" if rec["imatrix_sha256"] else "no", rules, target, str(rec["gguf_bytes"]),
                  str(rec["imatrix_tensors"] or 0), types]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -188,6 +188,7 @@ def settings(cfg, reference: Path) -> dict:
         "cfg": cfg.cfg,
         "imatrix": cfg.imatrix,
         "target_sizes": cfg.target_sizes,
+        "tensor_type_rules": cfg.tensor_type_rules,
     }
 
 

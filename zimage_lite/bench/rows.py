@@ -21,6 +21,7 @@ class RowResult:
     dtype: str | None = None  # compute dtype of an --also-dtype row (None: the bench's --dtype)
     imatrix: bool = False  # converted with the bench's --imatrix (bench/calibrated.py)
     target_size: str | None = None  # converted with convert --target-size this size (a target:<size> row)
+    rules: bool = False  # converted with the bench's --tensor-type-rules (a <precision>+rules row)
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
     engine: object | None = None  # filled while running; not reported

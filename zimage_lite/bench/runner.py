@@ -54,6 +54,7 @@ class BenchConfig:
     also_dtypes: list[str] = field(default_factory=list)  # --also-dtype: rows per precision in these dtypes
     imatrix: dict | None = None  # --imatrix: calibrated.imatrix_setting (file, sha256...); +imatrix rows
     target_sizes: list[str] = field(default_factory=list)  # --target-size: a target:<size> row each
+    tensor_type_rules: str | None = None  # --tensor-type-rules: a <precision>+rules row per GGUF precision
     cache: Path = field(default_factory=sources.default_cache_dir)
     baselines: list[str] = field(default_factory=list)
     save_images: bool = True
@@ -132,6 +133,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--target-size", action="append", metavar="SIZE",
         help="repeatable or comma list, e.g. 15MB: a row target:15MB converted with convert --target-size "
         "(with --imatrix when given), its GGUF bytes reported, to set against the preset of that size",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tensor-type-rules", metavar="REGEX=TYPE,...",
+        help="convert's per-tensor rules (e.g. 'refiner=bf16'): every GGUF precision also runs converted "
+        "with them (and --imatrix when given), rows named q4_k_m+rules",
     )  # fmt: skip
     parser.add_argument("--baselines", default="", help="'diffusers': add diffusers rows when installed")
     parser.add_argument("--no-images", action="store_true", help="do not keep each generated PNG")
@@ -221,10 +227,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise UsageError(f"{model}: not a model folder")
     precisions = sources.parse_precisions(args.precisions)
     imatrix, sizes = calibrated.imatrix_setting(args.imatrix), calibrated.target_sizes(args.target_size)
-    calibrated.check(precisions, sizes, imatrix)
+    rules = calibrated.tensor_type_rules(args.tensor_type_rules)
+    calibrated.check(precisions, sizes, imatrix, rules)
     return BenchConfig(
         out=Path(args.out), model=model, synthetic=args.synthetic,
-        precisions=precisions, imatrix=imatrix, target_sizes=sizes, prompts=bench_prompts(args.prompts),
+        precisions=precisions, imatrix=imatrix, target_sizes=sizes,
+        tensor_type_rules=rules, prompts=bench_prompts(args.prompts),
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
         cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength, cfg=args.cfg,
@@ -275,7 +283,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
-    rows = calibrated.plain_and_imatrix_rows(cfg.precisions, cfg.imatrix)
+    rows = calibrated.plain_and_imatrix_rows(cfg.precisions, cfg.imatrix, cfg.tensor_type_rules)
     rows += calibrated.target_rows(cfg.target_sizes, cfg.imatrix)
     rows += [RowResult(f"{p}@{card}", "zimage-lite", p, card) for card in cfg.cards for p in cfg.precisions]
     rows += [
@@ -311,11 +319,11 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
         from zimage_lite.bench.baselines import open_baseline
 
         return open_baseline(cfg, reference, row)
-    recipe = calibrated.recipe_options(cfg.imatrix, row)
+    recipe = calibrated.recipe_options(cfg.imatrix, row, cfg.tensor_type_rules)
     folder, convert_info = sources.precision_source(reference, row.precision, cfg.cache, cfg.progress, recipe)
     row.info["source"] = str(folder)
     row.info["convert"] = convert_info
-    row.info["recipe"] = calibrated.recipe_record(folder, cfg.imatrix, row)
+    row.info["recipe"] = calibrated.recipe_record(folder, cfg.imatrix, row, cfg.tensor_type_rules)
     _, options = sources.base_precision(row.precision)
     hires = None if row.hires is None else (row.hires, cfg.hires_strength)
     if row.control:

@@ -23,7 +23,7 @@ SETTINGS = {
     "precisions": list, "baselines": list, "prompts": list, "seeds": list, "steps": int, "width": int,
     "height": int, "repeats": int, "warmup": int, "device": OPT_STR, "dtype": OPT_STR, "vram": OPT_STR,
     "cards": list, "hires": (dict, NONE), "cfg": OPT_NUM, "also_dtypes": list,
-    "imatrix": (dict, NONE), "target_sizes": list,
+    "imatrix": (dict, NONE), "target_sizes": list, "tensor_type_rules": OPT_STR,
 }  # fmt: skip
 PROMPT = {"id": str, "kind": str, "text": str}
 ROW = {
@@ -41,7 +41,7 @@ FILES = {
 }
 IMATRIX = {"file": str, "sha256": str, "dataset": str, "entries": int, "chunks": int}
 RECIPE = {
-    "imatrix_sha256": OPT_STR, "imatrix_tensors": OPT_INT, "target_size": OPT_STR, "target_bytes": OPT_INT,
+    "imatrix_sha256": OPT_STR, "imatrix_tensors": OPT_INT, "rules": OPT_STR, "target_size": OPT_STR, "target_bytes": OPT_INT,
     "planned_bytes": OPT_INT, "gguf_bytes": int, "types": (dict, NONE),
 }  # fmt: skip
 VRAM_CAP = {"requested": OPT_STR, "applied": bool, "note": OPT_STR, "card": OPT_STR}
