@@ -106,19 +106,22 @@ def add_recipe_arguments(c: argparse.ArgumentParser) -> None:
                    "files fit SIZE (5GB, 4.5GiB, as --vram takes it)")  # fmt: skip
 
 
-def recipe_options(args: argparse.Namespace):
-    from zimage_lite.convert.recipe import RecipeOptions
+def parse_target_size(text: str) -> int:
+    """A --target-size in bytes ("5GB", "4.5GiB", as --vram takes it)."""
     from zimage_lite.runtime.budget import parse_vram
 
-    target = None
-    if args.target_size is not None:
-        try:
-            target = parse_vram(args.target_size)
-        except UsageError:
-            raise UsageError(
-                f"invalid --target-size {args.target_size!r}: use a size like 5GB or 4.5GiB"
-            ) from None
-        if target is None:
-            raise UsageError("--target-size needs a size, not auto")
+    try:
+        target = parse_vram(text)
+    except UsageError:
+        raise UsageError(f"invalid --target-size {text!r}: use a size like 5GB or 4.5GiB") from None
+    if target is None:
+        raise UsageError("--target-size needs a size, not auto")
+    return target
+
+
+def recipe_options(args: argparse.Namespace):
+    from zimage_lite.convert.recipe import RecipeOptions
+
+    target = None if args.target_size is None else parse_target_size(args.target_size)
     imatrix = Path(args.imatrix) if args.imatrix else None
     return RecipeOptions(imatrix, args.tensor_type_rules, target)

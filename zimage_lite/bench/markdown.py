@@ -143,6 +143,9 @@ def render_markdown(report: dict) -> str:
             + " |"
             for r in typed
         ]
+    from zimage_lite.bench.calibrated import markdown_lines
+
+    lines += markdown_lines(rows, s.get("imatrix"))
     lines += ["", "![images per row](grid.png)", "", "![quality vs time](plot.png)", "", "## Environment", ""]
     lines += _environment(env, s, report["created_utc"])
     lines += ["", "## Prompts", ""]

@@ -102,6 +102,7 @@ def build_row(row) -> dict:
         "transformer_types": info.get("transformer_types"),
         "quantizer": info.get("quantizer"),
         "imatrix": info.get("imatrix"),
+        "recipe": info.get("recipe"),  # +imatrix / target:<size> rows (bench/calibrated.py); else None
         "vram_cap": info.get("vram_cap"),
         "timing": _timing(row),
         "memory": {
@@ -202,6 +203,9 @@ def settings(cfg, reference: Path) -> dict:
         "cards": cfg.cards,
         "hires": None if cfg.hires is None else {"scale": cfg.hires, "strength": cfg.hires_strength},
         "cfg": cfg.cfg,
+        "imatrix": cfg.imatrix,
+        "target_sizes": cfg.target_sizes,
+        "tensor_type_rules": cfg.tensor_type_rules,
     }
 
 

@@ -19,6 +19,9 @@ class RowResult:
     guidance: float | None = None  # CFG scale (--cfg); None: the model's default (Turbo: none)
     control: bool = False  # with the ControlNet (--controlnet) at this precision, the bench's control map
     dtype: str | None = None  # compute dtype of an --also-dtype row (None: the bench's --dtype)
+    imatrix: bool = False  # converted with the bench's --imatrix (bench/calibrated.py)
+    target_size: str | None = None  # converted with convert --target-size this size (a target:<size> row)
+    rules: bool = False  # converted with the bench's --tensor-type-rules (a <precision>+rules row)
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
     engine: object | None = None  # filled while running; not reported

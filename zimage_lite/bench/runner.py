@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zimage_lite.bench import sources
+from zimage_lite.bench import calibrated, sources
 from zimage_lite.bench.engines import Generation, OursEngine
 from zimage_lite.bench.metrics import latent_relative_error, psnr, ssim
 from zimage_lite.bench.prompts import BenchPrompt, bench_prompts
@@ -59,6 +59,9 @@ class BenchConfig:
     device: str | None = None
     dtype: str | None = None
     also_dtypes: list[str] = field(default_factory=list)  # --also-dtype: rows per precision in these dtypes
+    imatrix: dict | None = None  # --imatrix: calibrated.imatrix_setting (file, sha256...); +imatrix rows
+    target_sizes: list[str] = field(default_factory=list)  # --target-size: a target:<size> row each
+    tensor_type_rules: str | None = None  # --tensor-type-rules: a <precision>+rules row per GGUF precision
     cache: Path = field(default_factory=sources.default_cache_dir)
     baselines: list[str] = field(default_factory=list)
     save_images: bool = True
@@ -129,6 +132,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="a ControlNet file, or 'synthetic' with --synthetic: every precision also runs under a fixed "
         "control map with the ControlNet at that precision; rows named q8_0+control",
     )
+    parser.add_argument(
+        "--imatrix", metavar="FILE",
+        help="an importance matrix file (from zimage-lite imatrix; with --synthetic, gather one on the cached "
+        "synthetic folder first): every GGUF precision also runs converted with it, rows named q4_k+imatrix",
+    )  # fmt: skip
+    parser.add_argument(
+        "--target-size", action="append", metavar="SIZE",
+        help="repeatable or comma list, e.g. 15MB: a row target:15MB converted with convert --target-size "
+        "(with --imatrix when given), its GGUF bytes reported, to set against the preset of that size",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tensor-type-rules", metavar="REGEX=TYPE,...",
+        help="convert's per-tensor rules (e.g. 'refiner=bf16'): every GGUF precision also runs converted "
+        "with them (and --imatrix when given), rows named q4_k_m+rules",
+    )  # fmt: skip
     parser.add_argument(
         "--baselines", default="", help="'diffusers': add diffusers rows (needs diffusers installed)"
     )
@@ -218,9 +236,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     model = Path(args.model) if args.model else None
     if model is not None and not model.is_dir():
         raise UsageError(f"{model}: not a model folder")
+    precisions = sources.parse_precisions(args.precisions)
+    imatrix, sizes = calibrated.imatrix_setting(args.imatrix), calibrated.target_sizes(args.target_size)
+    rules = calibrated.tensor_type_rules(args.tensor_type_rules)
+    calibrated.check(precisions, sizes, imatrix, rules)
     return BenchConfig(
         out=Path(args.out), model=model, synthetic=args.synthetic,
-        precisions=sources.parse_precisions(args.precisions), prompts=bench_prompts(args.prompts),
+        precisions=precisions, imatrix=imatrix, target_sizes=sizes,
+        tensor_type_rules=rules, prompts=bench_prompts(args.prompts),
         seeds=_int_list(args.seeds, "--seeds"), steps=args.steps, width=args.width or default_size,
         height=args.height or default_size, repeats=args.repeats, warmup=args.warmup, vram=args.vram,
         cards=_cards(args.card), hires=_hires(args.hires), hires_strength=args.hires_strength, cfg=args.cfg,
@@ -319,7 +342,8 @@ def _run_guarded(cfg: BenchConfig, reference: Path, row: RowResult, refs: dict, 
 
 
 def _planned_rows(cfg: BenchConfig) -> list[RowResult]:
-    rows = [RowResult(p, "zimage-lite", p) for p in cfg.precisions]
+    rows = calibrated.plain_and_imatrix_rows(cfg.precisions, cfg.imatrix, cfg.tensor_type_rules)
+    rows += calibrated.target_rows(cfg.target_sizes, cfg.imatrix)
     rows += [RowResult(f"{p}@{card}", "zimage-lite", p, card) for card in cfg.cards for p in cfg.precisions]
     rows += [
         RowResult(dtype_name(p, d), "zimage-lite", p, dtype=d)
@@ -354,9 +378,11 @@ def _open_engine(cfg: BenchConfig, reference: Path, row: RowResult):
         from zimage_lite.bench.baselines import open_baseline
 
         return open_baseline(cfg, reference, row)
-    folder, convert_info = sources.precision_source(reference, row.precision, cfg.cache, cfg.progress)
+    recipe = calibrated.recipe_options(cfg.imatrix, row, cfg.tensor_type_rules)
+    folder, convert_info = sources.precision_source(reference, row.precision, cfg.cache, cfg.progress, recipe)
     row.info["source"] = str(folder)
     row.info["convert"] = convert_info
+    row.info["recipe"] = calibrated.recipe_record(folder, cfg.imatrix, row, cfg.tensor_type_rules)
     _, options = sources.base_precision(row.precision)
     hires = None if row.hires is None else (row.hires, cfg.hires_strength)
     if row.control:
@@ -429,7 +455,8 @@ def _record_image(cfg, row: RowResult, prompt: BenchPrompt, seed: int, gen: Gene
         "image": None,
     }
     if cfg.save_images:
-        rel = Path("images") / row.name / f"{prompt.id}-s{seed}.png"
+        # a row's folder: ":" (target:15MB) is no file name on Windows
+        rel = Path("images") / row.name.replace(":", "-") / f"{prompt.id}-s{seed}.png"
         (cfg.out / rel).parent.mkdir(parents=True, exist_ok=True)
         gen.image.save(cfg.out / rel)
         entry["image"] = rel.as_posix()

@@ -24,12 +24,13 @@ SETTINGS = {
     "precisions": list, "baselines": list, "prompts": list, "seeds": list, "steps": int, "width": int,
     "height": int, "repeats": int, "warmup": int, "device": OPT_STR, "dtype": OPT_STR, "vram": OPT_STR,
     "cards": list, "hires": (dict, NONE), "cfg": OPT_NUM, "also_dtypes": list,
+    "imatrix": (dict, NONE), "target_sizes": list, "tensor_type_rules": OPT_STR,
 }  # fmt: skip
 PROMPT = {"id": str, "kind": str, "text": str}
 ROW = {
     "name": str, "kind": str, "precision": str, "status": str, "reason": OPT_STR, "compute_dtype": OPT_STR,
     "device": OPT_STR, "source": OPT_STR, "convert": (dict, NONE), "load_s": OPT_NUM, "files": (dict, NONE),
-    "transformer_types": (dict, NONE), "quantizer": OPT_STR, "imatrix": OPT_STR, "vram_cap": (dict, NONE), "timing": dict, "memory": dict,
+    "transformer_types": (dict, NONE), "quantizer": OPT_STR, "imatrix": OPT_STR, "recipe": (dict, NONE), "vram_cap": (dict, NONE), "timing": dict, "memory": dict,
     "quality": dict, "deterministic": (bool, NONE), "fp32_fallback_steps": OPT_INT,
 }  # fmt: skip
 CONVERT = {"cached": (bool, NONE), "convert_s": OPT_NUM}
@@ -39,6 +40,11 @@ FILES = {
     "vae_bytes": OPT_INT,
     "total_bytes": OPT_INT,
 }
+IMATRIX = {"file": str, "sha256": str, "dataset": str, "entries": int, "chunks": int}
+RECIPE = {
+    "imatrix_sha256": OPT_STR, "imatrix_tensors": OPT_INT, "rules": OPT_STR, "target_size": OPT_STR, "target_bytes": OPT_INT,
+    "planned_bytes": OPT_INT, "gguf_bytes": int, "types": (dict, NONE),
+}  # fmt: skip
 VRAM_CAP = {"requested": OPT_STR, "applied": bool, "note": OPT_STR, "card": OPT_STR}
 TIMING = {
     "samples": int,
@@ -99,7 +105,7 @@ def _check_row(row: dict, where: str, problems: list[str]) -> None:
         problems.append(f"{where}.kind: {row.get('kind')!r} not in {KINDS}")
     for key, spec in (("timing", TIMING), ("memory", MEMORY), ("quality", QUALITY)):
         _check(row.get(key), spec, f"{where}.{key}", problems)
-    for key, spec in (("convert", CONVERT), ("files", FILES), ("vram_cap", VRAM_CAP)):
+    for key, spec in (("convert", CONVERT), ("files", FILES), ("vram_cap", VRAM_CAP), ("recipe", RECIPE)):
         if row.get(key) is not None:
             _check(row[key], spec, f"{where}.{key}", problems)
     for i, entry in enumerate((row.get("quality") or {}).get("per_image") or []):
@@ -124,6 +130,8 @@ def validate_report(report: dict) -> list[str]:
     if isinstance(report["environment"].get("gpu"), dict):
         _check(report["environment"]["gpu"], GPU, "environment.gpu", problems)
     _check(report["settings"], SETTINGS, "settings", problems)
+    if isinstance(report["settings"].get("imatrix"), dict):
+        _check(report["settings"]["imatrix"], IMATRIX, "settings.imatrix", problems)
     for i, p in enumerate(report["settings"].get("prompts") or []):
         _check(p, PROMPT, f"settings.prompts[{i}]", problems)
     for i, row in enumerate(report["rows"]):

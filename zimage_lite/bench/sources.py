@@ -1,9 +1,9 @@
 """Where each precision's weights come from: the reference folder, or a converted folder in the cache.
 
 Converted folders are cached under a key made of the source's resolved path, its newest file mtime and
-total size, the converter's source code and the quantization, so a changed source or converter converts
-again and nothing else does. Synthetic
-models are cached by size and seed.
+total size, the converter's source code, the quantization and the recipe options (an imatrix by its
+content hash, a target size in bytes), so a changed source, converter or imatrix converts again and nothing
+else does. Synthetic models are cached by size and seed.
 """
 
 from __future__ import annotations
@@ -93,20 +93,40 @@ def converter_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def converted_path(src: Path, quant: str, cache: Path) -> Path:
-    key = f"{source_fingerprint(src)}|{converter_fingerprint()}|{quant}"
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def recipe_key(options) -> str:
+    """The part of a cache key a convert.recipe.RecipeOptions adds: "" for a plain conversion."""
+    if options is None or not options.any():
+        return ""
+    imatrix = "" if options.imatrix is None else file_sha256(options.imatrix)[:16]
+    return f"|imatrix={imatrix}|rules={options.rules}|target={options.target_size}"
+
+
+def converted_path(src: Path, quant: str, cache: Path, options=None) -> Path:
+    key = f"{source_fingerprint(src)}|{converter_fingerprint()}|{quant}{recipe_key(options)}"
     key = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache / f"{src.resolve().name}-{quant}-{key}"
+    tag = "-imatrix" if options is not None and options.imatrix is not None else ""
+    return cache / f"{src.resolve().name}-{quant.replace(':', '-')}{tag}-{key}"
 
 
-def precision_source(src: Path, precision: str, cache: Path, progress: bool) -> tuple[Path, dict]:
-    """(folder to load, {"cached": bool, "convert_s": float | None}) for one precision."""
+def precision_source(
+    src: Path, precision: str, cache: Path, progress: bool, options=None
+) -> tuple[Path, dict]:
+    """(folder to load, {"cached": bool, "convert_s": float | None}) for one precision. `options`: a
+    convert.recipe.RecipeOptions (an imatrix, a target size: then `precision` only names the row)."""
     precision, _ = base_precision(precision)
     if precision == REFERENCE:
         return src, {"cached": None, "convert_s": None}
     from zimage_lite.weights.components import MANIFEST
 
-    out = converted_path(src, precision, cache)
+    out = converted_path(src, precision, cache, options)
     if (out / MANIFEST).is_file():
         return out, {"cached": True, "convert_s": None}
     convert = converter()
@@ -114,7 +134,8 @@ def precision_source(src: Path, precision: str, cache: Path, progress: bool) -> 
         raise UsageError(f"precision {precision} needs the converter (zimage_lite.convert)")
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    convert(src, out, precision, force=True, progress=progress)
+    quant = None if options is not None and options.target_size is not None else precision
+    convert(src, out, quant, force=True, progress=progress, options=options)
     return out, {"cached": False, "convert_s": time.perf_counter() - start}
 
 

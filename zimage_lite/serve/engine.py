@@ -61,13 +61,13 @@ class Engine:
             on_step=lambda i, n: on_step(1, i, n), image=p.image, mask=p.mask, strength=p.strength,
             **p.guidance_kwargs(), **p.control_kwargs(),
         )  # fmt: skip
-        if p.hires is not None:
+        if p.hires is not None:  # hires_fix returns a list, as generate does: one image here
             images = [
                 self.pipe.hires_fix(img, p.prompt, scale=p.hires.scale, strength=p.hires.strength,
                                     seed=p.seed, steps=p.steps, on_step=lambda i, n: on_step(2, i, n),
                                     **p.guidance_kwargs(), **p.control_kwargs())[0]
                 for img in images
-            ]  # fmt: skip (hires_fix returns a list, as generate does: one image here)
+            ]  # fmt: skip
         log.debug("generated %d image(s) in %.3f s", len(images), time.perf_counter() - start)
         return images
 
