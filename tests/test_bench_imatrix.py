@@ -24,12 +24,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libggml") is None, rea
 
 
 def _bench(model: Path, root: Path, *extra: str) -> dict:
+    """One bench run into root/out (--force: the second run replaces the first's report)."""
     parser = argparse.ArgumentParser()
     runner.add_bench_arguments(parser)
     args = parser.parse_args(
         ["--model", str(model), "--precisions", "bf16,q4_k", "--prompts", "1", "--steps", "1",
          "--width", "32", "--height", "32", "--warmup", "0", "--device", "cpu", "--out", str(root / "out"),
-         "--cache", str(root / "cache"), "-q", *extra]
+         "--cache", str(root / "cache"), "--force", "-q", *extra]
     )  # fmt: skip
     return runner.run_bench(runner.config_from_args(args))
 
