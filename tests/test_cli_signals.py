@@ -73,6 +73,7 @@ def test_synthetic_full_checks_disk_before_starting(tmp_path, capsys, monkeypatc
 
 def test_synthetic_full_checks_memory_before_starting(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(preflight, "available_host_bytes", lambda: 2 * 2**30)
+    monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 2**40)  # whatever this disk has free
     line = error_line(capsys, "synthetic", tmp_path / "full", "--size", "full")
     assert line.startswith(
         "zimage-lite: error: not enough host memory: writing the full synthetic model needs"
