@@ -17,13 +17,11 @@ import httpx
 import pytest
 import torch
 from PIL import Image
+from playwright import sync_api
 from safetensors.torch import save_file
 
 from tests.serve_live import live_server
 from zimage_lite.synthetic import write_synthetic_model
-
-pytest.importorskip("fastapi")
-sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

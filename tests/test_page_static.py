@@ -8,12 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from zimage_lite.serve.app import create_app  # noqa: E402
-from zimage_lite.serve.config import ServeConfig  # noqa: E402
+from zimage_lite.serve.app import create_app
+from zimage_lite.serve.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = ROOT / "zimage_lite" / "serve" / "static"

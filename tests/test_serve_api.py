@@ -11,6 +11,7 @@ import time
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 
@@ -18,7 +19,6 @@ from tests.serve_live import live_server, write_lora
 from zimage_lite.pipeline import Pipeline
 from zimage_lite.synthetic import write_synthetic_model
 
-openai = pytest.importorskip("openai")
 TARGETS = ("attention.to_q", "attention.to_v", "feed_forward.w1")
 
 

@@ -19,8 +19,6 @@ from tests.serve_live import live_server
 from zimage_lite.pipeline import Pipeline
 from zimage_lite.synthetic import write_synthetic_model
 
-pytest.importorskip("fastapi")
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray.serve  # noqa: F401  (the [cluster] extra, part of [test]: missing means a broken install)
 
 from tests.serve_live import live_server
 from zimage_lite.synthetic import write_synthetic_model
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("ray.serve")
 
 
 def _descendants(root: int) -> set[int]:

@@ -13,8 +13,6 @@ from zimage_lite.serve.engine import Engine
 from zimage_lite.serve.params import JobParams, LoraChoice
 from zimage_lite.synthetic import write_synthetic_model
 
-pytest.importorskip("fastapi")
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
