@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from zimage_lite.cli_args import SEED_MAX  # one seed range for the CLI, the server and the API
 from zimage_lite.control import control_part, controlled
 from zimage_lite.errors import UsageError, ZImageError
 from zimage_lite.guidance import Guidance, guided, negative_prompts
@@ -72,9 +73,6 @@ def _budget(vram, card, device: torch.device):
     if n > budget.total_bytes:
         raise UsageError(f"--vram {vram} is larger than the emulated --card {card}")
     return replace(budget, total_bytes=n)
-
-
-SEED_MAX = 2**64 - 1  # torch's range without negative aliases (cli_args.SEED_MAX)
 
 
 def effective_strength(strength: float | None, mask) -> float:

@@ -17,12 +17,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from zimage_lite.cli_args import SEED_MAX, SIZE_MAX  # the CLI's ranges (SIZE_MAX: the RoPE tables' reach)
 from zimage_lite.serve.config import ServeConfig
 from zimage_lite.serve.errors import bad_request, not_found
 from zimage_lite.serve.params import DEFAULT_CONTROL_SCALE, Control, Hires, JobParams, LoraChoice, OutputSpec
 
-SEED_MAX = 2**64 - 1
-SIZE_MAX = 8192  # the RoPE tables' reach (cli_args.SIZE_MAX)
 QUALITY_FACTOR = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5}
 GUIDANCE_MAX = 30.0
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
