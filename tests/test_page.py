@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -180,17 +182,22 @@ def png_text(data: bytes) -> dict[str, str]:
         return dict(im.text)
 
 
-def test_prompt_generate_progress_reaches_the_end_and_the_image_appears(visit):
+def test_prompt_generate_progress_reaches_the_end_and_the_image_appears(visit, server):
     p = visit.page
-    visit.fill(prompt="a lighthouse on a cliff at dusk", **{**SMALL, "steps": "8"})
+    visit.fill(prompt="a lighthouse on a cliff at dusk", **{**SMALL, "steps": "20"})
     watch_progress(p)
-    p.get_by_role("button", name="Generate").click()
+    # The tiny model takes a few milliseconds a step: alone, the job can end before the page's event
+    # stream opens, and the page would rightly see only the result. Behind another client's job the
+    # stream is open before the first step, so the steps it shows are the server's live events.
+    with running_job(server):
+        with p.expect_response(lambda r: r.url.endswith("/events")):
+            p.get_by_role("button", name="Generate").click()
     img = p.locator("#gallery li img").first
     img.wait_for(timeout=60_000)
-    seen = [value for value, bar_max in p.evaluate("window.__progress") if bar_max == 8 and value > 0]
-    assert seen == sorted(seen) and seen[-1] == 8, seen  # forward only, to the end
-    assert any(0 < v < 8 for v in seen), seen  # and live: steps before the end came from the events
-    assert p.locator("#progress").evaluate("b => [b.value, b.max]") == [8, 8]
+    seen = [value for value, bar_max in p.evaluate("window.__progress") if bar_max == 20 and value > 0]
+    assert seen == sorted(seen) and seen[-1] == 20, seen  # forward only, to the end
+    assert any(0 < v < 20 for v in seen), seen  # and live: steps before the end came from the events
+    assert p.locator("#progress").evaluate("b => [b.value, b.max]") == [20, 20]
     assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
     assert p.locator("#current-img").is_visible()
 
@@ -375,18 +382,34 @@ def api(server: str, method: str, path: str, body: dict | None = None) -> dict:
     return r.json()
 
 
+@contextmanager
+def running_job(server: str):
+    """Another client's job, running on the server's one worker until the block ends (then cancelled).
+
+    1024x1024 x 4 images x 100 steps takes the tiny model minutes, so it cannot end on its own first."""
+    job = api(
+        server, "POST", "/v1/jobs", {"prompt": "another client", "size": "1024x1024", "n": 4, "steps": 100}
+    )
+    try:
+        for _ in range(600):  # bounded: 60 s
+            if api(server, "GET", f"/v1/jobs/{job['id']}")["state"] == "running":
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the other client's job never started")
+        yield job
+    finally:
+        api(server, "DELETE", f"/v1/jobs/{job['id']}")
+
+
 def test_queue_position_then_cancel_the_running_job(visit, server):
     p = visit.page
-    size = f"{LONG['width']}x{LONG['height']}"
-    other = api(server, "POST", "/v1/jobs", {"prompt": "another client", "size": size, "steps": 100})
-    try:
+    with running_job(server):
         visit.fill(prompt="a slow one", **LONG)
         with p.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as resp:
             p.get_by_role("button", name="Generate").click()
         job_id = resp.value.json()["id"]
         p.get_by_text("Next in the queue").wait_for(timeout=30_000)  # behind the other client's job
-    finally:
-        api(server, "DELETE", f"/v1/jobs/{other['id']}")
     p.wait_for_function("document.getElementById('progress').value >= 1", timeout=60_000)
     assert p.locator("#queue").text_content() == ""
     p.get_by_role("button", name="Cancel").click()

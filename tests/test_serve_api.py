@@ -241,7 +241,9 @@ def _sse(lines, until=("result", "error")) -> list[tuple[str, dict]]:
 def test_job_with_sse_progress_and_result(server):
     """Queued behind a blocker (so the stream surely starts before the job does), then per-step progress
     and the result."""
-    blocker = httpx.post(f"{server.url}/v1/jobs", json={"prompt": "blocker", "size": "32x32", "steps": 1000})
+    blocker = httpx.post(
+        f"{server.url}/v1/jobs", json={"prompt": "blocker", "size": "512x512", "steps": 1000}
+    )
     body = {"prompt": "a lighthouse", "size": "32x32", "steps": 200, "seed": 11}
     r = httpx.post(f"{server.url}/v1/jobs", json=body)
     assert r.status_code == 202
@@ -264,7 +266,7 @@ def test_job_with_sse_progress_and_result(server):
 
 
 def test_cancel_a_running_job_between_steps(server):
-    r = httpx.post(f"{server.url}/v1/jobs", json={"prompt": "long", "size": "32x32", "steps": 1000})
+    r = httpx.post(f"{server.url}/v1/jobs", json={"prompt": "long", "size": "512x512", "steps": 1000})
     job_id = r.json()["id"]
     with httpx.stream("GET", f"{server.url}/v1/jobs/{job_id}/events", timeout=60) as s:
         lines = s.iter_lines()
@@ -286,7 +288,7 @@ def test_cancel_a_running_job_between_steps(server):
 
 
 def test_client_disconnect_cancels_its_job(server):
-    body = {"prompt": "abandoned", "size": "32x32", "steps": 1000}
+    body = {"prompt": "abandoned", "size": "512x512", "steps": 1000}  # about 10 s: far past the timeout
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=1.5)
     deadline = time.monotonic() + 30

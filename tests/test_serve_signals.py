@@ -37,10 +37,13 @@ def _wait(url: str, pred, bound_s: float = 60.0) -> None:
     raise AssertionError("the server never reached the expected queue state")
 
 
-def _start_two(live, steps: int) -> tuple[dict, list[threading.Thread]]:
-    """One running job (`steps` steps, kept as a url file) and one queued behind it."""
+def _start_two(live, steps: int, size: str) -> tuple[dict, list[threading.Thread]]:
+    """One running job (`steps` steps at `size`, kept as a url file) and one queued behind it.
+
+    The tiny model takes about 2 ms a step at 32x32 and 10 ms at 512x512 on a 2-core CPU: the running
+    job must outlast the polling below and the signal by seconds, on a faster CPU too."""
     out: dict = {}
-    running = {"prompt": "running", "size": "32x32", "steps": steps, "response_format": "url"}
+    running = {"prompt": "running", "size": size, "steps": steps, "response_format": "url"}
     threads = [threading.Thread(target=_post, args=(live.url, running, out, "running"))]
     threads[0].start()
     _wait(live.url, lambda q: q["running"])
@@ -68,7 +71,7 @@ def test_sigterm_lets_the_running_job_finish_and_exits_0(tiny, tmp_path):
         "--max-steps",
         "1000",
     ) as live:
-        out, threads = _start_two(live, steps=600)
+        out, threads = _start_two(live, steps=400, size="512x512")
         assert live.stop(timeout=120) == 0
         for t in threads:
             t.join(120)
@@ -76,7 +79,7 @@ def test_sigterm_lets_the_running_job_finish_and_exits_0(tiny, tmp_path):
         r = out["running"]
         assert r.status_code == 200, r
         name = r.json()["data"][0]["url"].rsplit("/", 1)[1]
-        assert Image.open(out_dir / name).size == (32, 32)
+        assert Image.open(out_dir / name).size == (512, 512)
         assert "stopped" in live.output()
     _no_partial_files(out_dir)
 
@@ -86,7 +89,7 @@ def test_sigterm_cancels_the_running_job_when_the_grace_runs_out(tiny, tmp_path)
     with live_server(
         tiny, tmp_path, "--grace", "1", "--output-dir", str(out_dir), "--size", "16x16", "--max-steps", "1000"
     ) as live:
-        out, threads = _start_two(live, steps=1000)
+        out, threads = _start_two(live, steps=1000, size="512x512")  # ten seconds: far past the grace
         start = time.monotonic()
         assert live.stop(timeout=120) == 0
         took = time.monotonic() - start
