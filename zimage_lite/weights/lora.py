@@ -147,9 +147,11 @@ def _pair(file: Path, source, module: str, keys: dict[str, str], shape: tuple[in
         missing = "up" if "down" in keys else "down"
         raise CheckpointError(f"{file}: tensor {next(iter(keys.values()))} has no matching lora_{missing}")
     down, up = source.get(keys["down"]).float(), source.get(keys["up"]).float()
-    if down.ndim != 2 or up.ndim != 2:
-        got = tuple(down.shape)
-        raise CheckpointError(f"{file}: tensor {keys['down']} is not a linear LoRA (shape {got})")
+    for role, t in (("down", down), ("up", up)):
+        if t.ndim != 2:
+            raise CheckpointError(
+                f"{file}: tensor {keys[role]} is not a linear LoRA (shape {tuple(t.shape)})"
+            )
     if down.shape[0] == 0:  # PEFT refuses r=0 too (LoraConfig: "r should be a positive integer")
         raise CheckpointError(
             f"{file}: tensor {keys['down']} has rank 0 (shape {tuple(down.shape)}): an empty LoRA"
