@@ -14,6 +14,8 @@ Quantization divides by the scale and clamps to +-448 (e4m3fn has no infinity; a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from zimage_lite.errors import NonFiniteError, UsageError
@@ -49,7 +51,7 @@ def _scaled_cast(w32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = torch.empty(w32.shape, dtype=FP8_DTYPE, device=w32.device)
     if w32.ndim == 0:
         return q.copy_((w32 / scale).clamp_(-FP8_MAX, FP8_MAX))
-    rows = max(1, _SLAB_ELEMENTS // max(1, w32[0].numel()))
+    rows = max(1, _SLAB_ELEMENTS // max(1, math.prod(w32.shape[1:])))  # w32[0] would fail on 0 rows
     for start in range(0, w32.shape[0], rows):
         part = scale if scale.ndim == 0 else scale[start : start + rows]
         q[start : start + rows] = (w32[start : start + rows] / part).clamp_(-FP8_MAX, FP8_MAX)

@@ -1,0 +1,115 @@
+"""The torch quantizers and dequantizers run wholly on the weight's device, and their refusals say what
+was wrong.
+
+On a GPU a constant made without `device=` (a shift table, a bit index, a scratch buffer) is a CPU tensor,
+and the first op that mixes it with the weight fails. CPU tests cannot see that: every tensor is on the
+CPU. The meta device can: it refuses to mix with CPU tensors just as CUDA does, and it computes shapes and
+dtypes without data. Quantizers read a few scalars (is every value finite? which blocks tie?); the meta
+device has no data to answer, so `MetaScalars` answers for it: every value finite, no ties.
+
+Mutation testing (tools/mutate.py, slice "quant") found 46 `device=` arguments whose loss no test saw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from zimage_lite.errors import NonFiniteError, UsageError
+from zimage_lite.quant.formats import (
+    FLOAT_TYPES,
+    QUANT_TYPES,
+    dequantize,
+    quantizable_types,
+    quantize,
+    row_bytes,
+)
+from zimage_lite.quant.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
+
+SHAPE = (4, 512)  # two K-quant super-blocks, sixteen legacy blocks per row
+META = torch.device("meta")
+
+
+class MetaScalars(TorchDispatchMode):
+    """Answers the data-dependent reads that meta tensors cannot: every scalar read is true (all values
+    finite, some block tied) and a mask selects every row, so the rare tie paths run on the device too."""
+
+    def __enter__(self):
+        self._all_rows = torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True)
+        self._all_rows.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._all_rows.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device == META:
+            return True if args[0].dtype == torch.bool else 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("qtype", [*QUANT_TYPES, *FLOAT_TYPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_stays_on_the_device_of_its_bytes(qtype, dtype):
+    n_bytes = row_bytes(qtype, SHAPE[1]) * SHAPE[0]
+    raw = torch.empty(n_bytes, dtype=torch.uint8, device=META)
+    out = dequantize(raw, qtype, SHAPE, dtype=dtype)
+    assert (out.device, out.dtype, tuple(out.shape)) == (META, dtype, SHAPE)
+
+
+@pytest.mark.parametrize(
+    "qtype", [name for name in quantizable_types() if QUANT_TYPES[name].quantize is not None]
+)
+def test_torch_quantizers_stay_on_the_weights_device(qtype):
+    with MetaScalars():
+        raw = quantize(torch.empty(SHAPE, device=META), qtype, quantizer="torch")
+    assert (raw.device, raw.dtype, tuple(raw.shape)) == (
+        META,
+        torch.uint8,
+        (SHAPE[0], row_bytes(qtype, SHAPE[1])),
+    )
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fp8_stays_on_the_weights_device(per_channel):
+    with MetaScalars():
+        q, scale = quantize_fp8(torch.empty(SHAPE, device=META), per_channel=per_channel)
+    assert (q.device, q.dtype, tuple(q.shape)) == (META, FP8_DTYPE, SHAPE)
+    assert scale.device == META and tuple(scale.shape) == ((SHAPE[0], 1) if per_channel else ())
+    for s in (scale, scale.reshape(-1)):  # (out, 1) as we write it, (out,) as some files hold it
+        out = dequantize_fp8(q, s, torch.bfloat16)
+        assert (out.device, out.dtype, tuple(out.shape)) == (META, torch.bfloat16, SHAPE)
+
+
+def test_row_bytes_is_an_int():
+    """It sizes files and offsets: 512 Q4_K elements are 2 blocks of 144 bytes, an int, not 288.0."""
+    assert [type(row_bytes(q, 512)) for q in ("Q4_K", "Q8_0", "BF16")] == [int, int, int]
+    assert (row_bytes("Q4_K", 512), row_bytes("Q8_0", 512), row_bytes("BF16", 512)) == (288, 544, 1024)
+
+
+def test_fp8_of_a_scalar_and_of_an_empty_weight():
+    """A 0-dim weight goes through the scalar branch; an empty one has no extremes and gets scale 1."""
+    q, scale = quantize_fp8(torch.tensor(-3.0))
+    assert q.shape == () and float(q.float() * scale) == -3.0  # -3 / (3/448) = -448, exact in e4m3fn
+    q, scale = quantize_fp8(torch.empty(0, 4))  # per tensor: no extremes to take
+    assert q.shape == (0, 4) and float(scale) == 1.0
+
+
+def test_refusals_say_what_was_wrong():
+    with pytest.raises(UsageError) as err:
+        dequantize(torch.zeros(34, dtype=torch.int8), "Q8_0", (32,))
+    assert str(err.value) == "dequantize expects uint8 bytes, got torch.int8"
+    for qtype, n_bytes in (("Q8_0", 33), ("F16", 62)):
+        with pytest.raises(UsageError) as err:
+            dequantize(torch.zeros(n_bytes, dtype=torch.uint8), qtype, (32,))
+        assert str(err.value) == f"{n_bytes} bytes of {qtype} do not hold shape (32,)"
+    with pytest.raises(UsageError) as err:
+        quantize_fp8(torch.ones(8), per_channel=True)
+    assert str(err.value) == "per-channel FP8 needs a weight of at least 2 dims, got shape (8,)"
+    with pytest.raises(NonFiniteError) as err:
+        quantize_fp8(torch.tensor([[1.0, float("nan")]]))
+    assert str(err.value) == "cannot quantize a weight holding NaN or infinity to FP8"
+    with pytest.raises(UsageError) as err:
+        dequantize_fp8(torch.zeros(4, 8, dtype=FP8_DTYPE), torch.ones(3, 1))
+    assert str(err.value) == "FP8 scale of shape (3, 1) does not fit a weight of shape (4, 8)"
