@@ -155,3 +155,21 @@ def test_two_layouts_of_one_tensor_are_refused():
     keys = ["layers.0.attention.out.weight", "layers.0.attention.to_out.0.weight", "x_pad_token"]
     with pytest.raises(CheckpointError, match="are both layers.0.attention.out.weight"):
         dit_key_plan(keys)
+
+
+def test_rope_table_equals_diffusers_over_the_published_position_range():
+    """The real model's axes (32, 48, 48) and theta over every position its tables hold (1536, 512, 512):
+    equal bit for bit. Small test images reach positions of a few dozen only, where angles formed in
+    float32 instead of float64 still agree; at position 1500 they do not."""
+    from diffusers.models.transformers.transformer_z_image import RopeEmbedder
+
+    from zimage_lite.models.dit_sequence import rope_freqs
+    from zimage_lite.published import published_config
+
+    cfg = published_config("transformer")
+    n = cfg["axes_lens"][0]
+    ids = torch.stack([torch.arange(n), torch.arange(n) % 512, (torch.arange(n) * 7) % 512], dim=-1)
+    theirs = RopeEmbedder(cfg["rope_theta"], cfg["axes_dims"], cfg["axes_lens"])(ids)
+    ours = rope_freqs(ids, tuple(cfg["axes_dims"]), cfg["rope_theta"])
+    assert ours.dtype == theirs.dtype == torch.complex64
+    assert torch.equal(ours, theirs)

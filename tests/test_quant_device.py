@@ -2,10 +2,8 @@
 was wrong.
 
 On a GPU a constant made without `device=` (a shift table, a bit index, a scratch buffer) is a CPU tensor,
-and the first op that mixes it with the weight fails. CPU tests cannot see that: every tensor is on the
-CPU. The meta device can: it refuses to mix with CPU tensors just as CUDA does, and it computes shapes and
-dtypes without data. Quantizers read a few scalars (is every value finite? which blocks tie?); the meta
-device has no data to answer, so `MetaScalars` answers for it: every value finite, no ties.
+and the first op that mixes it with the weight fails; the meta device fails the same way on a CPU
+(tests/meta_device.py).
 
 Mutation testing (tools/mutate.py, slice "quant") found 46 `device=` arguments whose loss no test saw."""
 
@@ -13,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.meta_device import META, MetaScalars
 from zimage_lite.errors import NonFiniteError, UsageError
 from zimage_lite.quant.formats import (
     FLOAT_TYPES,
@@ -27,26 +25,6 @@ from zimage_lite.quant.formats import (
 from zimage_lite.quant.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
 SHAPE = (4, 512)  # two K-quant super-blocks, sixteen legacy blocks per row
-META = torch.device("meta")
-
-
-class MetaScalars(TorchDispatchMode):
-    """Answers the data-dependent reads that meta tensors cannot: every scalar read is true (all values
-    finite, some block tied) and a mask selects every row, so the rare tie paths run on the device too."""
-
-    def __enter__(self):
-        self._all_rows = torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True)
-        self._all_rows.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        self._all_rows.__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].device == META:
-            return True if args[0].dtype == torch.bool else 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("qtype", [*QUANT_TYPES, *FLOAT_TYPES])

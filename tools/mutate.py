@@ -45,8 +45,16 @@ SLICES: dict[str, tuple[list[str], list[str]]] = {
     ),  # fmt: skip
     "models": (
         ["zimage_lite/models/*"],
-        ["tests/test_dit.py", "tests/test_qwen3.py", "tests/test_vae.py", "tests/test_dit_attention_mask.py"],
-    ),
+        [
+            "tests/test_dit.py",
+            "tests/test_qwen3.py",
+            "tests/test_vae.py",
+            "tests/test_dit_attention_mask.py",
+            "tests/test_fp16.py",
+            "tests/test_controlnet.py",
+            "tests/test_models_device.py",
+        ],
+    ),  # fmt: skip
 }
 
 
