@@ -166,3 +166,7 @@ def test_split_qkv_spellings_land_in_their_third(transformer, tmp_path, spelling
     got = updates(read_lora(write(tmp_path / "split.safetensors", tensors), transformer))
     assert list(got) == [QKV]
     torch.testing.assert_close(got[QKV], want, rtol=1e-6, atol=1e-6)
+    k_down = spelling.format(p="k")
+    tensors[k_down] = tensors[k_down][:0]  # a split third is checked as any pair, and named so
+    path = write(tmp_path / "bad-split.safetensors", tensors)
+    assert refusal(transformer, path) == f"{path}: tensor {k_down} has rank 0 (shape (0, 64)): an empty LoRA"
