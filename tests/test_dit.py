@@ -84,6 +84,22 @@ def test_forward_matches_diffusers_fp32(cfg_name, hw, cap_lens):
     assert rel_err(got, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("cap_lens", [[5, 40], [45, 45], [64, 3, 17]])
+def test_blocks_in_chunks_match_diffusers(cap_lens):
+    """chunks=2 (each block runs the batch in parts, as CFG's two passes do): the masked batch splits
+    into parts with and without padding, an unmasked one into parts without a mask."""
+    cfg = CFGS["one_refiner"]
+    ref, ours = make_pair(cfg)
+    g = torch.Generator().manual_seed(len(cap_lens))
+    latents, t = (
+        torch.randn(len(cap_lens), cfg.in_channels, 8, 6, generator=g),
+        torch.rand(len(cap_lens), generator=g),
+    )
+    caps = [torch.randn(n, cfg.cap_feat_dim, generator=g) for n in cap_lens]
+    with torch.no_grad():
+        assert rel_err(ours(latents, t, caps, chunks=2), run_ref(ref, latents, t, caps)) <= 1e-5
+
+
 @pytest.mark.parametrize("cfg_name", list(CFGS))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_forward_matches_diffusers_bf16(cfg_name, seed):
