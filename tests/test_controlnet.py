@@ -36,6 +36,7 @@ def nets(tmp_path_factory):
             "control_noise_refiner", 33, [0, 1], [0], n_refiner=1, seed=2, zero_refiner_out=True
         ),
         "2.1": build("control_noise_refiner", 33, [0, 1], [0], n_refiner=1, seed=3),
+        "2.0": build("control_layers", 33, [0, 1], [0], n_refiner=1, seed=4),
     }
     return {k: (write_diffusers(root / k, net), net) for k, net in made.items()}
 
@@ -140,14 +141,20 @@ def test_inpaint_matches_diffusers_fp32(tiny, nets):
 def authors_reference(tiny, net, W, H, seed, scale, control):
     """The authors' refiner-stage semantics from diffusers' own modules: the refiner-stage hints the
     ControlNet computes are also added to the base transformer's noise refiner (VideoX-Fun's
-    BaseZImageTransformerBlock), not only to the ControlNet's copy of the image stream."""
+    BaseZImageTransformerBlock), not only to the ControlNet's copy of the image stream. 2.1 computes
+    them with its control_noise_refiner blocks; 2.0 with its main control blocks, run once over the image
+    tokens (the refiner stage) before they run again over the joint sequence (the main stage)."""
     base = ZImagePipeline.from_pretrained(str(tiny), torch_dtype=torch.float32)
     ref = ZImageControlNetPipeline(**base.components, controlnet=net)
-    hints, in_transformer = {}, [False]
+    two_0 = net.config.add_control_noise_refiner == "control_layers"
+    stage_blocks = net.control_layers if two_0 else net.control_noise_refiner
+    hints, in_transformer, calls = {}, [False], [0]
 
     def keep_hints(i):
         def hook(module, args, out):  # out: stacked [hint_0 .. hint_i, c]
-            hints[i] = out[i] * scale
+            calls[0] += 1
+            if calls[0] <= len(stage_blocks):  # 2.0: the first pass of each net forward is the refiner stage
+                hints[i] = out[i] * scale
 
         return hook
 
@@ -157,11 +164,15 @@ def authors_reference(tiny, net, W, H, seed, scale, control):
 
         return hook
 
-    for i, block in enumerate(net.control_noise_refiner):
+    for i, block in enumerate(stage_blocks):
         block.register_forward_hook(keep_hints(i))
     for i in net.config.control_refiner_layers_places:
         ref.transformer.noise_refiner[i].register_forward_hook(add_hint(i))
-    forward = ref.transformer.forward
+    net_forward, forward = net.forward, ref.transformer.forward
+
+    def controlnet_forward(*args, **kwargs):
+        calls[0] = 0
+        return net_forward(*args, **kwargs)
 
     def transformer_forward(*args, **kwargs):
         in_transformer[0] = True
@@ -170,17 +181,21 @@ def authors_reference(tiny, net, W, H, seed, scale, control):
         finally:
             in_transformer[0] = False
 
-    ref.transformer.forward = transformer_forward
-    return ref(
-        PROMPT, height=H, width=W, num_inference_steps=4, guidance_scale=0.0,
-        generator=torch.Generator("cpu").manual_seed(seed), control_image=control,
-        controlnet_conditioning_scale=scale,
-    ).images  # fmt: skip
+    net.forward, ref.transformer.forward = controlnet_forward, transformer_forward
+    try:
+        return ref(
+            PROMPT, height=H, width=W, num_inference_steps=4, guidance_scale=0.0,
+            generator=torch.Generator("cpu").manual_seed(seed), control_image=control,
+            controlnet_conditioning_scale=scale,
+        ).images  # fmt: skip
+    finally:
+        del net.forward  # the module fixture is shared: its own forward again
 
 
 @pytest.mark.slow
-def test_refiner_hints_follow_the_authors_not_diffusers(tiny, nets):
-    path, net = nets["2.1"]
+@pytest.mark.parametrize("version", ["2.1", "2.0"])
+def test_refiner_hints_follow_the_authors_not_diffusers(tiny, nets, version):
+    path, net = nets[version]
     W = H = 64
     pipe = Pipeline.load(tiny, device="cpu", dtype="float32", controlnet=path)
     control = picture(W, H, 3)
