@@ -25,28 +25,27 @@ from zimage_lite.quant.formats import (
 from zimage_lite.quant.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
 SHAPE = (4, 512)  # two K-quant super-blocks, sixteen legacy blocks per row
+LARGE = (1024, 8192)  # twice the largest chunk size: the loops that write into preallocated outputs run (no data)
 
 
 @pytest.mark.parametrize("qtype", [*QUANT_TYPES, *FLOAT_TYPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_stays_on_the_device_of_its_bytes(qtype, dtype):
-    n_bytes = row_bytes(qtype, SHAPE[1]) * SHAPE[0]
-    raw = torch.empty(n_bytes, dtype=torch.uint8, device=META)
-    out = dequantize(raw, qtype, SHAPE, dtype=dtype)
-    assert (out.device, out.dtype, tuple(out.shape)) == (META, dtype, SHAPE)
+@pytest.mark.parametrize("shape", [SHAPE, LARGE])
+def test_dequantize_stays_on_the_device_of_its_bytes(qtype, dtype, shape):
+    raw = torch.empty(row_bytes(qtype, shape[1]) * shape[0], dtype=torch.uint8, device=META)
+    out = dequantize(raw, qtype, shape, dtype=dtype)
+    assert (out.device, out.dtype, tuple(out.shape)) == (META, dtype, shape)
 
 
 @pytest.mark.parametrize(
     "qtype", [name for name in quantizable_types() if QUANT_TYPES[name].quantize is not None]
 )
-def test_torch_quantizers_stay_on_the_weights_device(qtype):
+@pytest.mark.parametrize("shape", [SHAPE, LARGE])
+def test_torch_quantizers_stay_on_the_weights_device(qtype, shape):
     with MetaScalars():
-        raw = quantize(torch.empty(SHAPE, device=META), qtype, quantizer="torch")
-    assert (raw.device, raw.dtype, tuple(raw.shape)) == (
-        META,
-        torch.uint8,
-        (SHAPE[0], row_bytes(qtype, SHAPE[1])),
-    )
+        raw = quantize(torch.empty(shape, device=META), qtype, quantizer="torch")
+    want = (META, torch.uint8, (shape[0], row_bytes(qtype, shape[1])))
+    assert (raw.device, raw.dtype, tuple(raw.shape)) == want
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -55,7 +54,8 @@ def test_fp8_stays_on_the_weights_device(per_channel):
         q, scale = quantize_fp8(torch.empty(SHAPE, device=META), per_channel=per_channel)
     assert (q.device, q.dtype, tuple(q.shape)) == (META, FP8_DTYPE, SHAPE)
     assert scale.device == META and tuple(scale.shape) == ((SHAPE[0], 1) if per_channel else ())
-    for s in (scale, scale.reshape(-1)):  # (out, 1) as we write it, (out,) as some files hold it
+    cpu_scale = torch.ones(scale.shape)  # read from a file: on the CPU, the weight on the device
+    for s in (scale, scale.reshape(-1), cpu_scale):  # (out, 1) as we write it, (out,) as some files hold it
         out = dequantize_fp8(q, s, torch.bfloat16)
         assert (out.device, out.dtype, tuple(out.shape)) == (META, torch.bfloat16, SHAPE)
 

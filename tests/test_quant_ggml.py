@@ -49,6 +49,25 @@ def rel_rmse(w: torch.Tensor, raw: np.ndarray, qtype: str) -> float:
 
 
 @needs_ggml
+@pytest.mark.parametrize("quantizer,calls", [("ggml", True), (None, True), ("torch", False)])
+def test_ggml_bytes_come_from_the_library(monkeypatch, quantizer, calls):
+    """On an Intel CPU the torch emulation gives ggml's very bytes, so equal bytes do not show which ran:
+    count the library's calls (each still runs the library)."""
+    seen = []
+    for name in ("quantize_blocks", "quantize_rows"):
+        real = getattr(ggml_lib, name)
+        monkeypatch.setattr(
+            ggml_lib, name, lambda *a, _real=real, _name=name: (seen.append(_name), _real(*a))
+        )
+    quantize(torch.randn(4, 512), "Q4_K", quantizer=quantizer)
+    assert seen == (["quantize_blocks"] if calls else [])
+    seen.clear()
+    if quantizer != "torch":  # an importance matrix takes whole rows
+        quantize(torch.randn(4, 512), "Q4_K", quantizer=quantizer, imatrix=torch.rand(512))
+        assert seen == ["quantize_rows"]
+
+
+@needs_ggml
 @pytest.mark.parametrize("qtype", WRITABLE)
 @pytest.mark.parametrize("matrix", MATRICES)
 def test_ggml_quantizer_gives_ggml_bytes(vectors, matrix, qtype):

@@ -41,7 +41,12 @@ SLICES: dict[str, tuple[list[str], list[str]]] = {
             "zimage_lite/quant/fp8.py",
             "zimage_lite/quant/formats.py",
         ],
-        ["tests/test_quant_formats.py", "tests/test_quant_ggml.py", "tests/test_quant_device.py"],
+        [
+            "tests/test_quant_formats.py",
+            "tests/test_quant_ggml.py",
+            "tests/test_quant_device.py",
+            "tests/test_convert_imatrix.py",
+        ],
     ),  # fmt: skip
     "models": (
         ["zimage_lite/models/*"],
