@@ -25,7 +25,7 @@ from zimage_lite.quant.formats import (
 from zimage_lite.quant.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
 SHAPE = (4, 512)  # two K-quant super-blocks, sixteen legacy blocks per row
-LARGE = (1024, 8192)  # twice the largest chunk size: the loops that write into preallocated outputs run (no data)
+LARGE = (1024, 8192)  # twice the largest chunk: the loops into preallocated outputs run (no data)
 
 
 @pytest.mark.parametrize("qtype", [*QUANT_TYPES, *FLOAT_TYPES])
