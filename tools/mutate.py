@@ -57,6 +57,7 @@ SLICES: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_dit_attention_mask.py",
             "tests/test_fp16.py",
             "tests/test_controlnet.py",
+            "tests/test_controlnet_plan.py",
             "tests/test_models_device.py",
         ],
     ),  # fmt: skip
