@@ -91,3 +91,33 @@ def test_refusals_say_what_was_wrong():
     with pytest.raises(UsageError) as err:
         dequantize_fp8(torch.zeros(4, 8, dtype=FP8_DTYPE), torch.ones(3, 1))
     assert str(err.value) == "FP8 scale of shape (3, 1) does not fit a weight of shape (4, 8)"
+
+
+def test_quantize_refusals_say_what_was_wrong():
+    w = torch.randn(4, 512)
+    choices = ", ".join(quantizable_types())
+    assert {"Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"} <= set(quantizable_types())
+    cases = [
+        (lambda: quantize(w, "Q4_1"), f"Q4_1 is a read-only format here (choose one of {choices})"),
+        (lambda: quantize(torch.ones(4, 33), "Q8_0"), "cannot store shape (4, 33) as Q8_0: rows must be multiples of 32"),
+        (lambda: quantize(torch.tensor(1.0), "Q8_0"), "cannot store shape () as Q8_0: rows must be multiples of 32"),
+        (
+            lambda: quantize(w, "Q4_K", quantizer="torch", imatrix=torch.ones(512)),
+            "only ggml's quantizers (on the CPU, libggml-python installed) take an importance matrix",
+        ),
+        (
+            lambda: quantize(w, "Q3_K", quantizer="torch"),
+            "only ggml's quantizers (on the CPU, libggml-python installed) take Q3_K",
+        ),
+        (lambda: quantize(w, "Q4_K", imatrix=torch.ones(256)), "an imatrix of (256,) values for rows of 512"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(UsageError) as err:
+            call()
+        assert str(err.value) == message
+
+
+@pytest.mark.parametrize("quantizer", ["ggml", "torch"])
+def test_a_weight_with_no_rows_quantizes_to_no_bytes(quantizer):
+    raw = quantize(torch.empty(0, 256), "Q4_K", quantizer=quantizer)
+    assert tuple(raw.shape) == (0, row_bytes("Q4_K", 256))

@@ -128,10 +128,12 @@ def row_bytes(qtype: str, n_cols: int) -> int:
 
 
 def _by_chunks(fn: BlockFn, blocks: torch.Tensor, out_width: int, step: int) -> torch.Tensor:
-    if blocks.shape[0] <= step:
+    n = blocks.shape[0]
+    if 0 < n <= step:
         return fn(blocks)
-    out = torch.empty(blocks.shape[0], out_width, dtype=torch.uint8, device=blocks.device)
-    for start in range(0, blocks.shape[0], step):
+    # n == 0 takes this path too: the block functions' byte views fail on empty tensors
+    out = torch.empty(n, out_width, dtype=torch.uint8, device=blocks.device)
+    for start in range(0, n, step):
         out[start : start + step] = fn(blocks[start : start + step])
     return out
 
