@@ -304,3 +304,45 @@ def test_one_hint_is_alive_at_a_time(tiny, nets, monkeypatch):
     monkeypatch.setattr(HintChain, "before", watched)
     pipe.generate_latents(PROMPT, seed=0, steps=2, width=32, height=32, control_image=picture(32, 32))
     assert len(alive) == 2 * 3 and most[0] == 0
+
+
+def test_planned_hint_bytes_are_the_control_stream_and_one_hint(tiny, nets, monkeypatch):
+    """What the planner reserves for the branch (live_hint_bytes over the joint tokens) is the control
+    stream plus one hint, as the chains hold them; diffusers' way (every hint up front) is reserved as
+    all of them."""
+    from zimage_lite.models.controlnet import HintChain, live_hint_bytes
+
+    pipe = Pipeline.load(tiny, device="cpu", dtype="float32", controlnet=nets["2.1"][0])
+    held = []
+    before = HintChain.before
+
+    def watched(self, i, x):
+        hint = before(self, i, x)
+        if hint is not None:
+            held.append((self.c.shape, (self.c.numel() + hint.numel()) * hint.element_size()))
+        return hint
+
+    monkeypatch.setattr(HintChain, "before", watched)
+    pipe.generate_latents(
+        PROMPT, seed=0, steps=1, width=32, height=32, batch=2, control_image=picture(32, 32)
+    )
+    (batch, tokens, dim), most = max(held, key=lambda h: h[1])  # the main stage: c over the joint tokens
+    cfg = pipe.controlnet.config
+    assert batch == 2 and dim == cfg.dim
+    assert live_hint_bytes(cfg, tokens, batch, 4) == most
+    assert live_hint_bytes(cfg, tokens, batch, 4, one_live=False) == most // 2 * (1 + len(cfg.places))
+
+
+@pytest.mark.parametrize("version", ["v1", "2.1"])
+def test_planned_block_order_is_the_order_they_run(tiny, nets, version):
+    """The streaming plan's order (execution_order) is the order in which a resident run calls the DiT's
+    and the branch's blocks, for v1 (plain control refiner blocks) and 2.1 (refiner-stage hints). 2.0
+    runs its control blocks twice per step and is known to stream out of order (see the README)."""
+    pipe = Pipeline.load(tiny, device="cpu", dtype="float32", controlnet=nets[version][0])
+    planned = execution_order(pipe.transformer, pipe.controlnet)
+    ran = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: ran.append(m)) for b in planned]
+    pipe.generate_latents(PROMPT, seed=0, steps=1, width=32, height=32, control_image=picture(32, 32))
+    for h in hooks:
+        h.remove()
+    assert [id(m) for m in ran] == [id(m) for m in planned]
