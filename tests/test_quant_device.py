@@ -121,3 +121,16 @@ def test_quantize_refusals_say_what_was_wrong():
 def test_a_weight_with_no_rows_quantizes_to_no_bytes(quantizer):
     raw = quantize(torch.empty(0, 256), "Q4_K", quantizer=quantizer)
     assert tuple(raw.shape) == (0, row_bytes("Q4_K", 256))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_a_tensor_past_the_chunk_size_dequantizes_as_its_halves(qtype):
+    """dequantize writes chunks of 4M values into one output: a tensor of 1.5 chunks equals its two halves
+    dequantized apart (each under one chunk), so no chunk is skipped or misplaced."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(3 << 11, 1024, generator=gen)  # 6M values
+    raw = quantize(w, qtype)
+    half = w.shape[0] // 2
+    whole = dequantize(raw, qtype, tuple(w.shape))
+    parts = [dequantize(r, qtype, (half, 1024)) for r in (raw[:half], raw[half:])]
+    assert torch.equal(whole, torch.cat(parts))
