@@ -1,7 +1,7 @@
 # zimage-lite developer entry points.
 #   make demo   create/reuse a virtualenv, install, generate an image with the built-in tiny synthetic model
 #   make test   install what is missing and run the whole test suite
-#   make mutate mutation testing in slices (tools/mutate.py; hours on 2 cores, not in CI):
+#   make mutate mutation testing in slices (tools/mutate.py; minutes to half an hour a slice, not in CI):
 #               make mutate SLICES="sampling planner" MUTATE_LIMIT=1800
 #
 # TORCH_SPEC picks the torch wheel. The default pins the CPU build that CI machines have on disk.

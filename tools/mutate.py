@@ -1,4 +1,4 @@
-"""Mutation testing in slices: `make mutate` (not in CI; hours on 2 cores for everything).
+"""Mutation testing in slices: `make mutate` (not in CI; lora, quant and models take 6-35 minutes each here).
 
     python tools/mutate.py                       # every slice
     python tools/mutate.py sampling planner      # some slices
